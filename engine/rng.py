@@ -1,0 +1,97 @@
+"""Counter-based randomness: every random number is a pure function of (seed, canvas, step, position, id).
+
+Why: a seeded request must produce the same tokens whether it runs alone or batched with others, so no
+random number may depend on the batch layout or on how many numbers were drawn before it (a stateful
+generator would). Each (request seed, canvas index, denoising step, stream) tuple is folded on the host
+into one 64-bit key; on the device a SplitMix64-style finaliser maps key + counter * golden-ratio to 64
+uniformly mixed bits. The counter is `position * vocab + vocab_id` for Gumbel noise and `position` for
+uniform token draws.
+
+torch has no unsigned 64-bit arithmetic, so the maths runs in int64, relying on two's-complement
+wrap-around of multiplication and addition (what every torch backend does), and logical right shifts are
+emulated by masking after the arithmetic shift. `mix64_reference` is the same function on Python ints;
+a test checks the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX_MUL_1 = 0xBF58476D1CE4E5B9
+_MIX_MUL_2 = 0x94D049BB133111EB
+
+# Independent streams drawn for one canvas step.
+STREAM_GUMBEL = 1  # Gumbel-max sampling noise, one number per (position, vocab id)
+STREAM_RENOISE = 2  # uniform token ids for re-noised positions, one per position
+STREAM_INITIAL_CANVAS = 3  # the canvas before the first step
+
+
+def _as_signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN_GAMMA_S = _as_signed64(_GOLDEN_GAMMA)
+_MIX_MUL_1_S = _as_signed64(_MIX_MUL_1)
+_MIX_MUL_2_S = _as_signed64(_MIX_MUL_2)
+
+
+def mix64_reference(x: int) -> int:
+    """SplitMix64 finaliser on Python ints (unsigned 64-bit result): the specification of `mix64`."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _MIX_MUL_1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX_MUL_2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_key(seed: int, canvas_index: int, step: int, stream: int) -> int:
+    """Fold a request's seed and a canvas step into one key (as a signed int64 for torch)."""
+    key = mix64_reference(seed & _MASK64)
+    for part in (canvas_index, step, stream):
+        key = mix64_reference(key ^ ((part & _MASK64) + _GOLDEN_GAMMA))
+    return _as_signed64(key)
+
+
+def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on an int64 tensor (bits equal to `mix64_reference`, read as signed)."""
+    x = (x ^ _logical_shift_right(x, 30)) * _MIX_MUL_1_S
+    x = (x ^ _logical_shift_right(x, 27)) * _MIX_MUL_2_S
+    return x ^ _logical_shift_right(x, 31)
+
+
+def hashed_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """64 mixed bits for every (key, counter) pair.
+
+    keys: int64 [B]; counters: int64 of any shape S (broadcast against each key). Returns int64 [B, *S].
+    """
+    view = keys.reshape(keys.shape + (1,) * counters.dim())
+    return mix64(view + counters.unsqueeze(0) * _GOLDEN_GAMMA_S)
+
+
+def uniform_open(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms strictly inside (0, 1) from the top 24 bits (the float32 mantissa width)."""
+    top = _logical_shift_right(hashed_bits(keys, counters), 40)
+    return (top.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_noise(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)), float32 [B, *counters.shape]."""
+    u = uniform_open(keys, counters)
+    return -torch.log(-torch.log(u))
+
+
+def uniform_token_ids(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform ids in [0, vocab_size): int64 [B, *positions.shape].
+
+    Multiply-shift on the top 32 bits (exact for vocab_size < 2**31, no modulo bias worth noting).
+    """
+    if not 0 < vocab_size < 1 << 31:
+        raise ValueError(f"vocab_size must be in [1, 2**31), got {vocab_size}")
+    top = _logical_shift_right(hashed_bits(keys, positions), 32)
+    return (top * vocab_size) >> 32

@@ -1,0 +1,158 @@
+"""The entropy-bound uniform-state sampler, vectorised over every canvas in the batch.
+
+# B canvases, C canvas length, V vocab
+
+One denoising step of canvas b at step k (1-based) of its N steps (docs: diffusiongemma.md section 5):
+  z = logits / T,  T = t_min + (t_max - t_min) * (N - k + 1) / N   (the reference counts steps down N..1)
+  s = Gumbel-max sample of softmax(z);  am = argmax(z);  H = entropy(softmax(z)) per position
+  keep the lowest-entropy positions whose running entropy sum, excluding the current one, is <= bound
+  next canvas = s where kept, else a fresh uniform id (re-noise over the whole vocabulary)
+  converged = argmax unchanged for `stability_threshold` steps and mean(H) < confidence_threshold
+Clamped (infill) positions always hold their fixed id, count as accepted with zero entropy and are left
+out of the mean entropy. Every parameter is a per-canvas tensor: there is no Python loop over canvases.
+The [B, C, V] logits are scaled in place and then only read in vocabulary chunks, so no second
+[B, C, V] tensor is ever materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine import rng
+
+
+def temperature_at(step: int, max_steps: int, t_min: float, t_max: float) -> float:
+    """Temperature of 1-based step `step` of `max_steps`: t_max at the first step, falling linearly."""
+    steps_remaining = max_steps - step + 1
+    return t_min + (t_max - t_min) * (steps_remaining / max_steps)
+
+
+@dataclass(frozen=True)
+class SamplerInputs:
+    """Per-canvas parameters of this step; every field is a [B] tensor on the logits' device."""
+
+    temperature: torch.Tensor  # float32
+    entropy_bound: torch.Tensor  # float32
+    confidence_threshold: torch.Tensor  # float32
+    stability_threshold: torch.Tensor  # int64
+    may_stop_early: torch.Tensor  # bool: False for fixed_steps requests
+    gumbel_keys: torch.Tensor  # int64, rng.stream_key(..., STREAM_GUMBEL)
+    renoise_keys: torch.Tensor  # int64, rng.stream_key(..., STREAM_RENOISE)
+
+
+@dataclass(frozen=True)
+class CanvasState:
+    """What a canvas carries from one step to the next."""
+
+    canvas_ids: torch.Tensor  # int64 [B, C]: the decoder input of this step
+    prev_argmax: torch.Tensor  # int64 [B, C]: argmax of the previous step, -1 before the first
+    stable_steps: torch.Tensor  # int64 [B]: consecutive previous steps with an identical argmax
+    is_fixed: torch.Tensor  # bool [B, C]: clamped infill positions
+    fixed_ids: torch.Tensor  # int64 [B, C]: their ids (ignored where not fixed)
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    next_canvas: torch.Tensor  # int64 [B, C]: decoder input of the next step
+    argmax: torch.Tensor  # int64 [B, C]: the draft; committed when the canvas stops
+    stable_steps: torch.Tensor  # int64 [B]
+    converged: torch.Tensor  # bool [B]: stable and confident (never for fixed_steps canvases)
+    entropy: torch.Tensor  # float32 [B, C]: per-position entropy of softmax(z)
+
+
+def scan_vocabulary(z: torch.Tensor, gumbel_keys: torch.Tensor, vocab_chunk: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gumbel-max sample, argmax and entropy of softmax(z), reading z [B, C, V] in vocabulary chunks.
+
+    Returns (sampled int64 [B, C], argmax int64 [B, C], entropy float32 [B, C]). The chunk width is fixed
+    (not derived from B) so each canvas's floating-point sums do not depend on what it is batched with.
+    """
+    batch, length, vocab = z.shape
+    max_z, argmax = z.max(dim=-1)  # [B, C]
+    exp_sum = torch.zeros(batch, length, dtype=torch.float32, device=z.device)
+    weighted_sum = torch.zeros_like(exp_sum)
+    best_score = torch.full_like(exp_sum, float("-inf"))
+    sampled = torch.zeros_like(argmax)
+    position_base = torch.arange(length, device=z.device, dtype=torch.int64).unsqueeze(1) * vocab  # [C, 1]
+    for start in range(0, vocab, vocab_chunk):
+        chunk = z[:, :, start:start + vocab_chunk].float()  # [B, C, v] (a view when z is fp32)
+        shifted = chunk - max_z.unsqueeze(-1)
+        weights = shifted.exp()
+        exp_sum += weights.sum(dim=-1)
+        weighted_sum += (weights * shifted).sum(dim=-1)
+        del shifted, weights
+        ids = torch.arange(start, start + chunk.shape[-1], device=z.device, dtype=torch.int64)
+        scores = chunk + rng.gumbel_noise(gumbel_keys, position_base + ids)  # [B, C, v]
+        chunk_best, chunk_index = scores.max(dim=-1)
+        improved = chunk_best > best_score
+        best_score = torch.where(improved, chunk_best, best_score)
+        sampled = torch.where(improved, chunk_index + start, sampled)
+    # H = -sum p log p with p = exp(z - m) / S  =>  H = log S - sum(exp(z - m) (z - m)) / S
+    entropy = exp_sum.log() - weighted_sum / exp_sum
+    return sampled, argmax, entropy
+
+
+def entropy_bound_accept(entropy: torch.Tensor, entropy_bound: torch.Tensor, is_fixed: torch.Tensor
+                         ) -> torch.Tensor:
+    """Positions to accept: bool [B, C].
+
+    Sort positions by entropy (fixed ones count as zero, so they always come first and cost nothing) and keep
+    the prefix whose cumulative entropy minus the current entropy stays <= the canvas's bound. The first
+    position always passes (0 <= bound), so at least one position is accepted.
+    """
+    effective = torch.where(is_fixed, torch.zeros_like(entropy), entropy)
+    sorted_entropy, order = torch.sort(effective, dim=-1)
+    keep_sorted = (sorted_entropy.cumsum(dim=-1) - sorted_entropy) <= entropy_bound.unsqueeze(-1)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def next_canvas_ids(keep: torch.Tensor, sampled: torch.Tensor, renoise_ids: torch.Tensor,
+                    is_fixed: torch.Tensor, fixed_ids: torch.Tensor) -> torch.Tensor:
+    """Accepted positions take the sample, the others a fresh uniform id; fixed positions their id."""
+    return torch.where(is_fixed, fixed_ids, torch.where(keep, sampled, renoise_ids))
+
+
+def stop_decision(argmax: torch.Tensor, prev_argmax: torch.Tensor, stable_steps: torch.Tensor,
+                  entropy: torch.Tensor, is_fixed: torch.Tensor, inputs: SamplerInputs
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable-and-confident stopping. Returns (stable_steps [B], converged [B]).
+
+    The argmax must equal the argmaxes of the previous `stability_threshold` steps (a run counter replaces the
+    reference's history buffer: equal by induction), and the mean entropy over free positions must be below
+    the confidence threshold.
+    """
+    unchanged = (argmax == prev_argmax).all(dim=-1)
+    stable_steps = torch.where(unchanged, stable_steps + 1, torch.zeros_like(stable_steps))
+    stable = stable_steps >= inputs.stability_threshold
+    free = (~is_fixed).to(entropy.dtype)
+    mean_entropy = (entropy * free).sum(dim=-1) / free.sum(dim=-1).clamp(min=1.0)
+    confident = mean_entropy < inputs.confidence_threshold
+    return stable_steps, stable & confident & inputs.may_stop_early
+
+
+def initial_canvas(keys: torch.Tensor, canvas_length: int, vocab_size: int, is_fixed: torch.Tensor,
+                   fixed_ids: torch.Tensor) -> torch.Tensor:
+    """The canvas before the first step: uniform ids over the vocabulary, fixed positions clamped. [B, C]"""
+    positions = torch.arange(canvas_length, device=keys.device, dtype=torch.int64)
+    noise = rng.uniform_token_ids(keys, positions, vocab_size)
+    return torch.where(is_fixed, fixed_ids, noise)
+
+
+def denoise_step(logits: torch.Tensor, state: CanvasState, inputs: SamplerInputs, vocab_chunk: int
+                 ) -> SamplerOutput:
+    """One sampler step for every canvas. `logits` (fp32 [B, C, V]) is divided by the temperature IN PLACE:
+    afterwards it holds z, the self-conditioning input of the next step."""
+    batch, length, vocab = logits.shape
+    logits.div_(inputs.temperature.view(batch, 1, 1))
+    sampled, argmax, entropy = scan_vocabulary(logits, inputs.gumbel_keys, vocab_chunk)
+    argmax = torch.where(state.is_fixed, state.fixed_ids, argmax)
+    keep = entropy_bound_accept(entropy, inputs.entropy_bound, state.is_fixed)
+    positions = torch.arange(length, device=logits.device, dtype=torch.int64)
+    renoise_ids = rng.uniform_token_ids(inputs.renoise_keys, positions, vocab)
+    next_canvas = next_canvas_ids(keep, sampled, renoise_ids, state.is_fixed, state.fixed_ids)
+    stable_steps, converged = stop_decision(argmax, state.prev_argmax, state.stable_steps, entropy,
+                                            state.is_fixed, inputs)
+    return SamplerOutput(next_canvas=next_canvas, argmax=argmax, stable_steps=stable_steps,
+                         converged=converged, entropy=entropy)

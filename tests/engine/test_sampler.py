@@ -1,0 +1,231 @@
+"""Sampler maths: counter-based RNG, Gumbel-max, entropy-bound acceptance, stopping, infill clamping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import rng
+from engine.sampler import (
+    CanvasState,
+    SamplerInputs,
+    denoise_step,
+    entropy_bound_accept,
+    initial_canvas,
+    scan_vocabulary,
+    temperature_at,
+)
+
+# B canvases, C canvas length, V vocab
+
+
+def make_inputs(batch: int, *, temperature: float = 1.0, bound: float = 0.5, confidence: float = 0.01,
+                stability: int = 1, may_stop: bool = True, step: int = 1, seeds: list[int] | None = None
+                ) -> SamplerInputs:
+    seeds = seeds if seeds is not None else list(range(batch))
+    return SamplerInputs(
+        temperature=torch.full((batch,), temperature),
+        entropy_bound=torch.full((batch,), bound),
+        confidence_threshold=torch.full((batch,), confidence),
+        stability_threshold=torch.full((batch,), stability, dtype=torch.int64),
+        may_stop_early=torch.full((batch,), may_stop),
+        gumbel_keys=torch.tensor([rng.stream_key(s, 0, step, rng.STREAM_GUMBEL) for s in seeds]),
+        renoise_keys=torch.tensor([rng.stream_key(s, 0, step, rng.STREAM_RENOISE) for s in seeds]),
+    )
+
+
+def make_state(batch: int, length: int, vocab: int, is_fixed: torch.Tensor | None = None,
+               fixed_ids: torch.Tensor | None = None) -> CanvasState:
+    gen = torch.Generator().manual_seed(7)
+    return CanvasState(
+        canvas_ids=torch.randint(0, vocab, (batch, length), generator=gen),
+        prev_argmax=torch.full((batch, length), -1, dtype=torch.int64),
+        stable_steps=torch.zeros(batch, dtype=torch.int64),
+        is_fixed=is_fixed if is_fixed is not None else torch.zeros(batch, length, dtype=torch.bool),
+        fixed_ids=fixed_ids if fixed_ids is not None else torch.zeros(batch, length, dtype=torch.int64),
+    )
+
+
+def test_mix64_matches_python_reference_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(-(2**63), 2**63 - 1, (1000,), generator=gen, dtype=torch.int64)
+    values = torch.cat([values, torch.tensor([0, 1, -1, 2**63 - 1, -(2**63)])])
+    ours = rng.mix64(values).tolist()
+    expected = [rng.mix64_reference(v) for v in values.tolist()]
+    assert [v & (2**64 - 1) for v in ours] == expected
+
+
+def test_uniforms_and_token_ids_are_in_range_and_roughly_uniform() -> None:
+    keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_GUMBEL) for s in range(4)])
+    u = rng.uniform_open(keys, torch.arange(50_000))
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    ids = rng.uniform_token_ids(keys, torch.arange(50_000), 7)
+    counts = torch.bincount(ids.flatten(), minlength=7).float()
+    assert int(ids.min()) == 0 and int(ids.max()) == 6
+    assert float((counts / counts.sum() - 1 / 7).abs().max()) < 0.01
+
+
+def test_stream_keys_differ_by_every_component() -> None:
+    base = rng.stream_key(1, 0, 1, rng.STREAM_GUMBEL)
+    others = [rng.stream_key(2, 0, 1, rng.STREAM_GUMBEL), rng.stream_key(1, 1, 1, rng.STREAM_GUMBEL),
+              rng.stream_key(1, 0, 2, rng.STREAM_GUMBEL), rng.stream_key(1, 0, 1, rng.STREAM_RENOISE)]
+    assert len({base, *others}) == 5
+
+
+def test_temperature_schedule_matches_reference_processor() -> None:
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        LinearTemperatureScheduleLogitsProcessor,
+    )
+
+    steps, t_min, t_max = 12, 0.4, 0.8
+    processor = LinearTemperatureScheduleLogitsProcessor(t_min=t_min, t_max=t_max, max_denoising_steps=steps)
+    scores = torch.ones(1, 3)
+    for our_step, reference_step in zip(range(1, steps + 1), reversed(range(1, steps + 1)), strict=True):
+        expected = 1.0 / float(processor(None, scores, cur_step=reference_step)[0, 0])
+        assert temperature_at(our_step, steps, t_min, t_max) == pytest.approx(expected, rel=1e-6)
+    assert temperature_at(1, steps, t_min, t_max) == pytest.approx(t_max)
+
+
+@pytest.mark.parametrize("chunk", [5, 64, 1000])
+def test_scan_vocabulary_entropy_and_argmax_match_direct_computation(chunk: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 8, 97, generator=gen) * 3
+    keys = torch.tensor([11, 12, 13])
+    sampled, argmax, entropy = scan_vocabulary(z, keys, chunk)
+    expected_entropy = torch.distributions.Categorical(logits=z).entropy()
+    torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
+    assert torch.equal(argmax, z.argmax(-1))
+    sampled_one_chunk, _, _ = scan_vocabulary(z, keys, 97)
+    assert torch.equal(sampled, sampled_one_chunk)  # the chunk width never changes the sample
+
+
+def test_gumbel_max_samples_follow_the_softmax() -> None:
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    positions = 40_000
+    z = probs.log().expand(1, positions, 4).contiguous()
+    sampled, _, _ = scan_vocabulary(z, torch.tensor([rng.stream_key(3, 0, 1, rng.STREAM_GUMBEL)]), 2)
+    freq = torch.bincount(sampled.flatten(), minlength=4).float() / positions
+    # 4 standard errors of a binomial proportion at n=40k is < 0.01
+    assert float((freq - probs).abs().max()) < 0.01
+
+
+def test_acceptance_keeps_lowest_entropy_prefix_under_the_bound() -> None:
+    entropy = torch.tensor([[0.30, 0.05, 0.02, 0.50, 0.01]])
+    keep = entropy_bound_accept(entropy, torch.tensor([0.1]), torch.zeros(1, 5, dtype=torch.bool))
+    # sorted 0.01, 0.02, 0.05, 0.30, 0.50 -> sums before: 0, .01, .03, .08, .38 -> first four kept
+    assert keep.tolist() == [[True, True, True, False, True]]
+    tight = entropy_bound_accept(entropy, torch.tensor([1e-9]), torch.zeros(1, 5, dtype=torch.bool))
+    assert tight.sum().item() == 1 and bool(tight[0, 4])  # at least the most confident position
+
+
+def test_sampler_decisions_match_reference_classes_given_identical_noise() -> None:
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        EntropyBoundSampler,
+        EntropyBoundSamplerConfig,
+    )
+
+    batch, length, vocab = 4, 32, 50
+    gen = torch.Generator().manual_seed(5)
+    for bound, scale in [(0.1, 6.0), (0.5, 3.0), (2.0, 1.0), (30.0, 0.5)]:
+        raw = torch.randn(batch, length, vocab, generator=gen) * scale
+        state = make_state(batch, length, vocab)
+        inputs = make_inputs(batch, temperature=0.7, bound=bound)
+        logits = raw.clone()
+        out = denoise_step(logits, state, inputs, vocab_chunk=16)
+        z = raw / 0.7
+        torch.testing.assert_close(logits, z)  # logits were scaled in place into z
+        sampled, _, _ = scan_vocabulary(z, inputs.gumbel_keys, 16)
+        renoise = rng.uniform_token_ids(inputs.renoise_keys, torch.arange(length), vocab)
+
+        reference = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), length, vocab, 8)
+        reference.initialize_canvas = lambda batch_size, device, ids=renoise: ids  # inject our re-noise draw
+        accepted = reference.accept_canvas(state.canvas_ids, sampled, z, cur_step=1)
+        expected_next = reference.renoise_canvas(accepted, cur_step=1)
+        assert torch.equal(out.next_canvas, expected_next), f"bound={bound}"
+        assert 0 < int(reference.accepted_token_mask.sum()) <= batch * length
+
+
+@pytest.mark.parametrize("stability", [0, 1, 2, 3])
+def test_stop_decisions_match_reference_criteria_over_a_run(stability: int) -> None:
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        StableAndConfidentStoppingCriteria,
+    )
+
+    batch, length, vocab, threshold = 3, 6, 20, 0.02
+    gen = torch.Generator().manual_seed(stability)
+    reference = StableAndConfidentStoppingCriteria(stability_threshold=stability, confidence_threshold=threshold)
+    state = make_state(batch, length, vocab)
+    winners = torch.randint(0, vocab, (batch, length, 1), generator=gen)
+    base = torch.randn(batch, length, vocab, generator=gen) * 0.3
+    base.scatter_(-1, winners, 2.0)
+    seen_true = seen_false = False
+    for step in range(1, 9):
+        # sharpen over time so entropy crosses the threshold; perturb canvas 1 to change its argmax now and then
+        z = base * (1.0 + 4.0 * step)
+        if step % 3 == 0:
+            z[1, 0] = torch.randn(vocab, generator=gen) * 50
+        inputs = make_inputs(batch, bound=0.3, confidence=threshold, stability=stability, step=step)
+        out = denoise_step(z.clone(), state, inputs, vocab_chunk=7)
+        expected = reference(z.argmax(-1), z)
+        assert torch.equal(out.converged, expected), f"step {step}"
+        seen_true |= bool(expected.any())
+        seen_false |= bool((~expected).any())
+        state = CanvasState(out.next_canvas, out.argmax, out.stable_steps, state.is_fixed, state.fixed_ids)
+    assert seen_true and seen_false  # the scenario exercises both decisions
+
+
+def test_fixed_steps_canvases_never_converge() -> None:
+    z = torch.zeros(2, 4, 10)
+    z[..., 3] = 100.0  # certain
+    state = make_state(2, 4, 10)
+    state = CanvasState(state.canvas_ids, torch.full((2, 4), 3), torch.ones(2, dtype=torch.int64),
+                        state.is_fixed, state.fixed_ids)
+    inputs = make_inputs(2)
+    inputs = SamplerInputs(**{**inputs.__dict__, "may_stop_early": torch.tensor([True, False])})
+    out = denoise_step(z, state, inputs, vocab_chunk=10)
+    assert out.converged.tolist() == [True, False]
+
+
+def test_fixed_positions_are_clamped_accepted_and_never_renoised() -> None:
+    batch, length, vocab = 2, 16, 40
+    is_fixed = torch.zeros(batch, length, dtype=torch.bool)
+    is_fixed[:, ::3] = True
+    fixed_ids = torch.arange(length).expand(batch, length) + 5
+    state = make_state(batch, length, vocab, is_fixed=is_fixed, fixed_ids=fixed_ids)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(1, 4):
+        z = torch.randn(batch, length, vocab, generator=gen) * 2
+        out = denoise_step(z, state, make_inputs(batch, bound=0.2, step=step), vocab_chunk=8)
+        assert torch.equal(out.next_canvas[is_fixed], fixed_ids[is_fixed])
+        assert torch.equal(out.argmax[is_fixed], fixed_ids[is_fixed])
+        state = CanvasState(out.next_canvas, out.argmax, out.stable_steps, is_fixed, fixed_ids)
+    start = initial_canvas(torch.tensor([1, 2]), length, vocab, is_fixed, fixed_ids)
+    assert torch.equal(start[is_fixed], fixed_ids[is_fixed])
+
+
+def test_each_canvas_is_independent_of_its_batch_neighbours() -> None:
+    batch, length, vocab = 4, 12, 64
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(batch, length, vocab, generator=gen) * 2
+    state = make_state(batch, length, vocab)
+    inputs = make_inputs(batch, seeds=[101, 202, 303, 404])
+    together = denoise_step(z.clone(), state, inputs, vocab_chunk=16)
+    for b in range(batch):
+        one = lambda t, b=b: t[b:b + 1]  # noqa: E731
+        alone = denoise_step(
+            z[b:b + 1].clone(),
+            CanvasState(*(one(t) for t in (state.canvas_ids, state.prev_argmax, state.stable_steps,
+                                           state.is_fixed, state.fixed_ids))),
+            SamplerInputs(*(one(t) for t in inputs.__dict__.values())),
+            vocab_chunk=16,
+        )
+        assert torch.equal(alone.next_canvas[0], together.next_canvas[b])
+        assert torch.equal(alone.argmax[0], together.argmax[b])
+
+
+def test_entropy_of_uniform_logits_is_log_vocab() -> None:
+    _, _, entropy = scan_vocabulary(torch.zeros(1, 2, 300), torch.tensor([1]), 64)
+    torch.testing.assert_close(entropy, torch.full((1, 2), math.log(300)))
