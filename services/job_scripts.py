@@ -1,0 +1,127 @@
+"""Lua scripts of the job store: every status change is one atomic compare-and-set in Redis.
+
+Each script checks the current status, writes the new state and appends the matching event to the
+job's stream in the same step, so a stream ends with a terminal event exactly when the record is
+terminal, and a finished job is never overwritten.
+"""
+
+# KEYS: job, events, queued-set, idempotency key ('' = none)
+# ARGV: job_id, now, record_ttl, stale_before, max_queued, idem_value, events_maxlen, event_data,
+#       then field/value pairs of the new record.
+# Returns {outcome, job_id}: created | replay | conflict | full.
+CREATE = """
+if KEYS[4] ~= '' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then
+    local sep = string.find(existing, '|', 1, true)
+    local existing_id = string.sub(existing, 1, sep - 1)
+    if string.sub(existing, sep + 1) == string.sub(ARGV[6], string.find(ARGV[6], '|', 1, true) + 1) then
+      return {'replay', existing_id}
+    end
+    return {'conflict', existing_id}
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
+  return {'full', ''}
+end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'queued', 'data', ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if KEYS[4] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[3])
+end
+return {'created', ARGV[1]}
+"""
+
+# KEYS: job, events, queued-set
+# ARGV: job_id, now, worker_id, max_attempts, lease_until, result_ttl, events_maxlen
+# Returns {decision, attempts, previous_status}.
+TRY_START = """
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'deadline_at', 'worker_id', 'lease_until')
+local status = state[1]
+if not status then return {'not_found', 0, ''} end
+local attempts = tonumber(state[2] or '0')
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+  return {'already_finished', attempts, status}
+end
+local now = tonumber(ARGV[2])
+if status == 'running' and state[4] ~= ARGV[3] and tonumber(state[5] or '0') > now then
+  return {'running_elsewhere', attempts, status}
+end
+local function finish(new_status, code, message, event_type)
+  local err = cjson.encode({code = code, message = message})
+  redis.call('HSET', KEYS[1], 'status', new_status, 'finished_at', ARGV[2], 'error_code', code,
+             'error_message', message, 'expires_at', tostring(now + tonumber(ARGV[6])))
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', event_type, 'data', '{"error":' .. err .. '}')
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+if now > tonumber(state[3]) then
+  finish('expired', 'deadline_exceeded', 'the job was not finished before its deadline', 'expired')
+  return {'expired', attempts, status}
+end
+if attempts >= tonumber(ARGV[4]) then
+  finish('failed', 'attempts_exhausted', 'the job was started ' .. attempts ..
+         ' times without finishing (worker lost?); giving up', 'failed')
+  return {'attempts_exhausted', attempts, status}
+end
+attempts = attempts + 1
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker_id', ARGV[3],
+           'attempts', attempts, 'lease_until', ARGV[5])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'started', 'data',
+           cjson.encode({attempt = attempts, worker_id = ARGV[3]}))
+if status == 'running' then return {'restarted', attempts, status} end
+return {'started', attempts, status}
+"""
+
+# KEYS: job, events, queued-set
+# ARGV: job_id, now, allowed statuses (comma-separated, with a trailing comma), new status, result_ttl,
+#       events_maxlen, event type, event data, then field/value pairs to set.
+# Returns {outcome, status}: ok | not_found | refused (status = the current one).
+FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'not_found', ''} end
+if not string.find(ARGV[3], status .. ',', 1, true) then return {'refused', status} end
+local fields = {'status', ARGV[4], 'finished_at', ARGV[2],
+                'expires_at', tostring(tonumber(ARGV[2]) + tonumber(ARGV[5]))}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', ARGV[7], 'data', ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {'ok', ARGV[4]}
+"""
+
+# KEYS: job. ARGV: worker-side field/value pairs. Writes only while the job is running, so a late
+# progress write can neither resurrect an expired record nor touch a finished one.
+UPDATE_RUNNING = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS: job, events. ARGV: type, data, maxlen. Appends only to an existing job; the stream lives as
+# long as the record.
+APPEND_EVENT = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return false end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[1], 'data', ARGV[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return id
+"""
+
+# KEYS: job. Sets the cancel flag of a running job. Returns the status seen.
+REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return '' end
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return status
+"""

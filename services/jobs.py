@@ -1,0 +1,330 @@
+"""Redis job store: the record of every job, its event stream, admission and worker heartbeats.
+
+Keys (one Redis database per deployment):
+- `job:{id}` hash: status, owner (API key hash), payload (the validated request as JSON; never in the
+  Celery message), timings, attempts, progress, result, error, cancel flag. TTL: deadline + result TTL
+  while pending, result TTL once finished.
+- `job:{id}:events` stream: entries `{type, data(JSON)}`; types queued, started, draft, canvas, done,
+  failed, cancelled, expired. Same TTL as the record.
+- `dgserve:queued:{queue}` sorted set (score = created_at): queued jobs of a model queue; its size is the
+  queue depth used for admission. Entries older than the job deadline are pruned, so it cannot drift.
+- `dgserve:idem:{owner}:{sha256(key)}` → `"{job_id}|{body_hash}"`.
+- `dgserve:workers` sorted set (score = last heartbeat) and `dgserve:worker_info` hash.
+
+Status changes are compare-and-set Lua scripts (`services.job_scripts`): queued → running →
+succeeded | failed | cancelled | expired, queued → cancelled | failed | expired. A finished job is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from services import job_scripts
+from services.schemas import (
+    TERMINAL_STATUSES,
+    EditJobCreate,
+    GenerateJobCreate,
+    JobPublic,
+    parse_job_create,
+)
+from services.settings import Settings
+
+WORKERS_KEY = "dgserve:workers"
+WORKER_INFO_KEY = "dgserve:worker_info"
+StartOutcome = Literal[
+    "started", "restarted", "not_found", "already_finished", "running_elsewhere", "expired", "attempts_exhausted"
+]
+
+
+class IdempotencyConflict(ValueError):
+    """The Idempotency-Key was already used with a different request body."""
+
+    def __init__(self, existing_job_id: str):
+        super().__init__("this Idempotency-Key was already used with a different request body")
+        self.existing_job_id = existing_job_id
+
+
+class QueueFull(RuntimeError):
+    """The model queue is at its admission limit; retry later."""
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    job_id: str
+    created: bool  # False: an idempotent replay of an earlier identical request
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """What `try_start` decided. Run the job only when `should_run`."""
+
+    outcome: StartOutcome
+    attempts: int
+    job: JobRecord | None
+
+    @property
+    def should_run(self) -> bool:
+        return self.outcome in ("started", "restarted")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A decoded `job:{id}` hash. `request` is the validated wire request the job was created from."""
+
+    id: str
+    kind: str
+    status: str
+    owner: str
+    request: GenerateJobCreate | EditJobCreate
+    created_at: float
+    deadline_at: float
+    expires_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    worker_id: str | None
+    progress: tuple[int, int] | None  # (canvas, step)
+    result: dict[str, Any] | None
+    error: tuple[str, str] | None  # (code, message)
+    cancel_requested: bool
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_public(self) -> JobPublic:
+        queue_end = self.started_at if self.started_at is not None else self.finished_at
+        timings = {
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "queue_seconds": None if queue_end is None else max(0.0, queue_end - self.created_at),
+            "run_seconds": None if self.started_at is None or self.finished_at is None
+            else max(0.0, self.finished_at - self.started_at),
+        }
+        return JobPublic.model_validate({
+            "id": self.id, "kind": self.kind, "status": self.status, "result": self.result,
+            "progress": None if self.progress is None else {"canvas": self.progress[0], "step": self.progress[1]},
+            "timings": timings, "attempts": self.attempts, "expires_at": self.expires_at,
+            "cancel_requested": self.cancel_requested,
+            "error": None if self.error is None else {"code": self.error[0], "message": self.error[1]},
+        })
+
+
+def _optional_float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def _decode_record(job_id: str, raw: dict[str, str]) -> JobRecord:
+    canvas, step = raw.get("progress_canvas"), raw.get("progress_step")
+    return JobRecord(
+        id=job_id, kind=raw["kind"], status=raw["status"], owner=raw.get("owner", ""),
+        request=parse_job_create(json.loads(raw["payload"])),
+        created_at=float(raw["created_at"]), deadline_at=float(raw["deadline_at"]),
+        expires_at=float(raw["expires_at"]),
+        started_at=_optional_float(raw.get("started_at")), finished_at=_optional_float(raw.get("finished_at")),
+        attempts=int(raw.get("attempts", "0")), worker_id=raw.get("worker_id") or None,
+        progress=None if canvas is None or step is None else (int(canvas), int(step)),
+        result=json.loads(raw["result"]) if raw.get("result") else None,
+        error=(raw["error_code"], raw.get("error_message", "")) if raw.get("error_code") else None,
+        cancel_requested=raw.get("cancel_requested") == "1",
+    )
+
+
+def request_fingerprint(request: GenerateJobCreate | EditJobCreate) -> str:
+    """sha256 of the request's canonical JSON: equal for semantically identical bodies."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class JobStore:
+    """All job state in Redis. Takes a `redis.Redis` created with `decode_responses=True`."""
+
+    def __init__(self, redis_client: redis.Redis, settings: Settings):
+        self.redis = redis_client
+        self.settings = settings
+        self._create = redis_client.register_script(job_scripts.CREATE)
+        self._try_start = redis_client.register_script(job_scripts.TRY_START)
+        self._finish = redis_client.register_script(job_scripts.FINISH)
+        self._update_running = redis_client.register_script(job_scripts.UPDATE_RUNNING)
+        self._append_event = redis_client.register_script(job_scripts.APPEND_EVENT)
+        self._request_cancel = redis_client.register_script(job_scripts.REQUEST_CANCEL)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        return cls(client, settings)
+
+    # ---- key names (shared with the SSE reader) -------------------------------------------------
+    @staticmethod
+    def job_key(job_id: str) -> str:
+        return f"job:{job_id}"
+
+    @staticmethod
+    def events_key(job_id: str) -> str:
+        return f"job:{job_id}:events"
+
+    @property
+    def queued_key(self) -> str:
+        return f"dgserve:queued:{self.settings.queue_name}"
+
+    def _keys(self, job_id: str) -> list[str]:
+        return [self.job_key(job_id), self.events_key(job_id), self.queued_key]
+
+    # ---- API side --------------------------------------------------------------------------------
+    def create(self, request: GenerateJobCreate | EditJobCreate, owner: str = "",
+               idempotency_key: str | None = None) -> CreateOutcome:
+        """Store a new queued job, or return the earlier job of the same Idempotency-Key and body.
+
+        Raises `IdempotencyConflict` (same key, different body) or `QueueFull` (admission limit).
+        Nothing is created in either case.
+        """
+        settings, now = self.settings, time.time()
+        job_id = uuid.uuid4().hex
+        body_hash = request_fingerprint(request)
+        idem_key = ""
+        if idempotency_key is not None:
+            key_digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
+            idem_key = f"dgserve:idem:{owner or '-'}:{key_digest}"
+        record_ttl = settings.job_deadline_seconds + settings.result_ttl_seconds
+        fields = {
+            "id": job_id, "kind": request.kind, "status": "queued", "owner": owner,
+            "payload": request.model_dump_json(), "queue": settings.queue_name, "attempts": "0",
+            "created_at": repr(now), "deadline_at": repr(now + settings.job_deadline_seconds),
+            "expires_at": repr(now + record_ttl), "cancel_requested": "0",
+        }
+        args: list[Any] = [job_id, repr(now), record_ttl, repr(now - settings.job_deadline_seconds),
+                           settings.max_queued_jobs, f"{job_id}|{body_hash}", settings.events_max_len,
+                           json.dumps({"status": "queued"})]
+        for name, value in fields.items():
+            args += [name, value]
+        outcome, existing = self._create(keys=[*self._keys(job_id), idem_key], args=args)
+        if outcome == "conflict":
+            raise IdempotencyConflict(existing)
+        if outcome == "full":
+            raise QueueFull(f"queue {settings.queue_name} holds {settings.max_queued_jobs} jobs")
+        if outcome == "replay" and not self.redis.exists(self.job_key(existing)):
+            # The earlier job's record expired before its idempotency key: the key is free again.
+            self.redis.delete(idem_key)
+            return self.create(request, owner, idempotency_key)
+        return CreateOutcome(job_id=existing, created=outcome == "created")
+
+    def get_for_owner(self, job_id: str, owner: str) -> JobRecord | None:
+        """The job if it exists and belongs to `owner` (others' jobs look missing)."""
+        record = self.get(job_id)
+        return record if record is not None and record.owner == owner else None
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job: queued → cancelled now; running → cancel flag for the worker.
+
+        Returns `cancelled`, `cancel_requested`, `finished` or `not_found`.
+        """
+        if self._finish_job(job_id, ("queued",), "cancelled", "cancelled", {}, {}):
+            return "cancelled"
+        status = self._request_cancel(keys=[self.job_key(job_id)])
+        if status == "running":
+            return "cancel_requested"
+        if status == "queued":  # started and stopped between the two scripts: try again
+            return self.cancel(job_id)
+        return "finished" if status else "not_found"
+
+    def queue_depth(self) -> int:
+        """Queued jobs of this model queue (stale entries older than the deadline pruned)."""
+        stale_before = time.time() - self.settings.job_deadline_seconds
+        self.redis.zremrangebyscore(self.queued_key, "-inf", stale_before)
+        return int(self.redis.zcard(self.queued_key))
+
+    # ---- worker side (docs/architecture.md) -------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(self.job_key(job_id))
+        return _decode_record(job_id, raw) if raw else None
+
+    def try_start(self, job_id: str, worker_id: str) -> StartDecision:
+        """Compare-and-set queued → running and count the attempt.
+
+        A `running` job is taken over (`restarted`) only when its lease has lapsed or this worker held
+        it: a redelivered message means its previous worker is gone. Finished jobs are refused; a job
+        past its deadline becomes `expired`, one out of attempts becomes `failed`.
+        """
+        now = time.time()
+        lease_until = now + self.settings.heartbeat_ttl_seconds
+        outcome, attempts, _ = self._try_start(keys=self._keys(job_id), args=[
+            job_id, repr(now), worker_id, self.settings.max_attempts, repr(lease_until),
+            self.settings.result_ttl_seconds, self.settings.events_max_len])
+        return StartDecision(outcome=outcome, attempts=int(attempts), job=self.get(job_id))
+
+    def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> str | None:
+        """Append `{type, data}` to the job's stream; returns the entry id (None if the job is gone)."""
+        return self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
+                                  args=[type, json.dumps(data), self.settings.events_max_len])
+
+    def set_progress(self, job_id: str, canvas: int, step: int) -> bool:
+        """Record progress of a running job and renew the worker's lease on it."""
+        lease_until = time.time() + self.settings.heartbeat_ttl_seconds
+        return bool(self._update_running(keys=[self.job_key(job_id)], args=[
+            "progress_canvas", canvas, "progress_step", step, "lease_until", repr(lease_until)]))
+
+    def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
+        """running → succeeded with `result`; emits `done`. False if the job was not running."""
+        payload = json.dumps(result)
+        return self._finish_job(job_id, ("running",), "succeeded", "done", {"result": result},
+                                {"result": payload})
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        """queued|running → failed; emits `failed`. False if the job had already finished."""
+        error = {"code": code, "message": message}
+        return self._finish_job(job_id, ("queued", "running"), "failed", "failed", {"error": error},
+                                {"error_code": code, "error_message": message})
+
+    def expire(self, job_id: str, message: str = "the job was not finished before its deadline") -> bool:
+        """queued|running → expired (deadline passed); emits `expired`."""
+        error = {"code": "deadline_exceeded", "message": message}
+        return self._finish_job(job_id, ("queued", "running"), "expired", "expired", {"error": error},
+                                {"error_code": "deadline_exceeded", "error_message": message})
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.job_key(job_id), "cancel_requested") == "1"
+
+    def mark_cancelled(self, job_id: str) -> bool:
+        """queued|running → cancelled (the worker honoured the cancel flag); emits `cancelled`."""
+        return self._finish_job(job_id, ("queued", "running"), "cancelled", "cancelled", {}, {})
+
+    def _finish_job(self, job_id: str, allowed: tuple[str, ...], new_status: str, event_type: str,
+                    event_data: dict[str, Any], fields: dict[str, str]) -> bool:
+        args: list[Any] = [job_id, repr(time.time()), "".join(f"{s}," for s in allowed), new_status,
+                           self.settings.result_ttl_seconds, self.settings.events_max_len, event_type,
+                           json.dumps(event_data)]
+        for name, value in fields.items():
+            args += [name, value]
+        outcome, _ = self._finish(keys=self._keys(job_id), args=args)
+        return outcome == "ok"
+
+    # ---- worker heartbeats ------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
+        """Register `worker_id` as alive now, with a small JSON-able `info` (model, gpu, queue, ...)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(WORKERS_KEY, {worker_id: time.time()})
+        pipe.hset(WORKER_INFO_KEY, worker_id, json.dumps(info))
+        pipe.execute()
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """Workers whose last heartbeat is fresher than `heartbeat_ttl_seconds`; stale ones are dropped."""
+        stale_before = time.time() - self.settings.heartbeat_ttl_seconds
+        stale = self.redis.zrangebyscore(WORKERS_KEY, "-inf", stale_before)
+        if stale:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(WORKERS_KEY, *stale)
+            pipe.hdel(WORKER_INFO_KEY, *stale)
+            pipe.execute()
+        live = self.redis.zrangebyscore(WORKERS_KEY, stale_before, "+inf", withscores=True)
+        infos = self.redis.hmget(WORKER_INFO_KEY, [worker for worker, _ in live]) if live else []
+        return [{"worker_id": worker, "last_seen": seen, **json.loads(info or "{}")}
+                for (worker, seen), info in zip(live, infos, strict=True)]

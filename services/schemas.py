@@ -1,0 +1,233 @@
+"""Wire schemas, version v1: what clients send to and receive from the job API.
+
+Every model forbids unknown fields and bounds its values. Limits that depend on the deployment
+(max_new_tokens_limit, max_document_chars, prompt length in tokens) are checked by the API with
+`services.prompt_limits` because they come from `Settings`, not from the wire format.
+
+Character offsets in edits are Python string indices, i.e. Unicode code points (not bytes, not UTF-16
+units): `document[start:end]` is the span that gets replaced.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
+
+SCHEMA_VERSION = "v1"
+# Static ceilings of the wire format; deployments configure tighter limits in Settings.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_DOCUMENT_CHARS = 10_000_000
+MAX_MESSAGES = 512
+MAX_EDITS = 256
+MAX_INSTRUCTION_CHARS = 4000
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
+JobKind = Literal["generate", "edit"]
+
+
+class FieldValueError(ValueError):
+    """A validation failure that knows which field (e.g. `edits[2]`) it is about; the API reports that field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingOptions(WireModel):
+    """Sampler parameters, mirroring `engine.types.SamplingParams`; None means the model's default."""
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_denoising_steps: int | None = Field(default=None, ge=1, le=4096, description="step cap per canvas")
+    entropy_bound: float | None = Field(default=None, gt=0, le=1000, description="entropy budget per step")
+    t_min: float | None = Field(default=None, ge=0, le=100, description="temperature at the last step")
+    t_max: float | None = Field(default=None, ge=0, le=100, description="temperature at the first step")
+    confidence_threshold: float | None = Field(default=None, gt=0, le=1000, description="mean entropy to stop")
+    stability_threshold: int | None = Field(default=None, ge=0, le=4096, description="unchanged steps to stop")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream_drafts: bool = Field(default=False, description="emit a `draft` event after every denoising step")
+
+    @model_validator(mode="after")
+    def _check_temperatures(self) -> SamplingOptions:
+        if self.t_min is not None and self.t_max is not None and not self.t_min < self.t_max:
+            raise FieldValueError("t_min", f"must be below t_max (got t_min={self.t_min}, t_max={self.t_max})")
+        return self
+
+    def sampling_params(self) -> dict[str, Any]:
+        """Keyword arguments for `engine.types.SamplingParams` (unset values left out)."""
+        return self.model_dump(include=set(SamplingOptions.model_fields), exclude_none=True)
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class GenerateJobCreate(SamplingOptions):
+    """Open-ended generation from a raw `prompt` or chat `messages` (exactly one)."""
+
+    kind: Literal["generate"] = "generate"
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> GenerateJobCreate:
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldValueError("prompt", "give exactly one of `prompt` (text) or `messages` (chat turns)")
+        return self
+
+
+class EditSpec(WireModel):
+    """One span to regenerate: `start`/`end` character offsets, or `find`, a string occurring exactly once."""
+
+    start: int | None = Field(default=None, ge=0)
+    end: int | None = Field(default=None, ge=0)
+    find: str | None = Field(default=None, min_length=1, max_length=MAX_DOCUMENT_CHARS)
+    instruction: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1, le=65_536, description="cap on the replacement length")
+
+
+def _find_unique(document: str, needle: str, index: int) -> tuple[int, int]:
+    first = document.find(needle)
+    if first < 0:
+        raise FieldValueError(f"edits[{index}]", f"find string {needle[:60]!r} does not occur in the document")
+    if document.find(needle, first + 1) >= 0:
+        raise FieldValueError(
+            f"edits[{index}]", f"find string {needle[:60]!r} occurs more than once; give start/end offsets instead"
+        )
+    return first, first + len(needle)
+
+
+def _span_of(edit: EditSpec, document: str, index: int) -> tuple[int, int]:
+    has_offsets = edit.start is not None or edit.end is not None
+    if has_offsets == (edit.find is not None):
+        raise FieldValueError(f"edits[{index}]", "give either `start` and `end` or `find`, not both or neither")
+    if edit.find is not None:
+        return _find_unique(document, edit.find, index)
+    if edit.start is None or edit.end is None:
+        raise FieldValueError(f"edits[{index}]", "`start` and `end` must be given together")
+    if edit.start > edit.end:
+        raise FieldValueError(f"edits[{index}]", f"start {edit.start} is after end {edit.end}")
+    if edit.end > len(document):
+        raise FieldValueError(
+            f"edits[{index}]", f"span [{edit.start}, {edit.end}) is outside the document ({len(document)} characters)"
+        )
+    return edit.start, edit.end
+
+
+class EditJobCreate(SamplingOptions):
+    """Regenerate spans of `document` in place, with the text on both sides in view (issue 4)."""
+
+    kind: Literal["edit"] = "edit"
+    document: str = Field(max_length=MAX_DOCUMENT_CHARS)
+    edits: list[EditSpec] = Field(min_length=1, max_length=MAX_EDITS)
+
+    @model_validator(mode="after")
+    def _check_spans(self) -> EditJobCreate:
+        spans = self.resolved_spans()
+        order = sorted(range(len(spans)), key=lambda i: spans[i])
+        for before, after in zip(order, order[1:], strict=False):
+            (start_a, end_a), (start_b, end_b) = spans[before], spans[after]
+            touching_insertions = start_a == end_a == start_b
+            if end_a > start_b or touching_insertions:
+                raise FieldValueError(
+                    f"edits[{max(before, after)}]",
+                    f"span [{start_b}, {end_b}) overlaps edits[{min(before, after)}] span [{start_a}, {end_a})",
+                )
+        return self
+
+    def resolved_spans(self) -> list[tuple[int, int]]:
+        """`(start, end)` character offsets of each edit, in the order given (find strings resolved)."""
+        return [_span_of(edit, self.document, index) for index, edit in enumerate(self.edits)]
+
+
+def _job_kind(value: Any) -> str:
+    # A body without `kind` is a generate job: the common case needs no boilerplate.
+    if isinstance(value, dict):
+        return str(value.get("kind", "generate"))
+    return str(getattr(value, "kind", "generate"))
+
+
+JobCreate = Annotated[
+    Annotated[GenerateJobCreate, Tag("generate")] | Annotated[EditJobCreate, Tag("edit")],
+    Discriminator(_job_kind, custom_error_type="invalid_kind",
+                  custom_error_message="kind must be 'generate' or 'edit'"),
+]
+JOB_CREATE_ADAPTER: TypeAdapter[GenerateJobCreate | EditJobCreate] = TypeAdapter(JobCreate)
+
+
+def parse_job_create(data: Any) -> GenerateJobCreate | EditJobCreate:
+    """Validate a decoded JSON body (or a stored payload) into a job request."""
+    return JOB_CREATE_ADAPTER.validate_python(data)
+
+
+class Progress(WireModel):
+    canvas: int = Field(ge=0, description="index of the canvas being denoised (0-based)")
+    step: int = Field(ge=0, description="denoising step within that canvas (1-based once started)")
+
+
+class Timings(WireModel):
+    created_at: float = Field(description="unix seconds")
+    started_at: float | None = None
+    finished_at: float | None = None
+    queue_seconds: float | None = Field(default=None, description="created → (last) start")
+    run_seconds: float | None = Field(default=None, description="(last) start → finish")
+
+
+class JobError(WireModel):
+    code: str
+    message: str
+
+
+class JobPublic(WireModel):
+    """The job as clients see it (`GET /v1/jobs/{id}`)."""
+
+    object: Literal["job"] = "job"
+    version: Literal["v1"] = "v1"
+    id: str
+    kind: JobKind
+    status: JobStatus
+    progress: Progress | None = None
+    result: dict[str, Any] | None = None
+    timings: Timings
+    attempts: int = 0
+    expires_at: float = Field(description="unix seconds after which the record is deleted")
+    cancel_requested: bool = False
+    error: JobError | None = None
+
+
+class JobAccepted(WireModel):
+    """Body of `202 Accepted` for `POST /v1/jobs`."""
+
+    object: Literal["job"] = "job"
+    id: str
+    kind: JobKind
+    status: JobStatus
+    created_at: float
+    expires_at: float
+    location: str
+
+
+class GenerateResult(WireModel):
+    """Result of a generate job as the worker stores it (`JobPublic.result`)."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "aborted", "error"] | None = None
+    usage: dict[str, Any] = Field(default_factory=dict, description="prompt_tokens, generated_tokens, ...")
+
+
+class ErrorDetail(WireModel):
+    code: str = Field(description="machine-readable, e.g. invalid_request, not_found, queue_full")
+    message: str
+    field: str | None = Field(default=None, description="offending field, e.g. `edits[2]` or `max_new_tokens`")
+
+
+class ErrorBody(WireModel):
+    """The one error shape of every non-2xx response."""
+
+    error: ErrorDetail

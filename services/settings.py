@@ -1,0 +1,146 @@
+"""The one settings object of the service (API, worker, CLI, launcher all read it).
+
+Every field can be set from the environment with the `DGSERVE_` prefix, e.g. `DGSERVE_REDIS_URL`,
+`DGSERVE_MAX_QUEUED_JOBS`, `DGSERVE_API_KEYS=key1,key2`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# A trained small checkpoint shipped with the repository wins over the random fallback.
+BUNDLED_MODEL_DIR = REPO_ROOT / "models" / "dgtiny"
+KEY_HASH_PREFIX = "sha256:"
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+
+
+def cache_dir() -> Path:
+    """Folder for the launcher's Redis data and the random default model (`DGSERVE_CACHE_DIR` overrides)."""
+    explicit = os.environ.get("DGSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dgserve"
+
+
+def random_model_dir() -> Path:
+    """Where `dgserve up` writes the random-weight tiny checkpoint when no trained one is bundled."""
+    return cache_dir() / "models" / "random-tiny"
+
+
+def default_model() -> str:
+    """The embedded default model: the bundled `models/dgtiny` if present, else the random tiny checkpoint."""
+    if (BUNDLED_MODEL_DIR / "config.json").is_file():
+        return str(BUNDLED_MODEL_DIR)
+    return str(random_model_dir())
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an API key (hex sha256); plaintext keys are never kept."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def model_short_name(model: str) -> str:
+    """`org/name` or `/path/to/name` → `name`, restricted to characters safe in queue names and labels."""
+    base = model.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or "model"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", base)
+
+
+class Settings(BaseSettings):
+    """Service configuration. Limits are enforced by the API before anything is enqueued."""
+
+    model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model: str = Field(default_factory=default_model, description="checkpoint folder or Hugging Face repo id")
+    queue_name: str = Field(default="", description="Celery queue of the model; default dgemma.<model-name>")
+
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
+    max_prompt_tokens: int = Field(default=8192, ge=1, le=1_000_000)
+    max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000)
+    max_document_chars: int = Field(default=200_000, ge=1, le=10_000_000)
+    max_queued_jobs: int = Field(default=1000, ge=1, description="admission limit: queued jobs per model queue")
+    retry_after_seconds: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with a 429")
+    result_ttl_seconds: int = Field(default=86_400, ge=10)
+    job_deadline_seconds: int = Field(default=600, ge=1, description="a job not finished by then is failed")
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    events_max_len: int = Field(default=5000, ge=10, description="approximate MAXLEN of a job's event stream")
+    heartbeat_ttl_seconds: int = Field(default=15, ge=1, description="a worker heartbeat older than this is stale")
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    api_keys: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        repr=False,
+        description="comma-separated keys (or sha256:<hex> hashes); only the hashes are kept. Empty = no auth",
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    worker_metrics_port: int = Field(default=9400, ge=0, le=65535)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix:// (got {value!r})")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model must be a checkpoint folder or a Hugging Face repo id, not empty")
+        return value.strip()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _hash_api_keys(cls, value: object) -> frozenset[str]:
+        if value is None:
+            return frozenset()
+        entries = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        hashes = set()
+        for raw in entries:
+            entry = str(raw).strip()
+            if not entry:
+                continue
+            if entry.startswith(KEY_HASH_PREFIX):
+                digest = entry[len(KEY_HASH_PREFIX):].lower()
+                if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise ValueError("api_keys: a sha256: entry must be followed by 64 hex digits")
+                hashes.add(digest)
+            elif len(entry) < 8:
+                raise ValueError("api_keys: each key must be at least 8 characters long")
+            else:
+                hashes.add(hash_api_key(entry))
+        return frozenset(hashes)
+
+    @model_validator(mode="after")
+    def _derive_queue_name(self) -> Settings:
+        if not self.queue_name:
+            object.__setattr__(self, "queue_name", f"dgemma.{model_short_name(self.model)}")
+        if not _QUEUE_NAME.match(self.queue_name):
+            raise ValueError(
+                f"queue_name {self.queue_name!r} may hold only letters, digits and . _ : - (at most 200)"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """Short model name used in queue names and the `model` metric label."""
+        return model_short_name(self.model)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def owner_of_key(self, key: str) -> str | None:
+        """The owner id (key hash) of a presented key, or None if the key is not configured."""
+        digest = hash_api_key(key)
+        return digest if digest in self.api_keys else None

