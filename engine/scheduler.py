@@ -1,0 +1,186 @@
+"""Step-level continuous batching in plain Python (no torch): which requests encode and which canvases denoise.
+
+A request moves WAITING -> ENCODING -> DENOISING -> (ENCODING -> DENOISING)* -> FINISHED:
+- ENCODING: tokens are waiting to be written into its KV slot before its next canvas can start: the prompt
+  (prefill, possibly chunked over several steps) or a finished canvas (commit), plus any infill leading text.
+- DENOISING: its canvas runs one decoder step per engine step until the sampler stops it.
+
+`Scheduler.schedule()` builds the next `StepPlan` under three budgets: `max_tokens_per_forward` (tokens in the
+one encoder forward), `max_canvases_in_flight` and the number of KV slots (both bound the running requests;
+each running request has at most one canvas). A request whose encoding completes in a step also denoises its
+first canvas step in that same step, so a commit and the next canvas share one engine step. Requests added
+while others are mid-canvas are admitted at the next `schedule()`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.types import InfillCanvas, ResolvedParams
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    ENCODING = "encoding"
+    DENOISING = "denoising"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """Engine-internal progress of one request (never serialised). Mutated by the scheduler and the engine."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: ResolvedParams
+    num_canvases: int
+    infill: tuple[InfillCanvas, ...] | None
+    added_at: float
+    phase: Phase = Phase.WAITING
+    slot: int | None = None
+    pending_encode: list[int] = field(default_factory=list)  # tokens to cache before the next canvas starts
+    num_cached: int = 0  # tokens already in the slot's cache == position of the next encoded token
+    canvas_index: int = 0
+    canvas_step: int = 0  # denoising steps run on the current canvas
+    canvas_start: int = 0  # absolute position of the current canvas's first token
+    total_steps: int = 0
+    generated_tokens: int = 0
+    admitted_at: float | None = None
+    first_canvas_at: float | None = None
+
+    def __post_init__(self) -> None:
+        leading = self.infill[0].leading_token_ids if self.infill else ()
+        self.pending_encode = [*self.prompt_ids, *leading]
+
+
+@dataclass(frozen=True)
+class EncodeWork:
+    """A run of tokens to encode (causal, writes the cache) for one request, at positions start.. onwards."""
+
+    request_id: str
+    slot: int
+    token_ids: tuple[int, ...]
+    start_position: int
+    is_prefill: bool  # prompt (and first leading text) rather than a committed canvas
+
+
+@dataclass(frozen=True)
+class DenoiseWork:
+    """One decoder step of one canvas."""
+
+    request_id: str
+    slot: int
+    canvas_index: int
+    step: int  # 1-based step this forward performs
+    canvas_start: int  # position of the canvas's first token == tokens in the slot's cache
+
+    @property
+    def starts_canvas(self) -> bool:
+        return self.step == 1
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything one engine step runs: one encoder forward over `encodes`, then one decoder forward over
+    `denoises`. `admitted` are the requests that got a KV slot in this step."""
+
+    encodes: tuple[EncodeWork, ...] = ()
+    denoises: tuple[DenoiseWork, ...] = ()
+    admitted: tuple[str, ...] = ()
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        return sum(len(work.token_ids) for work in self.encodes)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.encodes and not self.denoises
+
+
+class Scheduler:
+    """FIFO admission over waiting/running queues; owns the free KV slots (plain ints)."""
+
+    def __init__(self, num_slots: int, max_canvases_in_flight: int, max_tokens_per_forward: int) -> None:
+        if num_slots <= 0 or max_canvases_in_flight <= 0 or max_tokens_per_forward <= 0:
+            raise ValueError("Scheduler needs at least one KV slot, one canvas in flight and one token per "
+                             f"forward (got {num_slots}, {max_canvases_in_flight}, {max_tokens_per_forward})")
+        self.max_running = min(num_slots, max_canvases_in_flight)
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.free_slots: deque[int] = deque(range(num_slots))
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
+
+    def add(self, seq: SequenceState) -> None:
+        seq.phase = Phase.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, now: float) -> StepPlan:
+        """Plan the next step and advance the plan's bookkeeping (cached positions, canvas steps).
+
+        The caller must run the returned plan: encode chunks are counted as cached once planned.
+        """
+        budget = self.max_tokens_per_forward
+        encodes: list[EncodeWork] = []
+        for seq in self.running:
+            if seq.phase is Phase.ENCODING and budget > 0:
+                budget -= self._take_encode_chunk(seq, budget, encodes)
+        admitted: list[str] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_running and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.popleft()
+            seq.phase = Phase.ENCODING
+            seq.admitted_at = now
+            self.running.append(seq)
+            admitted.append(seq.request_id)
+            budget -= self._take_encode_chunk(seq, budget, encodes)
+        denoises = [self._next_denoise_step(seq) for seq in self.running if seq.phase is Phase.DENOISING]
+        return StepPlan(encodes=tuple(encodes), denoises=tuple(denoises), admitted=tuple(admitted))
+
+    def continue_with_next_canvas(self, seq: SequenceState, committed_ids: list[int]) -> None:
+        """After a canvas stops and the request goes on: its ids (and the next infill leading text) must be
+        encoded before the next canvas starts."""
+        seq.canvas_index += 1
+        leading = seq.infill[seq.canvas_index].leading_token_ids if seq.infill else ()
+        seq.pending_encode = [*committed_ids, *leading]
+        seq.phase = Phase.ENCODING
+
+    def finish(self, seq: SequenceState) -> int | None:
+        """Remove a request (finished or aborted) from the queues; returns the KV slot it freed, if any."""
+        if seq.phase is Phase.WAITING:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        seq.phase = Phase.FINISHED
+        slot, seq.slot = seq.slot, None
+        if slot is not None:
+            self.free_slots.append(slot)
+        return slot
+
+    @staticmethod
+    def _take_encode_chunk(seq: SequenceState, budget: int, encodes: list[EncodeWork]) -> int:
+        if seq.slot is None:
+            raise RuntimeError(f"request {seq.request_id} is encoding without a KV slot")
+        chunk = seq.pending_encode[:budget]
+        encodes.append(EncodeWork(request_id=seq.request_id, slot=seq.slot, token_ids=tuple(chunk),
+                                  start_position=seq.num_cached, is_prefill=seq.canvas_index == 0))
+        seq.num_cached += len(chunk)
+        del seq.pending_encode[:len(chunk)]
+        if not seq.pending_encode:
+            seq.phase = Phase.DENOISING
+            seq.canvas_step = 0
+            seq.canvas_start = seq.num_cached
+        return len(chunk)
+
+    @staticmethod
+    def _next_denoise_step(seq: SequenceState) -> DenoiseWork:
+        if seq.slot is None:
+            raise RuntimeError(f"request {seq.request_id} is denoising without a KV slot")
+        seq.canvas_step += 1
+        seq.total_steps += 1
+        return DenoiseWork(request_id=seq.request_id, slot=seq.slot, canvas_index=seq.canvas_index,
+                           step=seq.canvas_step, canvas_start=seq.canvas_start)

@@ -1,0 +1,141 @@
+"""Scheduler: admission budgets, chunked prefill, commits, joining mid-flight, freeing slots (no torch)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from engine.scheduler import Phase, Scheduler, SequenceState
+from engine.types import GenerationDefaults, InfillCanvas, SamplingParams, resolve_params
+
+DEFAULTS = GenerationDefaults(stop_token_ids=(1,))
+
+
+def create_seq(request_id: str, prompt_len: int, num_canvases: int = 1,
+               infill: tuple[InfillCanvas, ...] | None = None) -> SequenceState:
+    params = resolve_params(SamplingParams(), DEFAULTS, seed=0)
+    return SequenceState(request_id=request_id, prompt_ids=tuple(range(10, 10 + prompt_len)), params=params,
+                         num_canvases=num_canvases, infill=infill, added_at=0.0)
+
+
+def create_scheduler(num_slots: int = 4, max_canvases: int = 4, max_tokens: int = 100) -> Scheduler:
+    return Scheduler(num_slots=num_slots, max_canvases_in_flight=max_canvases, max_tokens_per_forward=max_tokens)
+
+
+def test_scheduler_module_imports_no_torch() -> None:
+    for name in ("scheduler.py", "types.py"):
+        tree = ast.parse((Path(__file__).parents[2] / "engine" / name).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert "torch" not in imported, name
+
+
+def test_prefill_then_denoise_in_the_same_step() -> None:
+    sched = create_scheduler()
+    sched.add(create_seq("a", 7))
+    plan = sched.schedule(now=1.0)
+    assert plan.admitted == ("a",)
+    assert [(w.token_ids, w.start_position, w.is_prefill) for w in plan.encodes] == [(tuple(range(10, 17)), 0, True)]
+    assert [(w.request_id, w.step, w.canvas_start, w.starts_canvas) for w in plan.denoises] == [("a", 1, 7, True)]
+    plan = sched.schedule(now=2.0)
+    assert plan.encodes == () and [w.step for w in plan.denoises] == [2]
+
+
+def test_admission_is_bounded_by_canvases_slots_and_tokens() -> None:
+    sched = create_scheduler(num_slots=3, max_canvases=2, max_tokens=100)
+    for i in range(4):
+        sched.add(create_seq(f"r{i}", 10))
+    plan = sched.schedule(now=0.0)
+    assert plan.admitted == ("r0", "r1") and len(plan.denoises) == 2  # canvas cap
+    sched = create_scheduler(num_slots=1, max_canvases=8, max_tokens=100)
+    sched.add(create_seq("x", 5))
+    sched.add(create_seq("y", 5))
+    assert sched.schedule(now=0.0).admitted == ("x",)  # slot cap
+    sched = create_scheduler(num_slots=8, max_canvases=8, max_tokens=12)
+    for i in range(3):
+        sched.add(create_seq(f"t{i}", 10))
+    plan = sched.schedule(now=0.0)
+    assert plan.admitted == ("t0", "t1") and plan.num_encoder_tokens == 12  # token cap: t1 got a 2-token chunk
+    assert [w.request_id for w in plan.denoises] == ["t0"]
+
+
+def test_long_prompt_is_chunked_across_steps_with_contiguous_positions() -> None:
+    sched = create_scheduler(max_tokens=16)
+    seq = create_seq("long", 40)
+    sched.add(seq)
+    chunks = []
+    for _ in range(3):
+        plan = sched.schedule(now=0.0)
+        chunks += [(w.start_position, len(w.token_ids)) for w in plan.encodes]
+        if _ < 2:
+            assert plan.denoises == ()
+    assert chunks == [(0, 16), (16, 16), (32, 8)]
+    assert [(w.step, w.canvas_start) for w in plan.denoises] == [(1, 40)]
+
+
+def test_request_joins_while_others_are_mid_canvas() -> None:
+    sched = create_scheduler()
+    sched.add(create_seq("first", 4))
+    sched.schedule(now=0.0)
+    sched.schedule(now=0.0)
+    sched.add(create_seq("late", 6))
+    plan = sched.schedule(now=0.0)
+    assert plan.admitted == ("late",)
+    assert {(w.request_id, w.step) for w in plan.denoises} == {("first", 3), ("late", 1)}
+
+
+def test_commit_and_next_canvas_share_a_step() -> None:
+    sched = create_scheduler()
+    seq = create_seq("a", 5, num_canvases=2)
+    sched.add(seq)
+    sched.schedule(now=0.0)
+    sched.continue_with_next_canvas(seq, [7] * 32)
+    plan = sched.schedule(now=0.0)
+    assert [(w.start_position, len(w.token_ids), w.is_prefill) for w in plan.encodes] == [(5, 32, False)]
+    assert [(w.canvas_index, w.step, w.canvas_start) for w in plan.denoises] == [(1, 1, 37)]
+
+
+def test_infill_leading_text_is_encoded_before_each_canvas() -> None:
+    canvases = tuple(InfillCanvas(leading_token_ids=lead, token_ids=(0,) * 4, is_fixed=(False,) * 4)
+                     for lead in [(50, 51), (60,)])
+    sched = create_scheduler()
+    seq = create_seq("edit", 3, num_canvases=2, infill=canvases)
+    sched.add(seq)
+    plan = sched.schedule(now=0.0)
+    assert plan.encodes[0].token_ids == (10, 11, 12, 50, 51) and plan.denoises[0].canvas_start == 5
+    sched.continue_with_next_canvas(seq, [9, 9, 9, 9])
+    plan = sched.schedule(now=0.0)
+    assert plan.encodes[0].token_ids == (9, 9, 9, 9, 60) and plan.denoises[0].canvas_start == 10
+
+
+def test_finish_frees_the_slot_for_a_waiting_request() -> None:
+    sched = create_scheduler(num_slots=1, max_canvases=1)
+    a, b = create_seq("a", 3), create_seq("b", 3)
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule(now=0.0)
+    assert plan.admitted == ("a",) and sched.schedule(now=0.0).admitted == ()
+    assert sched.finish(a) == 0 and a.phase is Phase.FINISHED
+    plan = sched.schedule(now=0.0)
+    assert plan.admitted == ("b",) and plan.encodes[0].slot == 0
+    sched.finish(b)
+    assert not sched.has_work()
+
+
+def test_waiting_request_can_be_removed() -> None:
+    sched = create_scheduler(num_slots=1, max_canvases=1)
+    a, b = create_seq("a", 3), create_seq("b", 3)
+    sched.add(a)
+    sched.add(b)
+    sched.schedule(now=0.0)
+    assert sched.finish(b) is None
+    assert list(sched.waiting) == [] and sched.running == [a]
+
+
+def test_invalid_budgets_are_rejected() -> None:
+    with pytest.raises(ValueError, match="at least one KV slot"):
+        Scheduler(num_slots=0, max_canvases_in_flight=1, max_tokens_per_forward=1)
