@@ -1,0 +1,79 @@
+"""The Celery application of the worker: every Celery and kombu setting lives here.
+
+Why each setting (see ../shared/docs/service.md):
+- JSON only: a message from Redis is never unpickled.
+- `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after the job's terminal state is
+  committed; a worker that dies mid-job leaves it unacked, so kombu restores it after `visibility_timeout`
+  and another worker runs it (the job store's lease and attempts counter keep that to one live run and
+  dead-letter the job after `max_attempts`).
+- `worker_prefetch_multiplier=1` with concurrency = the engine's canvases in flight: the worker holds no more
+  unacked jobs than it can batch; the rest stay in Redis for other workers.
+- `visibility_timeout` above the job deadline in broker and result-backend options, or kombu would
+  redeliver jobs that are still running.
+- Time limits are not enforced by the threads pool: deadlines and cancels are cooperative in the engine loop.
+
+The app is built from `WorkerSettings` at import time (Celery's `-A worker.celery_app` imports this module);
+`make_celery_app(settings)` builds one explicitly.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from worker.settings import WorkerSettings
+
+TASK_NAME = "dgserve.run_job"
+
+
+def broker_transport_options(settings: WorkerSettings) -> dict:
+    return {
+        "visibility_timeout": settings.visibility_timeout_seconds,
+        # Sweep for abandoned messages every `broker_restore_interval_seconds`, not every 10 x interval.
+        "unacked_restore_interval": settings.broker_restore_interval_seconds,
+        "unacked_restore_throttle": 1,
+    }
+
+
+def celery_config(settings: WorkerSettings) -> dict:
+    """The complete Celery configuration of a dgserve worker."""
+    transport_options = broker_transport_options(settings)
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": None,  # results live in the job record; the task's return value is not needed
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,  # a task that raised has already failed its job in the store
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_pool": "threads",
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
+        "visibility_timeout": settings.visibility_timeout_seconds,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_default_queue": settings.queue_name,
+        "task_queues": (Queue(settings.queue_name, routing_key=settings.queue_name),),
+        "task_routes": {TASK_NAME: {"queue": settings.queue_name}},
+        "task_create_missing_queues": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_connection_timeout": 5,
+    }
+
+
+def make_celery_app(settings: WorkerSettings) -> Celery:
+    app = Celery("dgserve-worker", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    app.conf.include = ["worker.tasks"]
+    return app
+
+
+settings = WorkerSettings()
+app = make_celery_app(settings)

@@ -1,0 +1,171 @@
+"""Everything one worker process owns, built once when Celery starts the worker.
+
+`WorkerRuntime` wires the job store, the engine (model loaded in this process, on its one device), the
+store-writer thread, the engine-loop thread, the heartbeat and the metrics endpoint, and implements the
+body of the `dgserve.run_job` task (`run_job`). The Celery signal handlers in `worker.tasks` call
+`start_runtime` / `begin_shutdown` / `stop_runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from engine import Engine
+from services.jobs import JobStore
+from worker.device import gpu_label, resolve_device, resolve_dtype, sample_memory
+from worker.engine_loop import EngineLoop
+from worker.heartbeat import Heartbeat
+from worker.job_reporter import JobReporter
+from worker.metrics import MetricLabels, WorkerMetrics
+from worker.requests import ModelInfo, prepare_job
+from worker.settings import WorkerSettings
+from worker.store_writer import StoreWriter
+from worker.tickets import JobOutcome, JobTicket
+
+logger = logging.getLogger(__name__)
+
+
+class HandBack(Exception):
+    """The job was not finished here and must go back to the queue (the task rejects with requeue)."""
+
+
+class RetryLater(Exception):
+    """Another attempt holds a live lease on the job; look again after `countdown` seconds (by then the lease
+    has been renewed by a live worker, or has lapsed and the job can be taken over)."""
+
+    def __init__(self, countdown: float) -> None:
+        super().__init__(f"job is running elsewhere; retry in {countdown:.1f} s")
+        self.countdown = countdown
+
+
+class WorkerRuntime:
+    def __init__(self, settings: WorkerSettings, hostname: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = f"{hostname or socket.gethostname()}:{os.getpid()}"
+        self.store = JobStore.from_settings(settings)
+        self.device = resolve_device(settings.worker_device)
+        self.engine = load_engine(settings, self.device)
+        self.metrics = WorkerMetrics(MetricLabels(model=settings.model_name, gpu=gpu_label(self.device)))
+        self.writer = StoreWriter(self.store.is_cancel_requested, settings.worker_cancel_poll_seconds,
+                                  renew_leases=self._renew_leases,
+                                  renew_every_s=settings.worker_heartbeat_interval_seconds)
+        self.heartbeat = Heartbeat(settings.heartbeat_path, remote=self._remote_heartbeat,
+                                   interval_s=settings.worker_heartbeat_interval_seconds)
+        self.reporter = JobReporter(self.store, self.writer, self.metrics)
+        self.model_info = model_info_of(self.engine)
+        self.loop = EngineLoop(self.engine, self.reporter, self.metrics, self.heartbeat,
+                               cancel_requested=self.writer.cancel_requested,
+                               sample_memory=lambda: sample_memory(self.metrics, self.device))
+        self._metrics_server: Any = None
+
+    def start(self) -> None:
+        self.writer.start()
+        self.loop.start()
+        self.heartbeat.beat(force=True)
+        sample_memory(self.metrics, self.device)
+        self._metrics_server = self.metrics.serve(self.settings.worker_metrics_port)
+        logger.info("worker %s serving %s on %s; metrics on :%d", self.worker_id, self.settings.queue_name,
+                    self.device, self.settings.worker_metrics_port)
+
+    def begin_shutdown(self) -> None:
+        self.loop.begin_shutdown(self.settings.worker_shutdown_grace_seconds)
+
+    def stop(self) -> None:
+        self.loop.stop(timeout_s=self.settings.worker_shutdown_grace_seconds + 30)
+        self.writer.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+    # -- the task body ---------------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> str:
+        """Run one job to its terminal state; returns the outcome, raises HandBack / RetryLater.
+
+        Never raises for a user's bad input: that fails the job with the validation message.
+        """
+        try:
+            decision = self.store.try_start(job_id, self.worker_id)
+            job = decision.job
+            prepared = prepare_job(job.request, self.model_info) if decision.should_run and job else None
+        except ValueError as err:  # a stored payload this worker cannot read or run (pydantic errors included)
+            self.store.fail(job_id, "invalid_request", f"the job's request cannot be run: {err}")
+            return JobOutcome.FAILED.value
+        if decision.outcome == "running_elsewhere":
+            raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
+        if prepared is None or job is None:
+            logger.info("job %s not run: %s", job_id, decision.outcome)
+            return decision.outcome
+        ticket = JobTicket(job_id=job_id, kind=job.kind, prepared=prepared, created_at=job.created_at,
+                           deadline_at=job.deadline_at)
+        try:
+            self.loop.submit(ticket)
+        except RuntimeError as err:
+            raise HandBack(str(err)) from err
+        outcome = ticket.future.result()
+        if outcome is JobOutcome.HANDED_BACK:
+            # The job stays `running` under this worker's lease; once the lease lapses
+            # (heartbeat_ttl_seconds) the redelivered message restarts it elsewhere.
+            raise HandBack(f"job {job_id} handed back at shutdown")
+        return outcome.value
+
+    def _renew_leases(self, job_ids: list[str]) -> None:
+        # The store renews a lease with every progress write; re-writing the last progress keeps the
+        # lease alive through long steps (a big prefill) that produce no output.
+        for job_id in job_ids:
+            canvas, step = self.loop.progress_of(job_id)
+            self.store.set_progress(job_id, canvas, step)
+
+    def _remote_heartbeat(self) -> None:
+        self.store.heartbeat(self.worker_id, {"queue": self.settings.queue_name, "model": self.settings.model_name,
+                                              "gpu": self.metrics.labels.gpu, "pid": os.getpid()})
+
+
+def load_engine(settings: WorkerSettings, device: Any) -> Engine:
+    """The engine on this worker's device, sized so one decoder forward holds every job Celery hands us."""
+    engine_options: dict[str, Any] = {
+        "max_canvases_in_flight": settings.worker_concurrency,
+        "max_tokens_per_forward": settings.worker_max_tokens_per_forward,
+        "max_context": settings.worker_max_context,
+    }
+    if settings.worker_kv_cache_bytes is not None:
+        engine_options["kv_cache_bytes"] = settings.worker_kv_cache_bytes
+    return Engine.from_pretrained(settings.model, device=device,
+                                  dtype=resolve_dtype(settings.worker_dtype, device), **engine_options)
+
+
+def model_info_of(engine: Engine) -> ModelInfo:
+    loaded = engine.loaded
+    return ModelInfo(tokenizer=engine.tokenizer, canvas_length=loaded.config.canvas_length,
+                     default_max_new_tokens=loaded.generation_defaults.max_new_tokens)
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def start_runtime(settings: WorkerSettings, hostname: str | None = None) -> WorkerRuntime:
+    global _runtime
+    if _runtime is None:
+        _runtime = WorkerRuntime(settings, hostname)
+        _runtime.start()
+    return _runtime
+
+
+def get_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("the worker runtime is not started (the Celery worker_init signal did not run)")
+    return _runtime
+
+
+def stop_runtime() -> None:
+    global _runtime
+    if _runtime is not None:
+        _runtime.stop()
+        _runtime = None
+
+
+def begin_shutdown() -> None:
+    """SIGTERM arrived: stop admitting jobs, give in-flight ones the grace period."""
+    if _runtime is not None:
+        _runtime.begin_shutdown()

@@ -1,0 +1,54 @@
+"""Worker-only knobs, layered on the service's one `Settings` (same `DGSERVE_` environment prefix).
+
+They live here rather than in services/settings.py because only the worker process reads them (the API image
+must stay small and never think about devices or engine sizing); everything shared (Redis URL, model,
+queue name, deadline, attempts, metrics port) is inherited.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from services.settings import Settings, cache_dir
+
+
+class WorkerSettings(Settings):
+    """`DGSERVE_WORKER_CONCURRENCY=16`, `DGSERVE_WORKER_DEVICE=cpu`, ... (see each field)."""
+
+    worker_concurrency: int = Field(default=16, ge=1, le=1024, description=(
+        "Celery threads = jobs held at once = the engine's max canvases in flight"))
+    worker_device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description=(
+        "auto: CUDA if a card is visible, else CPU"))
+    worker_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description=(
+        "auto: bfloat16 on CUDA, float32 on CPU"))
+    worker_max_context: int = Field(default=4096, ge=64, description="longest prompt + output one slot holds")
+    worker_max_tokens_per_forward: int = Field(default=8192, ge=64)
+    worker_kv_cache_bytes: int | None = Field(default=None, ge=1, description="None: the engine's default budget")
+    worker_heartbeat_file: Path | None = Field(default=None, description=(
+        "touched by the engine loop; default <cache dir>/worker-<queue>.heartbeat"))
+    worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
+    worker_shutdown_grace_seconds: float = Field(default=120.0, ge=0, le=3600, description=(
+        "after SIGTERM, in-flight jobs get this long to finish before being handed back to the queue"))
+    worker_cancel_poll_seconds: float = Field(default=0.1, gt=0, le=10, description=(
+        "how often cancel flags of running jobs are read"))
+    broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
+        "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "
+        "never delivered twice. A lower value recovers jobs of a killed worker before their deadline; it is "
+        "safe because a redelivery of a job whose lease is alive is only retried later, never run twice"))
+    broker_restore_interval_seconds: int = Field(default=10, ge=1, le=3600, description=(
+        "how often the worker sweeps for messages whose visibility timeout passed"))
+
+    @property
+    def visibility_timeout_seconds(self) -> int:
+        if self.broker_visibility_timeout_seconds is not None:
+            return self.broker_visibility_timeout_seconds
+        return self.job_deadline_seconds + 600
+
+    @property
+    def heartbeat_path(self) -> Path:
+        if self.worker_heartbeat_file is not None:
+            return self.worker_heartbeat_file
+        return cache_dir() / f"worker-{self.queue_name}.heartbeat"

@@ -1,0 +1,52 @@
+"""The `dgserve.run_job` task and the Celery signal handlers that start and stop the worker runtime.
+
+The task is thin on purpose: its argument is the job id only (the payload lives in the job record), and the
+work happens in `WorkerRuntime.run_job`, which hands the request to the engine-loop thread and waits.
+How a run ends decides what happens to the message:
+- any terminal state committed (succeeded / failed / cancelled, or a redelivery of a finished job) → ack;
+- handed back at shutdown → `Reject(requeue=True)`: not acked, back on the queue for another worker;
+- another live attempt holds the job's lease → retried after the lease would have run out, so a job whose
+  worker died just now is not dropped and one whose worker lives is not run twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.exceptions import Reject
+
+from worker.celery_app import TASK_NAME, app, settings
+from worker.runtime import HandBack, RetryLater, begin_shutdown, get_runtime, start_runtime, stop_runtime
+
+logger = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def run_job(self: Any, job_id: str) -> str:
+    """Run the job `job_id` through the engine; returns how it ended."""
+    try:
+        return get_runtime().run_job(job_id)
+    except HandBack as err:
+        logger.info("%s", err)
+        raise Reject(str(err), requeue=True) from err
+    except RetryLater as err:
+        raise self.retry(countdown=err.countdown) from err
+
+
+@signals.worker_init.connect
+def _start_runtime(sender: Any = None, **_: Any) -> None:
+    # Load the model in the process that runs the engine, before the worker consumes its first message.
+    start_runtime(settings, getattr(sender, "hostname", None))
+
+
+@signals.worker_shutting_down.connect
+def _begin_shutdown(**_: Any) -> None:
+    # SIGTERM: Celery stops consuming; the engine loop finishes in-flight jobs within the grace period.
+    begin_shutdown()
+
+
+@signals.worker_shutdown.connect
+def _stop_runtime(**_: Any) -> None:
+    stop_runtime()
