@@ -1,0 +1,52 @@
+"""Self-attention of one layer: projections, q/k/v norms, RoPE, GQA through SDPA with an explicit mask.
+
+Full-attention layers have no v_proj: V is the k_proj output, normalised by the weightless v_norm and
+never rotated. Scaling is 1.0 (q_norm/k_norm take the place of 1/sqrt(hd)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, ModelConfig
+from .norms import RMSNorm
+from .rope import apply_rope
+
+# Shapes: B rows, T new tokens per row, S keys (past + new), H query heads, G kv heads, hd head dim, D hidden.
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_full = config.layer_types[layer_idx] == FULL
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = config.layer_kv_heads(layer_idx)
+        self.head_dim = config.layer_head_dim(layer_idx)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = None if self.is_full else nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        self.k_norm = RMSNorm(self.head_dim, eps)
+        self.v_norm = RMSNorm(self.head_dim, eps, with_weight=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, T, H, hd], k [B, T, G, hd], v [B, T, G, hd] (q and k rotated)."""
+        b, t, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)), cos, sin)
+        raw_k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(raw_k), cos, sin)
+        return q, k, self.v_norm(raw_v)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, hd], keys/values [B, S, G, hd], bool mask [B, 1, T or 1, S] (True = attend) -> [B, T, D]."""
+        b, t = q.shape[:2]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, scale=1.0, enable_gqa=self.kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

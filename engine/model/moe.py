@@ -1,0 +1,126 @@
+"""Feed-forward blocks: the dense GeGLU MLP, the top-k router and the packed experts.
+
+Experts run as grouped GEMMs (`torch.nn.functional.grouped_mm`) where torch supports them for the
+device/dtype, otherwise as a loop over contiguous per-expert groups of expert-sorted tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norms import rms_norm
+
+# Shapes: N tokens, D hidden, I expert width, E experts, K experts per token, P = N*K token-expert pairs.
+
+GROUPED_MM, LOOP = "grouped_mm", "loop"
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class GatedMLP(nn.Module):
+    """`down(gelu_tanh(gate(x)) * up(x))` without biases (the dense MLP and the self-conditioning MLP)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k routing on the raw residual: weightless RMSNorm, `* scale * D**-0.5`, softmax in fp32,
+    top-k renormalised to sum 1, then multiplied by `per_expert_scale[idx]`."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float) -> None:
+        super().__init__()
+        self.top_k, self.eps, self.root_scale = top_k, eps, hidden_size ** -0.5
+        self.proj = nn.Linear(hidden_size, num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
+
+    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual [N, D] -> (fp32 weights [N, K], expert ids [N, K])."""
+        x = rms_norm(residual, None, self.eps) * self.scale * self.root_scale
+        probs = torch.softmax(self.proj(x), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+@functools.cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once whether grouped_mm runs (and agrees with matmul) for this device type and dtype."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        x = torch.randn(6, 16, device=device_type).to(dtype)
+        w = torch.randn(2, 8, 16, device=device_type).to(dtype)
+        offs = torch.tensor([2, 6], dtype=torch.int32, device=device_type)
+        got = F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+        want = torch.cat([x[:2] @ w[0].T, x[2:] @ w[1].T])
+        return bool(torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def default_expert_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """grouped_mm on CUDA bf16 (the production path) and on CPU fp32 inference where this torch has a
+    kernel; the loop otherwise. CPU grouped_mm has no backward in this torch, so training uses the loop."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm_works("cuda", dtype):
+        return GROUPED_MM
+    if device.type == "cpu" and dtype == torch.float32 and not torch.is_grad_enabled():
+        return GROUPED_MM if _grouped_mm_works("cpu", dtype) else LOOP
+    return LOOP
+
+
+class Experts(nn.Module):
+    """Packed experts: `gate_up_proj [E, 2I, D]` (gate = first I rows) and `down_proj [E, D, I]`.
+    `backend` is None (choose per call from device/dtype), GROUPED_MM or LOOP."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.expert_size = num_experts, expert_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+        self.backend: str | None = None
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights fp32 [N, K], experts [N, K] -> [N, D] = sum_k w_k * expert_k(x)."""
+        n, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)               # pairs grouped by expert
+        sorted_x = x[order // k]                               # [P, D]
+        group_ends = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0)
+        backend = self.backend or default_expert_backend(x.device, x.dtype)
+        run = self._grouped if backend == GROUPED_MM else self._loop
+        sorted_y = run(sorted_x, group_ends)                   # [P, D]
+        sorted_y = (sorted_y * weights.reshape(-1)[order, None]).to(x.dtype)
+        pair_y = torch.empty_like(sorted_y).index_copy_(0, order, sorted_y)
+        return pair_y.view(n, k, -1).sum(dim=1)
+
+    def _grouped(self, sorted_x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        offs = group_ends.to(torch.int32)
+        gate_up = F.grouped_mm(sorted_x, self.gate_up_proj.transpose(1, 2), offs=offs)
+        gate, up = gate_up.split(self.expert_size, dim=-1)
+        return F.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+
+    def _loop(self, sorted_x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        # Group boundaries must be host ints to slice; this path serves CPU (where reading them is free)
+        # and dtypes grouped_mm lacks, never the CUDA bf16 production path.
+        ends = group_ends.tolist()
+        outputs, start = [], 0
+        for expert, end in enumerate(ends):
+            if end > start:
+                gate, up = F.linear(sorted_x[start:end], self.gate_up_proj[expert]).split(self.expert_size, dim=-1)
+                outputs.append(F.linear(gelu_tanh(gate) * up, self.down_proj[expert]))
+            start = end
+        return torch.cat(outputs) if outputs else sorted_x.new_zeros(0, self.down_proj.shape[1])

@@ -1,0 +1,172 @@
+"""DiffusionGemma text model: one weight stack run in encoder mode (causal, writes the KV cache) and in
+decoder mode (bidirectional over the canvas, reads the cache), plus the tied LM head with softcap.
+
+Batched over rows with right padding and per-row absolute positions; attention masks are built once per
+forward per layer type from those positions, and nothing in a forward reads tensor values on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, SLIDING, ModelConfig
+from ..kv_cache import KVCache
+from .layer import TransformerLayer
+from .norms import RMSNorm
+from .rope import inverse_frequencies, rope_cos_sin
+from .self_conditioning import SelfConditioning
+
+# Shapes: B rows (canvases or prompt chunks), T tokens per row, C canvas length, V vocab, D hidden,
+# L full-layer context bound, W sliding window.
+
+VOCAB_CHUNK = 32_768  # vocabulary-sized products run in slices of this many ids to bound temporaries
+
+
+class DiffusionGemmaModel(nn.Module):
+    """Parameter names match the released checkpoint after stripping `model.decoder.`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config.hidden_size, config.intermediate_size, config.rms_norm_eps)
+
+    # ----- public API (docs/architecture.md, "Model") -----
+
+    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor, cache: KVCache,
+               slots: torch.Tensor, return_logits: bool = False, context_bound: int | None = None
+               ) -> torch.Tensor | None:
+        """Encoder mode over input_ids [B, T] at `positions` [B, T] (increasing within a row); rows are padded
+        on the right (`token_valid` False). Each row attends causally to its slot's cached tokens at positions
+        below the row's first position and to its own new tokens; sliding layers see the last `window`
+        positions including the query. The valid tokens' K/V are written into the cache; padding writes
+        nothing. `context_bound` (host int, default cache.max_context) must be >= every row's first
+        position: full layers read only that many cached positions. Returns fp32 softcapped logits
+        [B, T, V] if `return_logits`, else None."""
+        bound = self._check_inputs(input_ids, positions, cache, slots, context_bound)
+        if token_valid.shape != input_ids.shape:
+            raise ValueError(f"token_valid shape {tuple(token_valid.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        h = self.embed(input_ids)
+        rope = self._rope_tables(positions, h.dtype)
+        masks = self._encoder_masks(positions, token_valid, cache.ring_positions_of(slots), bound)
+        full_index, ring_index = cache.write_indices(positions, token_valid)
+        for layer_idx, layer in enumerate(self.layers):
+            layer_type = self.config.layer_types[layer_idx]
+            past_k, past_v = cache.read(layer_idx, slots, bound)
+            h, k, v = layer(h, *rope[layer_type], past_k, past_v, masks[layer_type])
+            cache.write(layer_idx, slots, full_index if layer_type == FULL else ring_index, k, v)
+        cache.write_ring_positions(slots, ring_index, positions)
+        return self.logits(h) if return_logits else None
+
+    def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                context_lens: torch.Tensor, sc_embeds: torch.Tensor | None, context_bound: int | None = None
+                ) -> torch.Tensor:
+        """Decoder mode over canvas_ids [B, C] at `positions` [B, C]: every canvas token sees the whole canvas
+        and the slot's cached positions < context_lens [B] (sliding layers: only the last `window - 1` of
+        them, as the reference's dynamic cache keeps). Never writes the cache. `sc_embeds` [B, C, D] is the
+        self-conditioning soft embedding (None or zeros = no signal). `context_bound` (host int, default
+        cache.max_context) must be >= max(context_lens). Returns fp32 softcapped logits [B, C, V]."""
+        bound = self._check_inputs(canvas_ids, positions, cache, slots, context_bound)
+        if sc_embeds is not None and sc_embeds.shape != (*canvas_ids.shape, self.config.hidden_size):
+            raise ValueError(f"sc_embeds shape {tuple(sc_embeds.shape)} must be "
+                             f"{(*canvas_ids.shape, self.config.hidden_size)}")
+        h = self.self_conditioning(self.embed(canvas_ids), sc_embeds)
+        rope = self._rope_tables(positions, h.dtype)
+        masks = self._decoder_masks(context_lens, cache.ring_positions_of(slots), bound, canvas_ids.shape[1])
+        for layer_idx, layer in enumerate(self.layers):
+            layer_type = self.config.layer_types[layer_idx]
+            past_k, past_v = cache.read(layer_idx, slots, bound)
+            h, _, _ = layer(h, *rope[layer_type], past_k, past_v, masks[layer_type])
+        return self.logits(h)
+
+    def self_conditioning_embeds(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """softmax(sc_logits) @ E * sqrt(D) -> [B, C, D] in the model dtype, softmax in fp32, processed in
+        vocabulary chunks so no second [B, C, V] tensor is materialised."""
+        weight = self.embed_tokens.weight
+        vocab = weight.shape[0]
+        peak = sc_logits.amax(dim=-1, keepdim=True).float()
+        total = torch.zeros_like(peak)
+        for start in range(0, vocab, VOCAB_CHUNK):
+            total += torch.exp(sc_logits[..., start:start + VOCAB_CHUNK].float() - peak).sum(-1, keepdim=True)
+        log_norm = peak + torch.log(total)
+        soft = torch.zeros(*sc_logits.shape[:-1], weight.shape[1], device=weight.device, dtype=torch.float32)
+        for start in range(0, vocab, VOCAB_CHUNK):
+            probs = torch.exp(sc_logits[..., start:start + VOCAB_CHUNK].float() - log_norm).to(weight.dtype)
+            soft += (probs @ weight[start:start + VOCAB_CHUNK]).float()
+        return soft.to(weight.dtype) * self._embed_scale(weight.dtype)
+
+    # ----- building blocks -----
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """E[ids] * sqrt(D), the scale rounded to the weight dtype first (as the released model does)."""
+        weight = self.embed_tokens.weight
+        return F.embedding(ids, weight) * self._embed_scale(weight.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied LM head, then `cap * tanh(logits / cap)` in fp32, one vocabulary chunk at a time."""
+        x = self.norm(h)
+        weight, cap = self.embed_tokens.weight, self.config.final_logit_softcapping
+        out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=torch.float32)
+        for start in range(0, weight.shape[0], VOCAB_CHUNK):
+            chunk = F.linear(x, weight[start:start + VOCAB_CHUNK]).float()
+            out[..., start:start + VOCAB_CHUNK] = torch.tanh(chunk / cap) * cap
+        return out
+
+    def _embed_scale(self, dtype: torch.dtype) -> float:
+        # Rounded on the host CPU: no device work, no sync.
+        return float(torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32).to(dtype))
+
+    def _check_inputs(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                      context_bound: int | None) -> int:
+        if ids.dim() != 2 or positions.shape != ids.shape:
+            raise ValueError(f"ids must be [B, T] and positions the same shape; got {tuple(ids.shape)} and "
+                             f"{tuple(positions.shape)}")
+        if slots.shape != (ids.shape[0],):
+            raise ValueError(f"slots must be [B] = [{ids.shape[0]}], got {tuple(slots.shape)}")
+        bound = cache.max_context if context_bound is None else context_bound
+        if not 0 <= bound <= cache.max_context:
+            raise ValueError(f"context_bound {bound} must be within 0..cache.max_context ({cache.max_context})")
+        return bound
+
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        cfg, device = self.config, positions.device
+        inv_freq = {
+            SLIDING: inverse_frequencies(cfg.head_dim, cfg.sliding_rope_theta, device=device),
+            FULL: inverse_frequencies(cfg.global_head_dim, cfg.full_rope_theta, cfg.full_partial_rotary_factor,
+                                      cfg.full_rope_factor, device=device),
+        }
+        return {kind: rope_cos_sin(positions, inv_freq[kind], dtype) for kind in set(cfg.layer_types)}
+
+    def _encoder_masks(self, positions: torch.Tensor, token_valid: torch.Tensor, ring_positions: torch.Tensor,
+                       bound: int) -> dict[str, torch.Tensor]:
+        """Bool masks [B, 1, T, past + T] per layer type (True = attend)."""
+        window, t = self.config.sliding_window, positions.shape[1]
+        query = positions[:, None, :, None]                                   # [B, 1, T, 1]
+        context_start = positions[:, None, :1, None]                          # [B, 1, 1, 1]
+        new_key = positions[:, None, None, :]                                 # [B, 1, 1, T]
+        # The diagonal keeps padded query rows from being fully masked (SDPA would return NaN there).
+        diagonal = torch.eye(t, dtype=torch.bool, device=positions.device)
+        new_ok = (token_valid[:, None, None, :] & (new_key <= query)) | diagonal
+        full_past = torch.arange(bound, device=positions.device)[None, None, None, :] < context_start
+        ring = ring_positions[:, None, None, :]                               # [B, 1, 1, W]
+        sliding_past = (ring >= 0) & (ring < context_start) & (ring > query - window)
+        shape = (positions.shape[0], 1, t, bound)
+        return {
+            FULL: torch.cat((full_past.expand(shape), new_ok), dim=-1),
+            SLIDING: torch.cat((sliding_past, new_ok & (new_key > query - window)), dim=-1),
+        }
+
+    def _decoder_masks(self, context_lens: torch.Tensor, ring_positions: torch.Tensor, bound: int,
+                       canvas_length: int) -> dict[str, torch.Tensor]:
+        """Bool masks [B, 1, 1, past + C]: the same visibility for every canvas query."""
+        window = self.config.sliding_window
+        lens = context_lens[:, None]                                          # [B, 1]
+        full_past = torch.arange(bound, device=lens.device)[None, :] < lens
+        sliding_past = (ring_positions >= 0) & (ring_positions < lens) & (ring_positions >= lens - (window - 1))
+        canvas = torch.ones(lens.shape[0], canvas_length, dtype=torch.bool, device=lens.device)
+        return {FULL: torch.cat((full_past, canvas), -1)[:, None, None, :],
+                SLIDING: torch.cat((sliding_past, canvas), -1)[:, None, None, :]}
