@@ -1,0 +1,204 @@
+"""Edit-job benchmark (issue 4): single-span edits over a fixed set of documents, engine alone and through
+the stack (HTTP API → Redis → Celery worker → result).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode engine --n 1000 --docs 50
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode stack --n 100 --api http://127.0.0.1:8000
+
+Engine mode keeps `--concurrency` edits in flight (closed loop: a finished edit is replaced by the next one
+at the next step boundary) and measures each edit from `add_request` to its `finished` output. Stack mode does
+the same with HTTP jobs against a running API (`dgserve up` or any deployment) and measures submit → result.
+Both print one JSON line: edits/s, p50/p99 latency, denoising steps per canvas, canvases per edit.
+Without `--model` a random tiny checkpoint is written to a temporary folder (noise, but the same work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dgtext.edit_result import assemble_edit_result  # noqa: E402
+from dgtext.edits import EditSpec, plan_edits, resolve_edits  # noqa: E402
+
+_WORDS = ["the", "canvas", "model", "edits", "spans", "of", "text", "in", "place", "while", "both", "sides",
+          "stay", "visible", "to", "every", "position", "caf\u00e9", "na\u00efve", "\u05e9\u05dc\u05d5\u05dd",
+          "\U0001f600", "r\u00e9sum\u00e9"]
+_CODE = ["def {w}(a, b):", "\treturn a + b  # {w}", "for i in range(n):", "    total += values[i]",
+         "class {W}:", "    \"\"\"{w} docs\"\"\"", "if {w} is None:\r", "        raise ValueError('{w}')"]
+
+
+def make_documents(count: int, seed: int = 0) -> list[str]:
+    """`count` deterministic documents of 200..2000 characters: prose and code, CRLF, tabs, unicode."""
+    rng = random.Random(seed)
+    documents = []
+    for _ in range(count):
+        target = rng.randint(200, 2000)
+        lines: list[str] = []
+        while sum(len(line) + 1 for line in lines) < target:
+            word = rng.choice(_WORDS)
+            if rng.random() < 0.5:
+                lines.append(rng.choice(_CODE).format(w=word, W=word.capitalize()))
+            else:
+                lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))) + ".")
+        documents.append("\n".join(lines))  # no trailing newline on purpose
+    return documents
+
+
+@dataclass(frozen=True)
+class BenchEdit:
+    document_index: int
+    start: int
+    end: int
+
+
+def make_edits(documents: list[str], count: int, seed: int = 1) -> list[BenchEdit]:
+    """`count` single-span edits: a random word (or run of 1-3 words) of a random document."""
+    rng = random.Random(seed)
+    words = [[m.span() for m in re.finditer(r"\w+", doc)] for doc in documents]
+    edits = []
+    for _ in range(count):
+        index = rng.randrange(len(documents))
+        first = rng.randrange(len(words[index]))
+        last = min(first + rng.randint(0, 2), len(words[index]) - 1)
+        edits.append(BenchEdit(index, words[index][first][0], words[index][last][1]))
+    return edits
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary(mode: str, latencies: list[float], wall_s: float, extra: dict) -> dict:
+    return {"mode": mode, "edits": len(latencies), "wall_s": round(wall_s, 3),
+            "edits_per_s": round(len(latencies) / wall_s, 3),
+            "p50_s": round(percentile(latencies, 0.5), 4), "p99_s": round(percentile(latencies, 0.99), 4),
+            "mean_s": round(statistics.fmean(latencies), 4), **extra}
+
+
+def run_engine(engine, documents: list[str], edits: list[BenchEdit], concurrency: int, steps: int | None,
+               seed: int) -> dict:
+    """Closed-loop engine benchmark; every result is assembled (and so checked) as the worker would."""
+    from engine.types import EngineRequest, InfillCanvas, SamplingParams
+
+    tokenizer, canvas_length = engine.tokenizer, engine.config.canvas_length
+    pending = list(enumerate(edits))
+    in_flight: dict[str, tuple[float, object, list]] = {}
+    latencies: list[float] = []
+    steps_per_canvas: list[float] = []
+    canvases_per_edit: list[int] = []
+    started = time.perf_counter()
+    while pending or in_flight:
+        while pending and len(in_flight) < concurrency:
+            number, edit = pending.pop(0)
+            document = documents[edit.document_index]
+            resolved = resolve_edits(document, [EditSpec(start=edit.start, end=edit.end)])
+            plan = plan_edits(document, resolved, tokenizer, canvas_length, insertion_tokens=canvas_length)
+            params = SamplingParams(seed=seed + number, max_denoising_steps=steps, fixed_steps=steps is not None)
+            canvases = tuple(InfillCanvas(c.leading_token_ids, c.token_ids, c.is_fixed) for c in plan.canvases)
+            request_id = engine.add_request(
+                EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases),
+                request_id=f"edit-{number}")
+            in_flight[request_id] = (time.perf_counter(), plan, [])
+        for out in engine.step():
+            added_at, plan, committed = in_flight[out.request_id]
+            if out.kind == "canvas":
+                committed.append(out.token_ids)
+            elif out.kind == "finished":
+                if out.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.text}")
+                assemble_edit_result(plan, committed, tokenizer)
+                latencies.append(time.perf_counter() - added_at)
+                if out.stats is not None:
+                    steps_per_canvas.append(out.stats.steps_per_canvas)
+                canvases_per_edit.append(len(committed))
+                del in_flight[out.request_id]
+    wall = time.perf_counter() - started
+    return summary("engine", latencies, wall, {
+        "concurrency": concurrency, "canvas_length": canvas_length,
+        "steps_per_canvas": round(statistics.fmean(steps_per_canvas), 2) if steps_per_canvas else None,
+        "canvases_per_edit": round(statistics.fmean(canvases_per_edit), 3)})
+
+
+def run_stack(api_url: str, documents: list[str], edits: list[BenchEdit], concurrency: int,
+              steps: int | None, timeout_s: float, api_key: str | None = None) -> dict:
+    """Closed-loop HTTP benchmark: submit edit jobs, poll each to its result, `concurrency` at a time."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    pending = list(edits)
+    in_flight: dict[str, float] = {}
+    latencies: list[float] = []
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=api_url, headers=headers, timeout=30.0) as client:
+        while pending or in_flight:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stack benchmark: {len(in_flight) + len(pending)} edits unfinished")
+            while pending and len(in_flight) < concurrency:
+                edit = pending.pop(0)
+                body = {"kind": "edit", "document": documents[edit.document_index],
+                        "edits": [{"start": edit.start, "end": edit.end}]}
+                if steps is not None:
+                    body["max_denoising_steps"] = steps
+                response = client.post("/v1/jobs", json=body)
+                response.raise_for_status()
+                in_flight[response.json()["id"]] = time.perf_counter()
+            for job_id in list(in_flight):
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if job["status"] == "succeeded":
+                    latencies.append(time.perf_counter() - in_flight.pop(job_id))
+                elif job["status"] in ("failed", "cancelled", "expired"):
+                    raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+            time.sleep(0.02)
+    return summary("stack", latencies, time.perf_counter() - started, {"concurrency": concurrency})
+
+
+def _load_engine(model: str | None, device: str, concurrency: int):
+    from engine import Engine
+
+    if model is None:
+        from engine.checkpoint import write_random_checkpoint
+
+        model = tempfile.mkdtemp(prefix="edit-bench-")
+        write_random_checkpoint(model, preset="tiny", seed=0)
+    return Engine.from_pretrained(model, device=device, max_canvases_in_flight=concurrency)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["engine", "stack", "both"], default="engine")
+    parser.add_argument("--n", type=int, default=1000, help="edits for the engine run")
+    parser.add_argument("--stack-n", type=int, default=None, help="edits for the stack run (default --n)")
+    parser.add_argument("--docs", type=int, default=50)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--api", default="http://127.0.0.1:8000", help="API base URL for --mode stack")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    documents = make_documents(args.docs, seed=args.seed)
+    if args.mode in ("engine", "both"):
+        engine = _load_engine(args.model, args.device, args.concurrency)
+        edits = make_edits(documents, args.n, seed=args.seed + 1)
+        print(json.dumps(run_engine(engine, documents, edits, args.concurrency, args.steps, args.seed)))
+    if args.mode in ("stack", "both"):
+        edits = make_edits(documents, args.stack_n or args.n, seed=args.seed + 2)
+        print(json.dumps(run_stack(args.api, documents, edits, args.concurrency, args.steps, args.timeout,
+                                   args.api_key)))
+
+
+if __name__ == "__main__":
+    main()
