@@ -120,7 +120,9 @@ class ModelConfig:
             "rope_parameters": {
                 SLIDING: {"rope_type": "default", "rope_theta": self.sliding_rope_theta},
                 FULL: {"rope_type": "proportional", "rope_theta": self.full_rope_theta,
-                       "partial_rotary_factor": self.full_partial_rotary_factor, "factor": self.full_rope_factor},
+                       "partial_rotary_factor": self.full_partial_rotary_factor,
+                       # transformers flags "factor" as unknown, though proportional RoPE reads it: write it only when set.
+                       **({"factor": self.full_rope_factor} if self.full_rope_factor != 1.0 else {})},
             },
             "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids), "tie_word_embeddings": True, "attention_bias": False,
