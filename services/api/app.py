@@ -1,0 +1,66 @@
+"""The FastAPI app factory. `uvicorn --factory services.api.app:create_app_from_env` serves it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from dgtext.checkpoint_files import CheckpointError
+from services.api import routes_jobs, routes_ops
+from services.api.deps import AppServices
+from services.api.errors import install_error_handlers
+from services.api.job_queue import JobQueue
+from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from services.jobs import JobStore
+from services.metrics import ApiMetrics
+from services.prompt_limits import RequestLimits
+from services.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the API around one `Settings`: job store and queue on `settings.redis_url`, limits, metrics."""
+    metrics = ApiMetrics(model=settings.model_name, queue=settings.queue_name)
+    services = AppServices(settings=settings, store=JobStore.from_settings(settings), queue=JobQueue(settings),
+                           limits=RequestLimits(settings), metrics=metrics)
+    async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:  # load the tokenizer now so the first request does not pay for it; failures surface as 503s
+            services.limits.tokenizer()
+        except CheckpointError as exc:
+            logger.error("tokenizer of %s not available yet: %s", settings.model, exc)
+        yield
+        await async_redis.aclose()
+        services.store.redis.close()
+        services.queue.close()
+
+    app = FastAPI(title="dgserve", version="1.0.0", lifespan=lifespan,
+                  description="Job API for DiffusionGemma-class block-diffusion models: submit generate or "
+                              "edit jobs, follow their events, fetch results.")
+    app.state.services = services
+    app.state.metrics = metrics
+    app.state.async_redis = async_redis
+    install_error_handlers(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_ops.router)
+
+    def count_oversized(scope: dict) -> None:
+        if scope.get("path") == "/v1/jobs":
+            metrics.job_rejected("too_large")
+
+    # Last added runs first: metrics see every answer, including the 413s of the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=count_oversized)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App configured from `DGSERVE_*` environment variables."""
+    return create_app(Settings())

@@ -1,0 +1,88 @@
+"""One error shape for every non-2xx answer: `{"error": {"code", "message", "field"?}}` (`ErrorBody`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.schemas import ErrorBody, FieldValueError
+
+# Discriminator tags of the job union appear in pydantic locations; clients never wrote them.
+_UNION_TAGS = frozenset({"generate", "edit"})
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
+               422: "invalid_request", 429: "queue_full", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    """Raise from a route to answer `status` with the one error shape (and optional headers)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody.model_validate({"error": {"code": code, "message": message, "field": field}})
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('body', 'edit', 'edits', 2, 'start') → 'edits[2].start'."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "header", "path"):
+        parts = parts[1:]
+    if parts and parts[0] in _UNION_TAGS:
+        parts = parts[1:]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def describe_validation_error(error: dict[str, Any]) -> tuple[str, str]:
+    """(field, message) of one pydantic error, preferring the field a `FieldValueError` names."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldValueError):
+        return cause.field, str(cause)
+    field = field_path(error.get("loc", ()))
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if error.get("type") == "invalid_kind":  # the union's discriminator: its location is the body itself
+        return "kind", f"kind: {message}"
+    if error.get("type") == "json_invalid":
+        return "body", f"body is not valid JSON ({message})"
+    return field, f"{field}: {message}"
+
+
+def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    described = [describe_validation_error(error) for error in errors] or [("body", "invalid request")]
+    message = "; ".join(text for _, text in described[:5])
+    if len(described) > 5:
+        message += f"; and {len(described) - 5} more"
+    return error_response(422, "invalid_request", message, field=described[0][0])
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        on_submit = request.url.path == "/v1/jobs" and request.method == "POST"
+        metrics = getattr(request.app.state, "metrics", None)
+        if on_submit and metrics is not None:
+            metrics.job_rejected("invalid")
+        return validation_error_response(list(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))

@@ -1,0 +1,36 @@
+"""Producer side of the Celery seam: the API sends `dgserve.run_job(job_id)` by task *name* to the model's
+queue, so it never imports the worker (nor torch). The payload stays in the job record."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from services.settings import Settings
+
+RUN_JOB_TASK = "dgserve.run_job"
+
+
+class JobQueue:
+    """Sends job ids to the model queue over the same Redis broker the workers consume."""
+
+    def __init__(self, settings: Settings):
+        self.queue_name = settings.queue_name
+        self.celery = Celery("dgserve-api", broker=settings.redis_url, set_as_current=False)
+        self.celery.conf.update(
+            task_serializer="json",  # never pickle
+            accept_content=["json"],
+            task_ignore_result=True,
+            result_backend=None,
+            broker_connection_retry_on_startup=True,
+            # Visibility timeout matters to consumers, but kombu reads it on the producer's channel too.
+            broker_transport_options={"visibility_timeout": settings.job_deadline_seconds + 600},
+        )
+
+    def submit(self, job_id: str) -> None:
+        """Publish one `dgserve.run_job` message carrying only the job id (raises on broker errors)."""
+        self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=self.queue_name, routing_key=self.queue_name,
+                              retry=True, retry_policy={"max_retries": 3, "interval_start": 0.1,
+                                                        "interval_step": 0.2, "interval_max": 1.0})
+
+    def close(self) -> None:
+        self.celery.close()

@@ -1,0 +1,120 @@
+"""The job routes: submit, read, follow (SSE), cancel."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from dgtext.checkpoint_files import CheckpointError
+from services.api.deps import OwnerDep, ServicesDep
+from services.api.errors import ApiError
+from services.api.sse import SSE_HEADERS, job_event_stream
+from services.jobs import IdempotencyConflict, JobRecord, QueueFull
+from services.prompt_limits import LimitExceeded
+from services.schemas import ErrorBody, JobAccepted, JobCreate, JobPublic
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
+
+
+def _owned_job(services: ServicesDep, job_id: str, owner: str) -> JobRecord:
+    record = services.store.get_for_owner(job_id, owner) if len(job_id) <= 64 else None
+    if record is None:
+        raise ApiError(404, "not_found", f"job {job_id[:64]!r} does not exist (or belongs to another API key)")
+    return record
+
+
+def _check_limits(services: ServicesDep, job: JobCreate) -> None:
+    try:
+        services.limits.check(job)
+    except LimitExceeded as exc:
+        services.metrics.job_rejected(exc.reason)
+        raise ApiError(422, "invalid_request", str(exc), field=exc.field) from exc
+    except CheckpointError as exc:
+        logger.error("cannot load the tokenizer of %s: %s", services.settings.model, exc)
+        raise ApiError(503, "tokenizer_unavailable", "the model's tokenizer cannot be loaded; see the API log",
+                       headers={"Retry-After": str(services.settings.retry_after_seconds)}) from exc
+
+
+@router.post("", status_code=202, response_model=JobAccepted, responses=_ERRORS,
+             summary="Submit a generate or edit job")
+def submit_job(job: Annotated[JobCreate, Body()], services: ServicesDep, owner: OwnerDep, response: Response,
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                                             max_length=255)] = None) -> JobAccepted:
+    """Validate, store and enqueue a job. 202 + `Location`; nothing is enqueued for a refused request."""
+    _check_limits(services, job)
+    settings = services.settings
+    try:
+        created = services.store.create(job, owner=owner, idempotency_key=idempotency_key)
+    except IdempotencyConflict as exc:
+        services.metrics.job_rejected("idempotency_conflict")
+        raise ApiError(422, "idempotency_conflict", f"Idempotency-Key: {exc} (job {exc.existing_job_id})",
+                       field="Idempotency-Key") from exc
+    except QueueFull as exc:
+        services.metrics.job_rejected("queue_full")
+        raise ApiError(429, "queue_full", f"{exc}; retry after {settings.retry_after_seconds} s",
+                       headers={"Retry-After": str(settings.retry_after_seconds)}) from exc
+    if created.created:
+        try:
+            services.queue.submit(created.job_id)
+        except Exception as exc:  # broker errors come in many types; the job must not stay queued forever
+            logger.exception("could not enqueue job %s", created.job_id)
+            services.store.fail(created.job_id, "enqueue_failed", "the job could not be handed to the queue")
+            services.metrics.job_rejected("enqueue_failed")
+            raise ApiError(503, "enqueue_failed", "the job queue is unavailable; retry later",
+                           headers={"Retry-After": str(settings.retry_after_seconds)}) from exc
+        services.metrics.job_submitted(job.kind)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    record = services.store.get(created.job_id)
+    if record is None:
+        raise ApiError(503, "unavailable", "the job record vanished right after creation; retry")
+    location = f"/v1/jobs/{record.id}"
+    response.headers["Location"] = location
+    return JobAccepted(id=record.id, kind=record.kind, status=record.status, created_at=record.created_at,
+                       expires_at=record.expires_at, location=location)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Status, progress and result")
+def get_job(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobPublic:
+    return _owned_job(services, job_id, owner).to_public()
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobPublic,
+               responses={**_ERRORS, 409: {"model": ErrorBody}}, summary="Cancel a job")
+def cancel_job(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobPublic:
+    """Queued jobs are cancelled at once; running ones at the worker's next step. 409 if already finished."""
+    _owned_job(services, job_id, owner)
+    outcome = services.store.cancel(job_id)
+    if outcome == "not_found":
+        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+    record = services.store.get(job_id)
+    if outcome == "finished" and record is not None:
+        raise ApiError(409, "job_finished", f"job {job_id} already finished with status {record.status!r}")
+    if record is None:
+        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+    return record.to_public()
+
+
+@router.get("/{job_id}/events", responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+            summary="Server-Sent Events of the job (resumable with Last-Event-ID)")
+async def job_events(job_id: str, request: Request, services: ServicesDep, owner: OwnerDep,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
+    """Events `queued`, `started`, `draft`, `canvas`, then one of `done`/`failed`/`cancelled`/`expired`,
+    which ends the stream. Each event's `id` is its Redis stream id; send it back as `Last-Event-ID`
+    (header, or `last_event_id` query parameter) to resume after it."""
+    resume_from = last_event_id or request.query_params.get("last_event_id") or "0-0"
+    if not _STREAM_ID.match(resume_from):
+        raise ApiError(422, "invalid_request", "Last-Event-ID: must be an event id received from this stream, "
+                       "like 1712345678901-0", field="Last-Event-ID")
+    await run_in_threadpool(_owned_job, services, job_id, owner)
+    stream = job_event_stream(request.app.state.async_redis, job_id, resume_from,
+                              services.settings.sse_keepalive_seconds)
+    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
