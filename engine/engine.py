@@ -1,0 +1,220 @@
+"""The engine loop: `add_request`, `step`, `abort`, `has_unfinished` (docs/architecture.md).
+
+Each `step()`: the scheduler plans (plain Python) -> the runner runs one encoder forward (prefills, commits,
+infill leading text) and one decoder forward for every canvas in flight, then the batched sampler -> the
+engine turns the host copy of each canvas's argmax into drafts, committed canvases and finished requests.
+Not thread-safe: one thread owns an Engine and calls all of its methods.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.runner import CanvasResult, ModelRunner
+from engine.scheduler import Scheduler, SequenceState
+from engine.types import (
+    EngineConfig,
+    EngineRequest,
+    FinishReason,
+    RequestStats,
+    StepOutput,
+    StepStats,
+    resolve_params,
+)
+
+
+class Engine:
+    """Step-level continuous batching over one loaded model (`engine.loader.LoadedModel`)."""
+
+    def __init__(self, loaded: Any, engine_config: EngineConfig | None = None) -> None:
+        self.engine_config = engine_config or EngineConfig()
+        self.model, self.config = loaded.model, loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.generation_defaults = loaded.generation_defaults
+        self._stop_ids = frozenset(self.generation_defaults.stop_token_ids or self.config.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.config, self.engine_config)
+        self.scheduler = Scheduler(self.runner.num_slots, self.engine_config.max_canvases_in_flight,
+                                   self.engine_config.max_tokens_per_forward)
+        self._sequences: dict[str, SequenceState] = {}
+        self._pending_outputs: list[StepOutput] = []  # aborts, reported by the next step()
+        self._seed_source = random.SystemRandom()
+        self.last_step_stats = StepStats()
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, **engine_options: Any) -> Engine:
+        """Load a checkpoint (local folder or hub id) and build an Engine; options are EngineConfig fields."""
+        from engine.loader import load_model
+
+        return cls(load_model(model, device=device, dtype=dtype), EngineConfig(**engine_options))
+
+    # ----- requests -----
+
+    def add_request(self, req: EngineRequest, request_id: str | None = None) -> str:
+        """Validate and queue a request; it joins the batch at the next step. Raises ValueError for anything
+        that could not run (so nothing fails later inside the loop)."""
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        if request_id in self._sequences:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        prompt_ids = self._prompt_ids(req)
+        seed = req.params.seed if req.params.seed is not None else self._seed_source.getrandbits(63)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        params = resolve_params(req.params, self.generation_defaults, seed)
+        infill = self._validated_infill(req)
+        length = self.config.canvas_length
+        num_canvases = len(infill) if infill is not None else math.ceil(params.max_new_tokens / length)
+        leading = sum(len(canvas.leading_token_ids) for canvas in infill or ())
+        needed = len(prompt_ids) + leading + num_canvases * length
+        limit = min(self.engine_config.max_context, self.config.max_position_embeddings)
+        if needed > limit:
+            raise ValueError(
+                f"prompt too long: {len(prompt_ids)} prompt tokens + {leading} infill tokens + {num_canvases} "
+                f"canvas(es) of {length} = {needed} positions, over the engine's max_context of {limit}; "
+                "shorten the prompt or lower max_new_tokens")
+        self._sequences[request_id] = seq = SequenceState(
+            request_id=request_id, prompt_ids=prompt_ids, params=params, num_canvases=num_canvases,
+            infill=infill, added_at=time.monotonic())
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now (its KV slot is freed); the next step() reports it finished with "aborted".
+        Unknown or already finished ids are ignored."""
+        seq = self._sequences.get(request_id)
+        if seq is not None:
+            self._pending_outputs.append(self._finish(seq, "aborted", step=seq.canvas_step))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._sequences or self._pending_outputs)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ----- the step -----
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduler plan; returns drafts, committed canvases and finished requests of this step."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        plan = self.scheduler.schedule(now=time.monotonic())
+        if plan.is_empty:
+            self.last_step_stats = StepStats()
+            return outputs
+        try:
+            result = self.runner.execute(plan, self._sequences)
+        except RuntimeError as err:  # device errors (e.g. out of memory): fail this step's requests, keep serving
+            touched = {work.request_id for work in (*plan.encodes, *plan.denoises)}
+            for request_id in touched:
+                outputs.append(self._finish(self._sequences[request_id], "error", 0, message=str(err)))
+            self.last_step_stats = StepStats()
+            return outputs
+        now = time.monotonic()
+        committed_before = sum(len(o.token_ids) for o in outputs if o.kind == "canvas")
+        for canvas in result.canvases:
+            seq = self._sequences[canvas.work.request_id]
+            if seq.first_canvas_at is None:
+                seq.first_canvas_at = now
+            outputs.extend(self._after_denoise_step(seq, canvas))
+        self.last_step_stats = StepStats(
+            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
+            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
+            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
+            committed_tokens=sum(len(o.token_ids) for o in outputs if o.kind == "canvas") - committed_before,
+            forward_seconds=result.forward_seconds)
+        return outputs
+
+    def _after_denoise_step(self, seq: SequenceState, canvas: CanvasResult) -> list[StepOutput]:
+        work, outputs = canvas.work, []
+        if seq.params.stream_drafts:
+            outputs.append(StepOutput(request_id=seq.request_id, kind="draft", canvas_index=work.canvas_index,
+                                      step=work.step, token_ids=tuple(canvas.argmax_ids),
+                                      text=self.tokenizer.decode(canvas.argmax_ids)))
+        if not (canvas.converged or work.step >= seq.params.max_denoising_steps):
+            return outputs
+        kept, reason = self._committed_ids(seq, canvas.argmax_ids)
+        seq.generated_tokens += len(kept)
+        outputs.append(StepOutput(request_id=seq.request_id, kind="canvas", canvas_index=work.canvas_index,
+                                  step=work.step, token_ids=tuple(kept), text=self.tokenizer.decode(kept)))
+        if reason is not None:
+            outputs.append(self._finish(seq, reason, work.step))
+        else:
+            self.scheduler.continue_with_next_canvas(seq, canvas.argmax_ids)
+        return outputs
+
+    def _committed_ids(self, seq: SequenceState, argmax_ids: list[int]) -> tuple[list[int], FinishReason | None]:
+        """The ids a stopped canvas contributes and whether the request ends with it.
+
+        Open-ended: cut to the remaining max_new_tokens; everything after the first stop token is padding and
+        dropped (the stop token is kept). Infill canvases are returned whole and end with "stop" after the last.
+        """
+        is_last = seq.canvas_index + 1 >= seq.num_canvases
+        if seq.infill is not None:
+            return list(argmax_ids), ("stop" if is_last else None)
+        kept = argmax_ids[:seq.params.max_new_tokens - seq.generated_tokens]
+        for index, token in enumerate(kept):
+            if token in self._stop_ids:
+                return kept[:index + 1], "stop"
+        return kept, ("length" if is_last else None)
+
+    def _finish(self, seq: SequenceState, reason: FinishReason, step: int, message: str = "") -> StepOutput:
+        slot = self.scheduler.finish(seq)
+        if slot is not None:
+            self.runner.release_slot(slot)
+        del self._sequences[seq.request_id]
+        now = time.monotonic()
+        admitted = seq.admitted_at if seq.admitted_at is not None else now
+        canvases = seq.canvas_index + 1 if seq.total_steps else 0
+        stats = RequestStats(
+            prompt_tokens=len(seq.prompt_ids), generated_tokens=seq.generated_tokens, canvases=canvases,
+            denoising_steps=seq.total_steps, steps_per_canvas=seq.total_steps / canvases if canvases else 0.0,
+            queue_seconds=admitted - seq.added_at,
+            prefill_seconds=(seq.first_canvas_at or now) - admitted, run_seconds=now - admitted)
+        return StepOutput(request_id=seq.request_id, kind="finished", canvas_index=seq.canvas_index, step=step,
+                          token_ids=(), text=message, finish_reason=reason, stats=stats)
+
+    # ----- validation -----
+
+    def _prompt_ids(self, req: EngineRequest) -> tuple[int, ...]:
+        given = [name for name in ("prompt", "messages", "prompt_token_ids") if getattr(req, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, messages, prompt_token_ids (got {given or 'none'})")
+        if req.prompt_token_ids is not None:
+            ids = tuple(req.prompt_token_ids)
+        else:
+            ids = tuple(self.tokenizer.encode_prompt(prompt=req.prompt, messages=req.messages))
+        if not ids:
+            raise ValueError("the prompt is empty: it must encode to at least one token")
+        self._check_ids(ids, "prompt_token_ids")
+        return ids
+
+    def _check_ids(self, ids: tuple[int, ...], what: str) -> None:
+        vocab = self.config.vocab_size
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"{what}: token ids must be integers in [0, {vocab}); got {bad[:5]}")
+
+    def _validated_infill(self, req: EngineRequest) -> tuple[Any, ...] | None:
+        if req.infill is None:
+            return None
+        infill, length = tuple(req.infill), self.config.canvas_length
+        if not infill:
+            raise ValueError("infill must hold at least one canvas (or be None for open-ended generation)")
+        for index, canvas in enumerate(infill):
+            if len(canvas.token_ids) != length or len(canvas.is_fixed) != length:
+                raise ValueError(f"infill[{index}]: token_ids and is_fixed must both have canvas_length={length} "
+                                 f"entries (got {len(canvas.token_ids)} and {len(canvas.is_fixed)})")
+            if not all(isinstance(flag, bool) for flag in canvas.is_fixed):
+                raise ValueError(f"infill[{index}].is_fixed must hold booleans")
+            fixed = tuple(t for t, flag in zip(canvas.token_ids, canvas.is_fixed, strict=True) if flag)
+            self._check_ids(fixed + tuple(canvas.leading_token_ids), f"infill[{index}]")
+        return infill

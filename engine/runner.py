@@ -1,0 +1,182 @@
+"""Model runner: a StepPlan -> padded tensors -> one encoder forward -> one decoder forward -> the sampler.
+
+# B canvases in the decoder forward, R rows in the encoder forward, T longest encode row, C canvas length,
+# V vocab, D hidden, N KV slots
+
+The runner owns all device memory: the KV cache (sized once from a byte budget) and the per-slot canvas
+state the sampler carries between steps (current canvas ids, previous argmax, stable-step counter,
+self-conditioning embedding, infill clamps). State is indexed by KV slot, so canvases can join and leave
+the batch at any step. A step makes at most one device-to-host read: the argmax of every canvas in the
+decoder batch packed with its converged flag.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import rng
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.sampler import CanvasState, SamplerInputs, denoise_step, initial_canvas, temperature_at
+from engine.scheduler import DenoiseWork, EncodeWork, SequenceState, StepPlan
+from engine.types import EngineConfig
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30  # without a budget on CPU: 1 GiB of host memory for the cache
+
+
+@dataclass(frozen=True)
+class CanvasResult:
+    """Host-side outcome of one decoder step of one canvas."""
+
+    work: DenoiseWork
+    argmax_ids: list[int]  # the draft of this step; the committed ids if the canvas stops now
+    converged: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    canvases: list[CanvasResult]
+    forward_seconds: float
+
+
+def kv_budget_bytes(engine_config: EngineConfig, device: torch.device) -> int:
+    """The KV byte budget: explicit, else a fraction of free CUDA memory, else a fixed CPU default."""
+    if engine_config.kv_cache_bytes is not None:
+        return engine_config.kv_cache_bytes
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        return int(free_bytes * engine_config.kv_cache_memory_fraction)
+    return _CPU_DEFAULT_KV_BYTES
+
+
+class ModelRunner:
+    """Runs plans on one model; holds the KV cache and the per-slot sampler state."""
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, engine_config: EngineConfig) -> None:
+        weight = model.embed_tokens.weight
+        self.model, self.config, self.engine_config = model, config, engine_config
+        self.device, self.dtype = weight.device, weight.dtype
+        per_slot = KVCache.bytes_per_slot(config, engine_config.max_context, self.dtype)
+        budget = kv_budget_bytes(engine_config, self.device)
+        self.num_slots = min(budget // per_slot, engine_config.max_canvases_in_flight)
+        if self.num_slots < 1:
+            raise ValueError(f"a KV budget of {budget} bytes holds no request: one slot of max_context "
+                             f"{engine_config.max_context} needs {per_slot} bytes; raise kv_cache_bytes or lower "
+                             "max_context")
+        self.cache = KVCache(config, self.num_slots, engine_config.max_context, self.device, self.dtype)
+        slots, length = self.num_slots, config.canvas_length
+        self.canvas_ids = torch.zeros(slots, length, dtype=torch.int64, device=self.device)
+        self.prev_argmax = torch.full((slots, length), -1, dtype=torch.int64, device=self.device)
+        self.stable_steps = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.is_fixed = torch.zeros(slots, length, dtype=torch.bool, device=self.device)
+        self.fixed_ids = torch.zeros(slots, length, dtype=torch.int64, device=self.device)
+        self.sc_embeds = torch.zeros(slots, length, config.hidden_size, dtype=self.dtype, device=self.device)
+        self._canvas_offsets = torch.arange(length, dtype=torch.int64, device=self.device)
+
+    def release_slot(self, slot: int) -> None:
+        self.cache.reset_slot(slot)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, sequences: dict[str, SequenceState]) -> RunResult:
+        """Run one step: the encoder forward for `plan.encodes`, then one decoder forward and the sampler
+        for `plan.denoises`. Returns the host copy of every canvas's argmax and converged flag."""
+        started = time.perf_counter()
+        if plan.encodes:
+            self._encode(plan.encodes)
+        canvases: list[CanvasResult] = []
+        if plan.denoises:
+            starting = [work for work in plan.denoises if work.starts_canvas]
+            if starting:
+                self._start_canvases(starting, sequences)
+            canvases = self._denoise(plan.denoises, sequences)
+        return RunResult(canvases=canvases, forward_seconds=time.perf_counter() - started)
+
+    def _encode(self, encodes: tuple[EncodeWork, ...]) -> None:
+        width = max(len(work.token_ids) for work in encodes)
+        pad = self.config.pad_token_id
+        ids = [list(work.token_ids) + [pad] * (width - len(work.token_ids)) for work in encodes]
+        valid = [[True] * len(work.token_ids) + [False] * (width - len(work.token_ids)) for work in encodes]
+        starts = [work.start_position for work in encodes]
+        positions = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
+        self.model.encode(
+            torch.tensor(ids, device=self.device), positions, torch.tensor(valid, device=self.device), self.cache,
+            torch.tensor([work.slot for work in encodes], device=self.device), context_bound=max(starts),
+        )
+
+    def _start_canvases(self, works: list[DenoiseWork], sequences: dict[str, SequenceState]) -> None:
+        """Fresh canvases: uniform noise (clamped where infill fixes ids), no history, no self-conditioning."""
+        length = self.config.canvas_length
+        keys, fixed_rows, id_rows = [], [], []
+        for work in works:
+            seq = sequences[work.request_id]
+            keys.append(rng.stream_key(seq.params.seed, work.canvas_index, 0, rng.STREAM_INITIAL_CANVAS))
+            if seq.infill is not None:
+                canvas = seq.infill[work.canvas_index]
+                fixed_rows.append(list(canvas.is_fixed))
+                id_rows.append(list(canvas.token_ids))
+            else:
+                fixed_rows.append([False] * length)
+                id_rows.append([0] * length)
+        slots = torch.tensor([work.slot for work in works], device=self.device)
+        is_fixed = torch.tensor(fixed_rows, dtype=torch.bool, device=self.device)
+        fixed_ids = torch.tensor(id_rows, dtype=torch.int64, device=self.device)
+        keys_t = torch.tensor(keys, dtype=torch.int64, device=self.device)
+        self.canvas_ids[slots] = initial_canvas(keys_t, length, self.config.vocab_size, is_fixed, fixed_ids)
+        self.is_fixed[slots] = is_fixed
+        self.fixed_ids[slots] = fixed_ids
+        self.prev_argmax[slots] = -1
+        self.stable_steps[slots] = 0
+        self.sc_embeds[slots] = 0
+
+    def _sampler_inputs(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]
+                        ) -> SamplerInputs:
+        params = [sequences[work.request_id].params for work in works]
+        pairs = list(zip(works, params, strict=True))
+        temps = [temperature_at(w.step, p.max_denoising_steps, p.t_min, p.t_max) for w, p in pairs]
+        gumbel = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_GUMBEL) for w, p in pairs]
+        renoise = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_RENOISE) for w, p in pairs]
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        return SamplerInputs(
+            temperature=floats(temps),
+            entropy_bound=floats([p.entropy_bound for p in params]),
+            confidence_threshold=floats([p.confidence_threshold for p in params]),
+            stability_threshold=longs([p.stability_threshold for p in params]),
+            may_stop_early=torch.tensor([not p.fixed_steps for p in params], device=self.device),
+            gumbel_keys=longs(gumbel),
+            renoise_keys=longs(renoise),
+        )
+
+    def _denoise(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]) -> list[CanvasResult]:
+        slots = torch.tensor([work.slot for work in works], device=self.device)
+        starts_host = [work.canvas_start for work in works]
+        starts = torch.tensor(starts_host, device=self.device)
+        positions = starts.unsqueeze(1) + self._canvas_offsets  # [B, C]
+        any_sc = any(not work.starts_canvas for work in works)
+        logits = self.model.denoise(self.canvas_ids[slots], positions, self.cache, slots, starts,
+                                    self.sc_embeds[slots] if any_sc else None,
+                                    context_bound=max(starts_host))  # fp32 [B, C, V]
+        state = CanvasState(canvas_ids=self.canvas_ids[slots], prev_argmax=self.prev_argmax[slots],
+                            stable_steps=self.stable_steps[slots], is_fixed=self.is_fixed[slots],
+                            fixed_ids=self.fixed_ids[slots])
+        out = denoise_step(logits, state, self._sampler_inputs(works, sequences),
+                           self.engine_config.vocab_chunk_size)
+        # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, taken in
+        # the model dtype as the reference does.
+        self.sc_embeds[slots] = self.model.self_conditioning_embeds(logits.to(self.dtype))
+        del logits
+        self.canvas_ids[slots] = out.next_canvas
+        self.prev_argmax[slots] = out.argmax
+        self.stable_steps[slots] = out.stable_steps
+        packed = torch.cat([out.argmax, out.converged.unsqueeze(1).to(torch.int64)], dim=1).cpu()  # the one read
+        rows = packed.tolist()
+        return [CanvasResult(work=work, argmax_ids=row[:-1], converged=bool(row[-1]))
+                for work, row in zip(works, rows, strict=True)]
