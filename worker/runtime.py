@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Any
 
-from engine import Engine
+from engine.engine import Engine
 from services.jobs import JobStore
 from worker.device import gpu_label, resolve_device, resolve_dtype, sample_memory
 from worker.engine_loop import EngineLoop
@@ -136,9 +136,8 @@ def load_engine(settings: WorkerSettings, device: Any) -> Engine:
 
 
 def model_info_of(engine: Engine) -> ModelInfo:
-    loaded = engine.loaded
-    return ModelInfo(tokenizer=engine.tokenizer, canvas_length=loaded.config.canvas_length,
-                     default_max_new_tokens=loaded.generation_defaults.max_new_tokens)
+    return ModelInfo(tokenizer=engine.tokenizer, canvas_length=engine.config.canvas_length,
+                     default_max_new_tokens=engine.generation_defaults.max_new_tokens)
 
 
 _runtime: WorkerRuntime | None = None
