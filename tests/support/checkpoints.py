@@ -58,11 +58,16 @@ def build_reference_model(seed: int = 0, canvas_length: int = TINY_CANVAS, **tex
 
 def save_reference_checkpoint(out_dir: str | Path, seed: int = 0, max_shard_size: str | None = None,
                               **text_overrides: Any) -> Path:
-    """`save_pretrained` a random reference model (sharded when `max_shard_size` is given) and return the folder."""
+    """`save_pretrained` a random reference model (sharded when `max_shard_size` is given) plus a byte-level
+    tokenizer and chat template, as a released folder has; returns the folder."""
+    from dgtext.byte_tokenizer import build_byte_tokenizer
+    from dgtext.save_tokenizer import save_tokenizer_files
+
     out = Path(out_dir)
     model = build_reference_model(seed, **text_overrides)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
+    save_tokenizer_files(build_byte_tokenizer(model.config.text_config.vocab_size), out)
     return out
 
 
