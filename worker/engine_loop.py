@@ -85,6 +85,10 @@ class EngineLoop:
         self._wakeup.set()
         self._thread.join(timeout_s)
 
+    def is_in_flight(self, job_id: str) -> bool:
+        """True while the job is admitted here (a dict membership test: safe from other threads)."""
+        return job_id in self._in_flight
+
     def progress_of(self, job_id: str) -> tuple[int, int]:
         """(canvas, step) last reported for a job in flight; (0, 0) before its first output."""
         ticket = self._in_flight.get(job_id)

@@ -85,6 +85,10 @@ class WorkerRuntime:
 
         Never raises for a user's bad input: that fails the job with the validation message.
         """
+        if self.loop.is_in_flight(job_id):
+            # kombu restored our own unacked message (visibility timeout shorter than this run): do not
+            # start the job a second time here, but keep a message alive in case this worker dies.
+            raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
         try:
             decision = self.store.try_start(job_id, self.worker_id)
             job = decision.job

@@ -1,0 +1,151 @@
+"""End to end through the real stack: HTTP API (uvicorn) → Redis → Celery worker (engine on a tiny random
+checkpoint) → job record and events → HTTP. One shared worker and API (see conftest)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from dgtext.tokenizer import PromptTokenizer
+from engine.engine import Engine
+from services.api.job_queue import JobQueue
+from services.schemas import parse_job_create
+from services.settings import model_short_name
+from tests.integration.conftest import (
+    SHARED_QUEUE,
+    Stack,
+    metric_samples,
+    read_events,
+    store_event_types,
+    submit,
+    wait_for_status,
+)
+from tests.support.processes import wait_until
+from worker.requests import ModelInfo, prepare_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+def run_directly(model_dir, bodies: list[dict]) -> list[list[int]]:
+    """The token ids the engine itself produces for these job bodies (all batched together)."""
+    engine = Engine.from_pretrained(model_dir, max_canvases_in_flight=len(bodies))
+    info = ModelInfo(engine.tokenizer, engine.config.canvas_length, engine.generation_defaults.max_new_tokens)
+    ids: dict[str, list[int]] = {}
+    for index, body in enumerate(bodies):
+        engine.add_request(prepare_job(parse_job_create(body), info).request, request_id=str(index))
+        ids[str(index)] = []
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.kind == "canvas":
+                ids[out.request_id].extend(out.token_ids)
+    return [ids[str(index)] for index in range(len(bodies))]
+
+
+def test_generate_job_streams_drafts_canvases_and_done_then_result(stack: Stack):
+    body = {"prompt": "Hello there", "seed": 7, "max_new_tokens": 40, "stream_drafts": True}
+    with stack.client() as client:
+        job_id = submit(client, body)
+        events = read_events(client, job_id, until={"done", "failed"})
+        view = wait_for_status(client, job_id, TERMINAL)
+    types = [event_type for event_type, _ in events]
+    assert types[:2] == ["queued", "started"] and types[-1] == "done"
+    canvases = [data for event_type, data in events if event_type == "canvas"]
+    drafts = [data for event_type, data in events if event_type == "draft"]
+    assert len(canvases) == 2  # 40 tokens on a 32-token canvas
+    assert drafts and drafts[0] == {"canvas": 0, "step": 1, "text": drafts[0]["text"]}
+    assert types.index("draft") < types.index("canvas")
+    assert view["status"] == "succeeded" and view["attempts"] == 1
+    result = view["result"]
+    assert result["finish_reason"] in ("stop", "length")
+    assert result["usage"]["generated_tokens"] == len(result["token_ids"]) <= 40
+    assert result["text"] == PromptTokenizer.from_dir(stack.model_dir).decode(result["token_ids"])
+    timings = view["timings"]
+    assert timings["created_at"] <= timings["started_at"] <= timings["finished_at"]
+    assert 0 <= timings["queue_seconds"] < 30 and 0 < timings["run_seconds"] < 60
+    assert events[-1][1]["result"] == result
+
+
+def test_sixteen_jobs_are_batched_and_each_gets_its_own_result(stack: Stack):
+    bodies = [{"prompt": f"job number {i}", "seed": 1000 + i, "max_new_tokens": 32} for i in range(16)]
+    before = metric_samples(stack.worker.metrics_text(), "dgserve_batch_size_canvases_bucket")
+    with stack.client() as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        job_ids = list(pool.map(lambda body: submit(client, body), bodies))
+        views = list(pool.map(lambda job_id: wait_for_status(client, job_id, TERMINAL), job_ids))
+    assert [view["status"] for view in views] == ["succeeded"] * 16
+    expected = run_directly(stack.model_dir, bodies)
+    assert [view["result"]["token_ids"] for view in views] == expected
+    after = metric_samples(stack.worker.metrics_text(), "dgserve_batch_size_canvases_bucket")
+    model = model_short_name(str(stack.model_dir))
+    one, total = f'{{gpu="cpu",le="1.0",model="{model}"}}', f'{{gpu="cpu",le="+Inf",model="{model}"}}'
+    batched_forwards = (after[total] - before.get(total, 0)) - (after[one] - before.get(one, 0))
+    assert batched_forwards > 0, "no decoder forward held more than one canvas"
+    # A forward with many canvases: the 16 jobs overlapped, not merely pairs.
+    eight = f'{{gpu="cpu",le="8.0",model="{model}"}}'
+    assert after[total] - after[eight] > before.get(total, 0) - before.get(eight, 0)
+
+
+def test_cancel_mid_job(stack: Stack):
+    body = {"prompt": "a long one", "seed": 3, "max_new_tokens": 2048, "stream_drafts": True}
+    with stack.client() as client:
+        job_id = submit(client, body)
+        read_events(client, job_id, until={"draft"})
+        response = client.delete(f"/v1/jobs/{job_id}")
+        assert response.status_code == 202, response.text
+        view = wait_for_status(client, job_id, TERMINAL, timeout=30)
+        assert view["status"] == "cancelled"
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 409
+    types = store_event_types(stack.store(), job_id)
+    assert types[-1] == "cancelled" and "done" not in types
+
+
+def test_idempotent_resubmission_and_redelivery_of_a_finished_job(stack: Stack):
+    body = {"prompt": "same request twice", "seed": 11, "max_new_tokens": 32}
+    with stack.client() as client:
+        first = submit(client, body, **{"Idempotency-Key": "itest-key-1"})
+        second = submit(client, body, **{"Idempotency-Key": "itest-key-1"})
+        assert first == second
+        view = wait_for_status(client, first, TERMINAL)
+        assert view["status"] == "succeeded" and view["attempts"] == 1
+        # The broker delivers the same job again (at-least-once): the worker acks it without running it.
+        queue = JobQueue(stack.settings(queue_name=SHARED_QUEUE))
+        queue.submit(first)
+        queue.close()
+        store = stack.store()
+        wait_until(lambda: "Task dgserve.run_job" in stack.worker.log() and
+                   stack.worker.log().count("'already_finished'") >= 1, timeout=30, what="redelivery acked")
+        again = client.get(f"/v1/jobs/{first}").json()
+    assert again["attempts"] == 1 and again["result"] == view["result"]
+    types = store_event_types(store, first)
+    assert types.count("started") == 1 and types.count("done") == 1
+
+
+def test_input_the_engine_rejects_fails_the_job_and_the_worker_keeps_serving(stack: Stack):
+    # Passes the API's limits but needs more positions than the worker's engine holds (max_context 4096).
+    with stack.client() as client:
+        bad = submit(client, {"prompt": "x", "max_new_tokens": 4096})
+        view = wait_for_status(client, bad, TERMINAL)
+        assert view["status"] == "failed" and view["error"]["code"] == "invalid_request"
+        assert "max_context" in view["error"]["message"]
+        good = submit(client, {"prompt": "still alive?", "seed": 5, "max_new_tokens": 16})
+        assert wait_for_status(client, good, TERMINAL)["status"] == "succeeded"
+
+
+def test_metrics_endpoints_expose_the_documented_names(stack: Stack):
+    worker_text = stack.worker.metrics_text()
+    for name in ("dgserve_generated_tokens_total", "dgserve_denoising_steps_total", "dgserve_canvases_total",
+                 "dgserve_steps_per_canvas_bucket", "dgserve_batch_size_canvases_bucket",
+                 "dgserve_forward_seconds_bucket", "dgserve_job_e2e_seconds_bucket",
+                 "dgserve_job_queue_wait_seconds_bucket", "dgserve_job_run_seconds_bucket",
+                 "dgserve_canvases_in_flight", "dgserve_canvases_waiting", "dgserve_gpu_memory_used_bytes",
+                 "dgserve_gpu_memory_total_bytes"):
+        assert name in worker_text, name
+    assert "job_id" not in worker_text
+    with stack.client() as client:
+        api_text = client.get("/metrics").text
+        assert client.get("/readyz").status_code == 200  # the worker's heartbeat is in the store
+    for name in ("dgserve_api_requests_total", "dgserve_queue_depth"):
+        assert name in api_text, name
