@@ -99,7 +99,9 @@ class Experts(nn.Module):
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)               # pairs grouped by expert
         sorted_x = x[order // k]                               # [P, D]
-        group_ends = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0)
+        # searchsorted, not bincount: bincount sizes its output from the data, which syncs on CUDA.
+        expert_ids = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
+        group_ends = torch.searchsorted(flat[order], expert_ids, right=True)
         backend = self.backend or default_expert_backend(x.device, x.dtype)
         run = self._grouped if backend == GROUPED_MM else self._loop
         sorted_y = run(sorted_x, group_ends)                   # [P, D]
