@@ -155,6 +155,9 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"text_config lacks required fields {missing}")
     num_layers = int(text["num_hidden_layers"])
     layer_types = text.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
+                         "give one type per layer")
     head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
     global_head_dim, global_kv = _full_layer_overrides(text, layer_types)
     rope = text.get("rope_parameters") or {}
@@ -195,6 +198,8 @@ def _full_layer_overrides(text: dict[str, Any], layer_types: list[str]) -> tuple
     per_layer = text.get("per_layer_config")
     if not per_layer:
         return int(text.get("global_head_dim", 512)), text.get("num_global_key_value_heads")
+    if any(not 0 <= int(k) < len(layer_types) for k in per_layer):
+        raise ValueError(f"per_layer_config names layers {sorted(per_layer)} outside 0..{len(layer_types) - 1}")
     overrides = {(int(v.get("head_dim", 512)), v.get("num_key_value_heads"))
                  for k, v in per_layer.items() if layer_types[int(k)] == FULL}
     if len(overrides) != 1:

@@ -154,6 +154,26 @@ def test_vocabulary_chunked_products_match_unchunked_maths(reference_checkpoint:
     assert relative_error(loaded.model.logits(hidden), cap * torch.tanh(head / cap)) < 1e-5
 
 
+@torch.no_grad()
+def test_bf16_error_is_no_worse_than_the_reference_in_bf16(tiny_checkpoint: Path) -> None:
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 512, (12,), generator=gen)
+    canvas = torch.randint(0, 512, (1, 32), generator=gen)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded, row = load_model(tiny_checkpoint, dtype=dtype), ReferenceRow(reference_from(tiny_checkpoint).to(dtype))
+        cache = KVCache(loaded.config, num_slots=1, max_context=64, dtype=dtype)
+        encoded = encode_batch(loaded, cache, [prompt], [0], [0])[0]
+        results[dtype] = (encoded, denoise_batch(loaded, cache, canvas, [12], [0])[0],
+                          row.encode(prompt), row.denoise(canvas[0]))
+    exact = results[torch.float32]
+    for i in (0, 1):  # encoder, decoder
+        ours = relative_error(results[torch.bfloat16][i], exact[i + 2])
+        reference = relative_error(results[torch.bfloat16][i + 2], exact[i + 2])
+        assert results[torch.bfloat16][i].dtype == torch.float32
+        assert ours < 1.5 * reference + 1e-3, (i, ours, reference)
+
+
 @pytest.mark.skipif(not moe._grouped_mm_works("cpu", torch.float32), reason="no CPU grouped_mm in this torch")
 @torch.no_grad()
 def test_grouped_mm_and_loop_experts_agree() -> None:

@@ -1,0 +1,170 @@
+"""Loader: configs, presets, generation defaults, dtypes, and every promised error message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.checkpoint import save_checkpoint
+from engine.config import PRESETS, ModelConfig, preset
+from engine.errors import (
+    CheckpointError,
+    CorruptShardError,
+    MissingCheckpointFileError,
+    MissingTensorsError,
+    TensorShapeError,
+    UnsupportedModelError,
+)
+from engine.loader import build_empty_model, load_model
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_presets_round_trip_through_hf_dicts() -> None:
+    for name, config in PRESETS.items():
+        assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config, name
+    tiny = preset("tiny")
+    assert tiny.full_layer_indices == (2, 5) and tiny.num_experts == 8 and tiny.top_k_experts == 2
+    assert (tiny.vocab_size, tiny.hidden_size, tiny.canvas_length, tiny.sliding_window) == (512, 64, 32, 16)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+
+
+def test_full_preset_has_the_released_parameter_count() -> None:
+    net = build_empty_model(preset("full"), torch.device("meta"), torch.bfloat16)
+    total = sum(p.numel() for p in net.parameters())
+    experts = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
+    assert round(total / 1e9, 2) == 25.25 and round(experts / 1e9, 2) == 22.84
+    assert preset("full").full_layer_indices == (5, 11, 17, 23, 29)
+
+
+def test_config_validation_is_actionable() -> None:
+    good = preset("tiny").to_hf_dict()
+    with pytest.raises(ValueError, match="layer_types has 5 entries"):
+        ModelConfig.from_hf_dict({**good, "text_config": {**good["text_config"], "layer_types": ["full_attention"] * 5}})
+    with pytest.raises(ValueError, match="hidden_activation"):
+        ModelConfig.from_hf_dict({**good, "text_config": {**good["text_config"], "hidden_activation": "relu"}})
+    with pytest.raises(ValueError, match="text_config"):
+        ModelConfig.from_hf_dict({"model_type": "diffusion_gemma"})
+
+
+def test_loads_our_checkpoint_with_tokenizer_and_generation_defaults(tiny_checkpoint: Path) -> None:
+    loaded = load_model(tiny_checkpoint)
+    assert loaded.config == preset("tiny") and loaded.path == tiny_checkpoint
+    assert loaded.tokenizer.vocab_size == loaded.config.vocab_size and loaded.tokenizer.eos_ids == (1, 106)
+    assert loaded.generation_defaults.max_denoising_steps == 48 and loaded.generation_defaults.entropy_bound == 0.1
+    assert loaded.generation_config == {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_bound": 0.1,
+                                        "t_min": 0.4, "t_max": 0.8, "confidence_threshold": 0.005,
+                                        "stability_threshold": 1, "eos_token_id": [1, 106], "pad_token_id": 0}
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_generation_config_values_override_spec_defaults(checkpoint_copy: Path) -> None:
+    (checkpoint_copy / "generation_config.json").write_text(json.dumps(
+        {"max_denoising_steps": 12, "sampler_config": {"entropy_bound": 0.3}, "eos_token_id": 1, "pad_token_id": 0}))
+    loaded = load_model(checkpoint_copy)
+    assert loaded.generation_config["max_denoising_steps"] == 12 and loaded.generation_config["entropy_bound"] == 0.3
+    assert loaded.generation_config["eos_token_id"] == [1] and loaded.generation_config["t_max"] == 0.8
+    (checkpoint_copy / "generation_config.json").unlink()
+    assert load_model(checkpoint_copy).generation_config["eos_token_id"] == [1, 106]  # from config.json
+
+
+def test_bf16_load_puts_every_tensor_in_the_target_dtype(tiny_checkpoint: Path) -> None:
+    bf16 = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in bf16.model.state_dict().values())
+    fp32 = load_model(tiny_checkpoint)
+    for name, tensor in fp32.model.state_dict().items():
+        assert torch.equal(tensor.to(torch.bfloat16), bf16.model.state_dict()[name]), name
+
+
+def test_save_checkpoint_copies_a_tokenizer_folder_and_shards(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    loaded = load_model(tiny_checkpoint)
+    out = save_checkpoint(loaded.model, loaded.config, tmp_path / "resaved", tiny_checkpoint,
+                          loaded.generation_defaults, max_shard_bytes=300_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and (out / "chat_template.jinja").is_file()
+    assert "model.encoder.language_model.layers.0.layer_scalar" in index["weight_map"]
+    again = load_model(out)
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, again.model.state_dict()[name]), name
+
+
+def test_missing_folder_and_offline_repo_id(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="could not fetch model 'nobody/no-such-model'"):
+        load_model("nobody/no-such-model")
+
+
+def test_missing_config_and_weights(checkpoint_copy: Path) -> None:
+    (checkpoint_copy / "config.json").unlink()
+    with pytest.raises(MissingCheckpointFileError, match="config.json is missing"):
+        load_model(checkpoint_copy)
+
+
+def test_missing_weights_file_and_missing_shard(checkpoint_copy: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    (checkpoint_copy / "model.safetensors").unlink()
+    with pytest.raises(MissingCheckpointFileError, match="model.safetensors .*is missing; the folder holds no weights"):
+        load_model(checkpoint_copy)
+    loaded = load_model(tiny_checkpoint)
+    sharded = save_checkpoint(loaded.model, loaded.config, tmp_path / "sharded", tiny_checkpoint,
+                              max_shard_bytes=300_000)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (sharded / shards[1]).unlink()
+    with pytest.raises(MissingCheckpointFileError, match=f"{shards[1]} is missing; model.safetensors.index.json"):
+        load_model(sharded)
+
+
+def test_unsupported_model_type(checkpoint_copy: Path) -> None:
+    edit_json(checkpoint_copy / "config.json", model_type="gemma3")
+    with pytest.raises(UnsupportedModelError, match="model_type is 'gemma3'.*only 'diffusion_gemma'"):
+        load_model(checkpoint_copy)
+
+
+def test_missing_tensors_are_listed(checkpoint_copy: Path) -> None:
+    weights = load_file(checkpoint_copy / "model.safetensors")
+    del weights["model.decoder.layers.3.router.per_expert_scale"]
+    del weights["model.decoder.layers.0.layer_scalar"]
+    save_file(weights, checkpoint_copy / "model.safetensors")
+    with pytest.raises(MissingTensorsError) as info:
+        load_model(checkpoint_copy)
+    assert sorted(info.value.missing) == ["model.decoder.layers.0.layer_scalar",
+                                          "model.decoder.layers.3.router.per_expert_scale"]
+    assert "model.decoder.layers.3.router.per_expert_scale" in str(info.value)
+
+
+def test_shape_mismatch_names_tensor_expected_and_found(checkpoint_copy: Path) -> None:
+    weights = load_file(checkpoint_copy / "model.safetensors")
+    weights["model.decoder.layers.2.self_attn.q_proj.weight"] = torch.zeros(100, 64)
+    save_file(weights, checkpoint_copy / "model.safetensors")
+    with pytest.raises(TensorShapeError, match=r"layers\.2\.self_attn\.q_proj\.weight has shape \[100, 64\] "
+                                               r"but config.json implies \[128, 64\]"):
+        load_model(checkpoint_copy)
+
+
+def test_corrupt_shard_names_the_file(checkpoint_copy: Path) -> None:
+    path = checkpoint_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptShardError, match="weights file model.safetensors is corrupt or truncated"):
+        load_model(checkpoint_copy)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CorruptShardError, match="model.safetensors"):
+        load_model(checkpoint_copy)
