@@ -1,0 +1,111 @@
+"""The training/evaluation building blocks of the embedded model (issue 5): corpus split, tokenizer
+layout, example corruption, infill item extraction and the parse check. All CPU-cheap."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from dgtext.byte_tokenizer import special_token_layout
+from training.corpus import SourceFile, is_held_out, load_split
+from training.data import DataLayout, ExampleSampler
+from training.eval_tasks import completion_parses, function_signatures, infill_items, score_infill
+from training.tokenizer import train_bpe_tokenizer
+
+CODE = '''import os
+
+
+def join_all(parts, sep="/"):
+    """Join path parts."""
+    result = ""
+    for part in parts:
+        result = os.path.join(result, part)
+    return result
+
+
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+'''
+
+
+def small_tokenizer() -> Tokenizer:
+    return train_bpe_tokenizer([CODE] * 20, vocab_size=420)
+
+
+def test_split_is_a_pure_function_of_the_path_and_disjoint(tmp_path) -> None:
+    names = [f"pkg{i}/mod{i}.py" for i in range(60)]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"x = {name!r}\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "test_x.py").write_text("y = 1\n")
+    train = {f.relative_path for f in load_split("train", tmp_path)}
+    held = {f.relative_path for f in load_split("heldout", tmp_path)}
+    assert train.isdisjoint(held) and train | held == set(names)  # test/ is excluded
+    assert held == {n for n in names if is_held_out(n)} and 0 < len(held) < len(names) // 3
+    assert load_split("heldout", tmp_path) == load_split("heldout", tmp_path)
+
+
+def test_tokenizer_keeps_the_released_special_layout_and_round_trips() -> None:
+    tokenizer = small_tokenizer()
+    assert tokenizer.get_vocab_size() == 420
+    for token_id, token in enumerate(special_token_layout()):
+        assert tokenizer.token_to_id(token) == token_id
+    assert [tokenizer.token_to_id(t) for t in ("<pad>", "<eos>", "<bos>", "<mask>", "<|turn>", "<turn|>")] == \
+        [0, 1, 2, 4, 105, 106]
+    text = "def f(x):\n    return x  # é\n"
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text and min(ids) >= 107
+    assert len(ids) < len(text.encode())  # merges were learned
+
+
+def test_span_examples_corrupt_only_one_span_and_targets_are_clean() -> None:
+    tokenizer = small_tokenizer()
+    stream = torch.tensor([2, *tokenizer.encode(CODE).ids, 1])
+    layout = DataLayout(canvas_length=16, max_prompt_tokens=8, vocab_size=420, pad_id=0, bos_id=2, eos_id=1,
+                        span_fraction=1.0)
+    batch = ExampleSampler([stream], layout, seed=3).sample(64)
+    corrupted = batch.canvas_noisy != batch.canvas_clean
+    for row in corrupted:
+        where = row.nonzero().flatten()
+        if len(where):  # one contiguous span, never the whole canvas
+            assert int(where[-1] - where[0]) < 16 - 1
+    for b in range(4):
+        n = int(batch.prompt_lens[b])
+        assert torch.equal(batch.input_ids[b, n:n + 16], batch.canvas_clean[b])
+        assert torch.equal(batch.canvas_positions[b], torch.arange(n, n + 16))
+        valid_targets = batch.lm_targets[b][batch.lm_targets[b] != -100]
+        assert torch.equal(valid_targets, batch.input_ids[b, 1:n + 16][batch.input_ids[b, 1:n + 16] != 0])
+    full = ExampleSampler([stream], DataLayout(16, 8, 420, 0, 2, 1, span_fraction=0.0), seed=3).sample(64)
+    assert (full.canvas_noisy != full.canvas_clean).float().mean() > 0.3  # t ~ U(eps, 1): about half
+
+
+def test_infill_items_mask_whole_lines_with_text_on_both_sides() -> None:
+    tokenizer = small_tokenizer()
+    files = [SourceFile("a.py", CODE)]
+    items = infill_items(tokenizer, files, canvas_length=16, max_prompt_tokens=12, count=8, seed=0,
+                         bos_id=2, eos_id=1, pad_id=0)
+    assert len(items) == 8
+    lines = CODE.split("\n")
+    for item in items:
+        target = tokenizer.decode(list(item.target_ids))
+        line = lines[int(item.source.split(":")[1]) - 1]
+        assert target.strip() and target.strip() in line and line.endswith(target)
+        assert not any(item.is_fixed[: item.num_free]) and all(item.is_fixed[item.num_free:])
+        assert 0 < len(item.prompt_ids) <= 12
+    perfect = score_infill(items, [list(i.target_ids) for i in items])
+    assert perfect.exact_match == 1.0 and perfect.token_accuracy == 1.0
+    off_by_one = score_infill(items, [[0] + list(i.target_ids[1:]) for i in items])
+    assert off_by_one.exact_match == 0.0 and 0 < off_by_one.token_accuracy < 1
+
+
+def test_signatures_and_parse_check() -> None:
+    assert function_signatures([SourceFile("a.py", CODE)], 5, 0) == ['def join_all(parts, sep="/"):']
+    assert completion_parses("def f(x):", "\n    y = x\n    return y\n    if y", stopped=False)
+    assert not completion_parses("def f(x):", "\n    if x:\n", stopped=True)
+    assert not completion_parses("def f(x):", "\n    for", stopped=False)  # nothing complete is left
+    assert not completion_parses("def f(x):", " x +", stopped=True)
