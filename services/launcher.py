@@ -1,6 +1,6 @@
 """`dgserve up`: the whole stack on one machine — a loopback Redis, one worker, the API — stopped cleanly
 on Ctrl-C or SIGTERM. Children are separate processes (the API process never imports torch); the
-random default checkpoint is written by a `python -m engine.checkpoint` subprocess for the same reason.
+random default checkpoint is written by a Python subprocess for the same reason.
 """
 
 from __future__ import annotations
@@ -66,10 +66,18 @@ def ensure_default_model(model: str, say=print) -> str:
     say("Its output is gibberish. It exists to exercise the stack; set DGSERVE_MODEL for a real model.")
     say("=" * 78)
     target.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "engine.checkpoint", "--out", str(target), "--preset", "tiny"]
+    # A subprocess: this process must never import torch. `write_random_checkpoint` is the documented
+    # contract of engine/checkpoint.py (docs/architecture.md).
+    code = ("import sys; from engine.checkpoint import write_random_checkpoint; "
+            "write_random_checkpoint(sys.argv[1], preset='tiny', seed=0)")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    command = [sys.executable, "-c", code, str(partial)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0 or not (target / "config.json").is_file():
+    if result.returncode != 0 or not (partial / "config.json").is_file():
+        shutil.rmtree(partial, ignore_errors=True)
         raise RuntimeError(f"writing the random checkpoint failed ({' '.join(command)}):\n{result.stderr[-2000:]}")
+    shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json from an interrupted run
+    os.replace(partial, target)  # atomic: a checkpoint folder is either complete or absent
     return model
 
 
