@@ -107,8 +107,10 @@ def test_save_checkpoint_copies_a_tokenizer_folder_and_shards(tiny_checkpoint: P
 def test_missing_folder_and_offline_repo_id(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nowhere")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read by huggingface_hub at call time
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError, match="could not fetch model 'nobody/no-such-model'"):
         load_model("nobody/no-such-model")
 
@@ -168,3 +170,18 @@ def test_corrupt_shard_names_the_file(checkpoint_copy: Path) -> None:
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(CorruptShardError, match="model.safetensors"):
         load_model(checkpoint_copy)
+
+
+def test_repo_id_resolves_from_the_hub_cache_offline(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    """A repo id is fetched through huggingface_hub; offline, a populated cache serves it (HF_HOME layout)."""
+    from huggingface_hub import constants
+
+    revision = "0" * 40
+    repo_dir = tmp_path / "hub" / "models--acme--dg-tiny"
+    shutil.copytree(tiny_checkpoint, repo_dir / "snapshots" / revision)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = load_model("acme/dg-tiny")
+    assert loaded.path == repo_dir / "snapshots" / revision and loaded.config == preset("tiny")
