@@ -23,18 +23,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
 
 from services import job_scripts
-from services.schemas import (
-    TERMINAL_STATUSES,
-    EditJobCreate,
-    GenerateJobCreate,
-    JobPublic,
-    parse_job_create,
-)
+from services.job_record import JobRecord, decode_record
+from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
 
 WORKERS_KEY = "dgserve:workers"
@@ -73,70 +68,6 @@ class StartDecision:
     @property
     def should_run(self) -> bool:
         return self.outcome in ("started", "restarted")
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A decoded `job:{id}` hash. `request` is the validated wire request the job was created from."""
-
-    id: str
-    kind: str
-    status: str
-    owner: str
-    request: GenerateJobCreate | EditJobCreate
-    created_at: float
-    deadline_at: float
-    expires_at: float
-    started_at: float | None
-    finished_at: float | None
-    attempts: int
-    worker_id: str | None
-    progress: tuple[int, int] | None  # (canvas, step)
-    result: dict[str, Any] | None
-    error: tuple[str, str] | None  # (code, message)
-    cancel_requested: bool
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status in TERMINAL_STATUSES
-
-    def to_public(self) -> JobPublic:
-        queue_end = self.started_at if self.started_at is not None else self.finished_at
-        timings = {
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "queue_seconds": None if queue_end is None else max(0.0, queue_end - self.created_at),
-            "run_seconds": None if self.started_at is None or self.finished_at is None
-            else max(0.0, self.finished_at - self.started_at),
-        }
-        return JobPublic.model_validate({
-            "id": self.id, "kind": self.kind, "status": self.status, "result": self.result,
-            "progress": None if self.progress is None else {"canvas": self.progress[0], "step": self.progress[1]},
-            "timings": timings, "attempts": self.attempts, "expires_at": self.expires_at,
-            "cancel_requested": self.cancel_requested,
-            "error": None if self.error is None else {"code": self.error[0], "message": self.error[1]},
-        })
-
-
-def _optional_float(value: str | None) -> float | None:
-    return float(value) if value not in (None, "") else None
-
-
-def _decode_record(job_id: str, raw: dict[str, str]) -> JobRecord:
-    canvas, step = raw.get("progress_canvas"), raw.get("progress_step")
-    return JobRecord(
-        id=job_id, kind=raw["kind"], status=raw["status"], owner=raw.get("owner", ""),
-        request=parse_job_create(json.loads(raw["payload"])),
-        created_at=float(raw["created_at"]), deadline_at=float(raw["deadline_at"]),
-        expires_at=float(raw["expires_at"]),
-        started_at=_optional_float(raw.get("started_at")), finished_at=_optional_float(raw.get("finished_at")),
-        attempts=int(raw.get("attempts", "0")), worker_id=raw.get("worker_id") or None,
-        progress=None if canvas is None or step is None else (int(canvas), int(step)),
-        result=json.loads(raw["result"]) if raw.get("result") else None,
-        error=(raw["error_code"], raw.get("error_message", "")) if raw.get("error_code") else None,
-        cancel_requested=raw.get("cancel_requested") == "1",
-    )
 
 
 def request_fingerprint(request: GenerateJobCreate | EditJobCreate) -> str:
@@ -244,8 +175,8 @@ class JobStore:
 
     # ---- worker side (docs/architecture.md) -------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.hgetall(self.job_key(job_id))
-        return _decode_record(job_id, raw) if raw else None
+        raw = cast(dict[str, str], self.redis.hgetall(self.job_key(job_id)))
+        return decode_record(job_id, raw) if raw else None
 
     def try_start(self, job_id: str, worker_id: str) -> StartDecision:
         """Compare-and-set queued → running and count the attempt.
@@ -324,7 +255,8 @@ class JobStore:
             pipe.zrem(WORKERS_KEY, *stale)
             pipe.hdel(WORKER_INFO_KEY, *stale)
             pipe.execute()
-        live = self.redis.zrangebyscore(WORKERS_KEY, stale_before, "+inf", withscores=True)
+        live = cast(list[tuple[str, float]],
+                    self.redis.zrangebyscore(WORKERS_KEY, stale_before, "+inf", withscores=True))
         infos = self.redis.hmget(WORKER_INFO_KEY, [worker for worker, _ in live]) if live else []
         return [{"worker_id": worker, "last_seen": seen, **json.loads(info or "{}")}
                 for (worker, seen), info in zip(live, infos, strict=True)]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from starlette.types import Scope
 
 from dgtext.checkpoint_files import CheckpointError
 from services.api import routes_jobs, routes_ops
@@ -51,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
 
-    def count_oversized(scope: dict) -> None:
+    def count_oversized(scope: Scope) -> None:
         if scope.get("path") == "/v1/jobs":
             metrics.job_rejected("too_large")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import StreamingResponse
@@ -21,7 +21,7 @@ from services.schemas import ErrorBody, JobAccepted, JobCreate, JobPublic
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
 
 
 def _owned_job(services: ServicesDep, job_id: str, owner: str) -> JobRecord:
@@ -78,8 +78,9 @@ def submit_job(job: Annotated[JobCreate, Body()], services: ServicesDep, owner: 
         raise ApiError(503, "unavailable", "the job record vanished right after creation; retry")
     location = f"/v1/jobs/{record.id}"
     response.headers["Location"] = location
-    return JobAccepted(id=record.id, kind=record.kind, status=record.status, created_at=record.created_at,
-                       expires_at=record.expires_at, location=location)
+    return JobAccepted.model_validate({"id": record.id, "kind": record.kind, "status": record.status,
+                                       "created_at": record.created_at, "expires_at": record.expires_at,
+                                       "location": location})
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Status, progress and result")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -30,9 +31,10 @@ async def job_event_stream(client: aioredis.Redis, job_id: str, after_id: str,
     block_ms: int | None = None  # first read does not block: a finished job's replay ends at once
     finished = False
     while True:
-        batches = await client.xread({events_key: after_id}, count=_BATCH, block=block_ms)
+        batches: Any = await client.xread({events_key: after_id}, count=_BATCH, block=block_ms)
         block_ms = int(keepalive_seconds * 1000)
-        for entry_id, fields in batches[0][1] if batches else ():
+        entries: list[tuple[str, dict[str, str]]] = batches[0][1] if batches else []
+        for entry_id, fields in entries:
             event_type = fields.get("type", "message")
             yield format_event(entry_id, event_type, fields.get("data", "{}"))
             after_id = entry_id
