@@ -157,3 +157,29 @@ def test_cache_and_model_reject_bad_arguments(model: DiffusionGemmaModel) -> Non
         model.encode(ids, ids, ids.bool(), cache, torch.zeros(1, dtype=torch.long), context_bound=9)
     with pytest.raises(ValueError, match="slots"):
         model.encode(ids, ids, ids.bool(), cache, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_forward_runs_without_host_syncs(model: DiffusionGemmaModel) -> None:
+    net = DiffusionGemmaModel(CFG).to("cuda", torch.bfloat16).eval()
+    net.load_state_dict(model.state_dict())
+    cache = KVCache(CFG, 2, 64, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, CFG.vocab_size, (2, 9), device="cuda")
+    positions = torch.arange(9, device="cuda").expand(2, 9).contiguous()
+    slots, lens = torch.tensor([1, 0], device="cuda"), torch.tensor([9, 9], device="cuda")
+    canvas = torch.randint(0, CFG.vocab_size, (2, CFG.canvas_length), device="cuda")
+    canvas_positions = (9 + torch.arange(CFG.canvas_length, device="cuda")).expand(2, -1).contiguous()
+    assert moe.default_expert_backend(torch.device("cuda"), torch.bfloat16) in (moe.GROUPED_MM, moe.LOOP)
+    with torch.inference_mode():
+        net.denoise(canvas, canvas_positions, cache, slots, lens, None, context_bound=9)  # warm-up (backend probe)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            net.encode(ids, positions, ids >= 0, cache, slots, context_bound=0)
+            logits = net.denoise(canvas, canvas_positions, cache, slots, lens, None, context_bound=9)
+            sc = net.self_conditioning_embeds(logits)
+            net.denoise(canvas, canvas_positions, cache, slots, lens, sc, context_bound=9)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(logits).all()
