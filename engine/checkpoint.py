@@ -54,10 +54,11 @@ def save_checkpoint(model: DiffusionGemmaModel, config: ModelConfig, out_dir: st
 
 def released_state_dict(model: DiffusionGemmaModel) -> dict[str, torch.Tensor]:
     """Our parameters under `model.decoder.`, plus the encoder's duplicate `layer_scalar` buffers that the
-    release carries (transformers keeps them untied). Host copies, contiguous, one tensor at a time."""
+    release carries (transformers keeps them untied). Tensors stay where the model is; the writer copies
+    them to the host one shard at a time."""
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        tensors[WEIGHT_PREFIX + name] = tensor.detach().to("cpu").contiguous()
+        tensors[WEIGHT_PREFIX + name] = tensor.detach()
     for i in range(len(model.layers)):
         tensors[f"{ENCODER_LAYER_PREFIX}{i}.layer_scalar"] = tensors[f"{WEIGHT_PREFIX}layers.{i}.layer_scalar"].clone()
     return tensors
@@ -111,8 +112,12 @@ def initialise_random(model: DiffusionGemmaModel, seed: int, std: float = 0.02) 
 
 def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None) -> None:
     metadata = {"format": "pt"}
+
+    def host(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: tensor.to("cpu").contiguous() for name, tensor in shard.items()}
+
     if max_shard_bytes is None:
-        save_file(tensors, str(out / SINGLE_FILE), metadata=metadata)
+        save_file(host(tensors), str(out / SINGLE_FILE), metadata=metadata)
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -126,7 +131,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes:
     weight_map: dict[str, str] = {}
     for number, shard in enumerate(shards, start=1):
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / filename), metadata=metadata)
+        save_file(host(shard), str(out / filename), metadata=metadata)
         weight_map.update(dict.fromkeys(shard, filename))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

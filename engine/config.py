@@ -186,10 +186,14 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
         "full_partial_rotary_factor": float(full_rope.get("partial_rotary_factor", 0.25)
                                             if full_rope.get("rope_type", "proportional") == "proportional" else 1.0),
         "full_rope_factor": float(full_rope.get("factor", 1.0)),
-        "pad_token_id": int(text.get("pad_token_id") if text.get("pad_token_id") is not None else 0),
-        "bos_token_id": int(text.get("bos_token_id") if text.get("bos_token_id") is not None else 2),
+        "pad_token_id": _int_or(text.get("pad_token_id"), 0),
+        "bos_token_id": _int_or(text.get("bos_token_id"), 2),
         "eos_token_ids": tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
     }
+
+
+def _int_or(value: Any, default: int) -> int:
+    return default if value is None else int(value)
 
 
 def _full_layer_overrides(text: dict[str, Any], layer_types: list[str]) -> tuple[int, int | None]:

@@ -24,11 +24,15 @@ class TransformerLayer(nn.Module):
         self.mlp = GatedMLP(d, config.intermediate_size)
         self.router = Router(d, config.num_experts, config.top_k_experts, eps)
         self.experts = Experts(config.num_experts, d, config.moe_intermediate_size)
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm", "post_feedforward_layernorm_1", "pre_feedforward_layernorm_2",
-                     "post_feedforward_layernorm_2"):
-            setattr(self, name, RMSNorm(d, eps))
+        self.input_layernorm = RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        self.post_feedforward_layernorm = RMSNorm(d, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(d, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(d, eps)
         # A learned scalar stored as a buffer in the checkpoint; it must be loaded, not left at 1.
+        self.layer_scalar: torch.Tensor
         self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
