@@ -209,6 +209,8 @@ def _full_layer_overrides(text: dict[str, Any], layer_types: list[str]) -> tuple
     if len(overrides) != 1:
         raise ValueError(f"full-attention layers must share one head_dim / num_key_value_heads, got {sorted(overrides)}")
     head_dim, kv = overrides.pop()
+    if kv is None:
+        kv = text.get("num_global_key_value_heads")
     return head_dim, (int(kv) if kv is not None else None)
 
 
