@@ -15,7 +15,9 @@ from tests.support.processes import wait_until
 @contextlib.contextmanager
 def serve_in_thread(app, timeout: float = 15.0) -> Iterator[str]:
     """Run `app` with uvicorn on 127.0.0.1 (a socket bound here, so no port race); yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without
+    # it every response waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
