@@ -63,6 +63,13 @@ def test_config_validation_is_actionable() -> None:
         ModelConfig.from_hf_dict({"model_type": "diffusion_gemma"})
 
 
+def test_constructor_style_full_layer_fields_are_understood() -> None:
+    text = {k: v for k, v in preset("tiny").to_hf_dict()["text_config"].items() if k != "per_layer_config"}
+    parsed = ModelConfig.from_hf_dict({"model_type": "diffusion_gemma", "canvas_length": 32,
+                                       "text_config": {**text, "global_head_dim": 48, "num_global_key_value_heads": 4}})
+    assert (parsed.global_head_dim, parsed.num_global_key_value_heads) == (48, 4)
+
+
 def test_loads_our_checkpoint_with_tokenizer_and_generation_defaults(tiny_checkpoint: Path) -> None:
     loaded = load_model(tiny_checkpoint)
     assert loaded.config == preset("tiny") and loaded.path == tiny_checkpoint

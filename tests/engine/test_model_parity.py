@@ -196,3 +196,22 @@ def test_grouped_mm_and_loop_experts_agree() -> None:
             manual[n] += weights[n, k] * (experts.down_proj[chosen[n, k]] @ (moe.gelu_tanh(gate) * up))
     assert relative_error(grouped, manual) < 1e-5
     assert relative_error(looped, manual) < 1e-5
+
+
+@torch.no_grad()
+def test_other_shapes_match_reference(tmp_path: Path) -> None:
+    """No GQA on sliding layers, 2 kv heads on full layers, a full first layer, top-3 routing, window 8."""
+    from tests.support.checkpoints import save_reference_checkpoint
+
+    folder = save_reference_checkpoint(
+        tmp_path / "variant", seed=7, num_key_value_heads=4, num_global_key_value_heads=2, top_k_experts=3,
+        sliding_window=8, layer_types=["full_attention", "sliding_attention", "sliding_attention",
+                                       "full_attention", "sliding_attention", "full_attention"])
+    loaded, ref = load_model(folder), reference_from(folder)
+    assert loaded.config.layer_types[0] == "full_attention" and loaded.config.num_global_key_value_heads == 2
+    gen = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, loaded.config.vocab_size, (21,), generator=gen)
+    canvas = torch.randint(0, loaded.config.vocab_size, (1, loaded.config.canvas_length), generator=gen)
+    cache, row = KVCache(loaded.config, num_slots=1, max_context=64), ReferenceRow(ref)
+    assert relative_error(encode_batch(loaded, cache, [prompt], [0], [0])[0], row.encode(prompt)) < TOLERANCE
+    assert relative_error(denoise_batch(loaded, cache, canvas, [21], [0])[0], row.denoise(canvas[0])) < TOLERANCE
