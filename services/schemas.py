@@ -39,10 +39,9 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SamplingOptions(WireModel):
-    """Sampler parameters, mirroring `engine.types.SamplingParams`; None means the model's default."""
+class DiffusionKnobs(WireModel):
+    """The denoising controls of `engine.types.SamplingParams`; None means the model's default."""
 
-    max_new_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_denoising_steps: int | None = Field(default=None, ge=1, le=4096, description="step cap per canvas")
     entropy_bound: float | None = Field(default=None, gt=0, le=1000, description="entropy budget per step")
     t_min: float | None = Field(default=None, ge=0, le=100, description="temperature at the last step")
@@ -50,13 +49,23 @@ class SamplingOptions(WireModel):
     confidence_threshold: float | None = Field(default=None, gt=0, le=1000, description="mean entropy to stop")
     stability_threshold: int | None = Field(default=None, ge=0, le=4096, description="unchanged steps to stop")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stream_drafts: bool = Field(default=False, description="emit a `draft` event after every denoising step")
 
     @model_validator(mode="after")
-    def _check_temperatures(self) -> SamplingOptions:
+    def _check_temperatures(self) -> DiffusionKnobs:
         if self.t_min is not None and self.t_max is not None and not self.t_min < self.t_max:
             raise FieldValueError("t_min", f"must be below t_max (got t_min={self.t_min}, t_max={self.t_max})")
         return self
+
+    def knob_values(self) -> dict[str, Any]:
+        """The knobs that were set, by name."""
+        return self.model_dump(include=set(DiffusionKnobs.model_fields), exclude_none=True)
+
+
+class SamplingOptions(DiffusionKnobs):
+    """Sampler parameters, mirroring `engine.types.SamplingParams`; None means the model's default."""
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    stream_drafts: bool = Field(default=False, description="emit a `draft` event after every denoising step")
 
     def sampling_params(self) -> dict[str, Any]:
         """Keyword arguments for `engine.types.SamplingParams` (unset values left out)."""

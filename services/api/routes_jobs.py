@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Annotated, Any
 
@@ -10,15 +9,13 @@ from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from dgtext.checkpoint_files import CheckpointError
 from services.api.deps import OwnerDep, ServicesDep
 from services.api.errors import ApiError
 from services.api.sse import SSE_HEADERS, job_event_stream
-from services.jobs import IdempotencyConflict, JobRecord, QueueFull
-from services.prompt_limits import LimitExceeded
+from services.api.submission import accept_job
+from services.job_record import JobRecord
 from services.schemas import ErrorBody, JobAccepted, JobCreate, JobPublic
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
@@ -31,51 +28,15 @@ def _owned_job(services: ServicesDep, job_id: str, owner: str) -> JobRecord:
     return record
 
 
-def _check_limits(services: ServicesDep, job: JobCreate) -> None:
-    try:
-        services.limits.check(job)
-    except LimitExceeded as exc:
-        services.metrics.job_rejected(exc.reason)
-        raise ApiError(422, "invalid_request", str(exc), field=exc.field) from exc
-    except CheckpointError as exc:
-        logger.error("cannot load the tokenizer of %s: %s", services.settings.model, exc)
-        raise ApiError(503, "tokenizer_unavailable", "the model's tokenizer cannot be loaded; see the API log",
-                       headers={"Retry-After": str(services.settings.retry_after_seconds)}) from exc
-
-
 @router.post("", status_code=202, response_model=JobAccepted, responses=_ERRORS,
              summary="Submit a generate or edit job")
 def submit_job(job: Annotated[JobCreate, Body()], services: ServicesDep, owner: OwnerDep, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                                              max_length=255)] = None) -> JobAccepted:
     """Validate, store and enqueue a job. 202 + `Location`; nothing is enqueued for a refused request."""
-    _check_limits(services, job)
-    settings = services.settings
-    try:
-        created = services.store.create(job, owner=owner, idempotency_key=idempotency_key)
-    except IdempotencyConflict as exc:
-        services.metrics.job_rejected("idempotency_conflict")
-        raise ApiError(422, "idempotency_conflict", f"Idempotency-Key: {exc} (job {exc.existing_job_id})",
-                       field="Idempotency-Key") from exc
-    except QueueFull as exc:
-        services.metrics.job_rejected("queue_full")
-        raise ApiError(429, "queue_full", f"{exc}; retry after {settings.retry_after_seconds} s",
-                       headers={"Retry-After": str(settings.retry_after_seconds)}) from exc
-    if created.created:
-        try:
-            services.queue.submit(created.job_id)
-        except Exception as exc:  # broker errors come in many types; the job must not stay queued forever
-            logger.exception("could not enqueue job %s", created.job_id)
-            services.store.fail(created.job_id, "enqueue_failed", "the job could not be handed to the queue")
-            services.metrics.job_rejected("enqueue_failed")
-            raise ApiError(503, "enqueue_failed", "the job queue is unavailable; retry later",
-                           headers={"Retry-After": str(settings.retry_after_seconds)}) from exc
-        services.metrics.job_submitted(job.kind)
-    else:
+    record, created = accept_job(services, job, owner, idempotency_key)
+    if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    record = services.store.get(created.job_id)
-    if record is None:
-        raise ApiError(503, "unavailable", "the job record vanished right after creation; retry")
     location = f"/v1/jobs/{record.id}"
     response.headers["Location"] = location
     return JobAccepted.model_validate({"id": record.id, "kind": record.kind, "status": record.status,

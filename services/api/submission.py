@@ -1,0 +1,62 @@
+"""Accepting a job: deployment limits → record (admission + idempotency, atomically) → Celery message.
+Shared by `POST /v1/jobs` and the OpenAI-compatible routes. Nothing is enqueued for a refused request."""
+
+from __future__ import annotations
+
+import logging
+
+from dgtext.checkpoint_files import CheckpointError
+from services.api.deps import AppServices
+from services.api.errors import ApiError
+from services.job_record import JobRecord
+from services.jobs import IdempotencyConflict, QueueFull
+from services.prompt_limits import LimitExceeded
+from services.schemas import EditJobCreate, GenerateJobCreate
+
+logger = logging.getLogger(__name__)
+
+
+def check_limits(services: AppServices, job: GenerateJobCreate | EditJobCreate) -> None:
+    """422 naming the field for a request over a `Settings` limit; 503 if the tokenizer cannot be loaded."""
+    try:
+        services.limits.check(job)
+    except LimitExceeded as exc:
+        services.metrics.job_rejected(exc.reason)
+        raise ApiError(422, "invalid_request", str(exc), field=exc.field) from exc
+    except CheckpointError as exc:
+        logger.error("cannot load the tokenizer of %s: %s", services.settings.model, exc)
+        raise ApiError(503, "tokenizer_unavailable", "the model's tokenizer cannot be loaded; see the API log",
+                       headers={"Retry-After": str(services.settings.retry_after_seconds)}) from exc
+
+
+def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, owner: str,
+               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+    """Store and enqueue `job`; returns (record, created). `created` is False for an idempotent replay,
+    which is not enqueued again."""
+    check_limits(services, job)
+    settings = services.settings
+    retry_after = {"Retry-After": str(settings.retry_after_seconds)}
+    try:
+        created = services.store.create(job, owner=owner, idempotency_key=idempotency_key)
+    except IdempotencyConflict as exc:
+        services.metrics.job_rejected("idempotency_conflict")
+        raise ApiError(422, "idempotency_conflict", f"Idempotency-Key: {exc} (job {exc.existing_job_id})",
+                       field="Idempotency-Key") from exc
+    except QueueFull as exc:
+        services.metrics.job_rejected("queue_full")
+        raise ApiError(429, "queue_full", f"{exc}; retry after {settings.retry_after_seconds} s",
+                       headers=retry_after) from exc
+    if created.created:
+        try:
+            services.queue.submit(created.job_id)
+        except Exception as exc:  # broker errors come in many types; the job must not stay queued forever
+            logger.exception("could not enqueue job %s", created.job_id)
+            services.store.fail(created.job_id, "enqueue_failed", "the job could not be handed to the queue")
+            services.metrics.job_rejected("enqueue_failed")
+            raise ApiError(503, "enqueue_failed", "the job queue is unavailable; retry later",
+                           headers=retry_after) from exc
+        services.metrics.job_submitted(job.kind)
+    record = services.store.get(created.job_id)
+    if record is None:
+        raise ApiError(503, "unavailable", "the job record vanished right after creation; retry")
+    return record, created.created
