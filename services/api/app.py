@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from dgtext.checkpoint_files import CheckpointError
-from services.api import routes_jobs, routes_ops
+from services.api import routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
-from services.api.errors import install_error_handlers
+from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.job_queue import JobQueue
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from services.jobs import JobStore
@@ -51,9 +51,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_openai.router)
 
     def count_oversized(scope: Scope) -> None:
-        if scope.get("path") == "/v1/jobs":
+        if scope.get("path") in SUBMIT_PATHS:
             metrics.job_rejected("too_large")
 
     # Last added runs first: metrics see every answer, including the 413s of the body limit.

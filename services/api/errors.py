@@ -13,6 +13,8 @@ from services.schemas import ErrorBody, FieldValueError
 
 # Discriminator tags of the job union appear in pydantic locations; clients never wrote them.
 _UNION_TAGS = frozenset({"generate", "edit"})
+# Routes that create jobs: their refusals count in dgserve_api_jobs_rejected_total.
+SUBMIT_PATHS = frozenset({"/v1/jobs", "/v1/completions", "/v1/chat/completions"})
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
                422: "invalid_request", 429: "queue_full", 503: "unavailable"}
@@ -76,7 +78,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        on_submit = request.url.path == "/v1/jobs" and request.method == "POST"
+        on_submit = request.url.path in SUBMIT_PATHS and request.method == "POST"
         metrics = getattr(request.app.state, "metrics", None)
         if on_submit and metrics is not None:
             metrics.job_rejected("invalid")

@@ -1,0 +1,84 @@
+"""OpenAI-compatible routes over real HTTP; the job is run through the real JobStore as a worker would."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+
+
+def run_next_job(api, result: dict | None = None, error: tuple[str, str] | None = None) -> threading.Thread:
+    def run():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not api.redis.keys("job:*:events"):
+            time.sleep(0.02)
+        job_id = api.redis.keys("job:*:events")[0].split(":")[1]
+        api.store.try_start(job_id, "w")
+        for index, text in enumerate(["Once upon", " a time"]):
+            api.store.append_event(job_id, "canvas", {"canvas": index, "step": 3, "text": text})
+        if error:
+            api.store.fail(job_id, *error)
+        else:
+            api.store.succeed(job_id, result)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+RESULT = {"text": "Once upon a time", "finish_reason": "length",
+          "usage": {"prompt_tokens": 5, "generated_tokens": 16, "canvases": 2}}
+
+
+def test_models_lists_the_served_model(start_api):
+    api = start_api()
+    assert api.http.get("/v1/models").json()["data"][0]["id"] == "tiny-api"
+
+
+def test_completion_waits_for_the_job(start_api):
+    api = start_api()
+    worker = run_next_job(api, RESULT)
+    response = api.http.post("/v1/completions", json={"model": "tiny-api", "prompt": "Tell me", "max_tokens": 16,
+                                                      "seed": 5, "max_denoising_steps": 12})
+    worker.join(timeout=10)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "Once upon a time"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21}
+    job = api.store.get(body["id"].removeprefix("cmpl-"))
+    assert job.request.max_new_tokens == 16 and job.request.seed == 5 and job.request.max_denoising_steps == 12
+
+
+def test_chat_completion_streams_canvases_then_done(start_api):
+    api = start_api()
+    worker = run_next_job(api, RESULT)
+    with httpx.stream("POST", f"{api.url}/v1/chat/completions", timeout=10.0,
+                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    worker.join(timeout=10)
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Once upon a time"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["total_tokens"] == 21
+
+
+def test_failed_job_and_bad_requests(start_api):
+    api = start_api()
+    worker = run_next_job(api, error=("engine_error", "device lost"))
+    failed = api.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    worker.join(timeout=10)
+    assert failed.status_code == 500 and failed.json()["error"] == {"code": "job_failed", "message": "device lost"}
+    wrong_model = api.http.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["field"] == "model"
+    unknown = api.http.post("/v1/completions", json={"prompt": "x", "logprobs": 3})
+    assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "logprobs"
+    too_long = api.http.post("/v1/completions", json={"prompt": "x" * 100})
+    assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "prompt"
+    over_limit = api.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1000})
+    assert over_limit.status_code == 422 and over_limit.json()["error"]["field"] == "max_new_tokens"
+    assert api.queue_length() == 1  # only the job that ran was enqueued
