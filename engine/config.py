@@ -102,6 +102,8 @@ class ModelConfig:
         text = config_json.get("text_config")
         if not isinstance(text, dict):
             raise ValueError("config.json has no 'text_config' object; a DiffusionGemma config nests the text model there")
+        if config_json.get("tie_word_embeddings") is False or text.get("tie_word_embeddings") is False:
+            raise ValueError("tie_word_embeddings=false is not supported: the LM head must be the embedding matrix")
         return cls(**_text_fields(text), canvas_length=int(config_json.get("canvas_length") or 256))
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -61,6 +61,8 @@ def test_config_validation_is_actionable() -> None:
         ModelConfig.from_hf_dict({**good, "text_config": {**good["text_config"], "hidden_activation": "relu"}})
     with pytest.raises(ValueError, match="text_config"):
         ModelConfig.from_hf_dict({"model_type": "diffusion_gemma"})
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        ModelConfig.from_hf_dict({**good, "tie_word_embeddings": False})
 
 
 def test_constructor_style_full_layer_fields_are_understood() -> None:
