@@ -2,11 +2,13 @@
 the stack (HTTP API → Redis → Celery worker → result).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode engine --n 1000 --docs 50
-    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode stack --n 100 --api http://127.0.0.1:8000
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode stack --n 100            # launches dgserve up
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode stack --api http://127.0.0.1:8000
 
 Engine mode keeps `--concurrency` edits in flight (closed loop: a finished edit is replaced by the next one
 at the next step boundary) and measures each edit from `add_request` to its `finished` output. Stack mode does
-the same with HTTP jobs against a running API (`dgserve up` or any deployment) and measures submit → result.
+the same with HTTP jobs against a running API (`--api`, or `dgserve up` launched on a free port with the same
+model and a worker of `--concurrency`) and measures submit → result (polled every 20 ms).
 Both print one JSON line: edits/s, p50/p99 latency, denoising steps per canvas, canvases per edit.
 Without `--model` a random tiny checkpoint is written to a temporary folder (noise, but the same work).
 """
@@ -14,13 +16,20 @@ Without `--model` a random tiny checkpoint is written to a temporary folder (noi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import re
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +105,9 @@ def run_engine(engine, documents: list[str], edits: list[BenchEdit], concurrency
     latencies: list[float] = []
     steps_per_canvas: list[float] = []
     canvases_per_edit: list[int] = []
+    # Steps with an encoder forward (prefill of the text before the span, commits) vs decoder-only steps.
+    encoder_step_seconds = denoise_only_seconds = 0.0
+    encoder_tokens = 0
     started = time.perf_counter()
     while pending or in_flight:
         while pending and len(in_flight) < concurrency:
@@ -109,7 +121,14 @@ def run_engine(engine, documents: list[str], edits: list[BenchEdit], concurrency
                 EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases),
                 request_id=f"edit-{number}")
             in_flight[request_id] = (time.perf_counter(), plan, [])
-        for out in engine.step():
+        outputs = engine.step()
+        stats = engine.last_step_stats
+        if stats.num_encoder_tokens:
+            encoder_step_seconds += stats.forward_seconds
+            encoder_tokens += stats.num_encoder_tokens
+        else:
+            denoise_only_seconds += stats.forward_seconds
+        for out in outputs:
             added_at, plan, committed = in_flight[out.request_id]
             if out.kind == "canvas":
                 committed.append(out.token_ids)
@@ -126,7 +145,9 @@ def run_engine(engine, documents: list[str], edits: list[BenchEdit], concurrency
     return summary("engine", latencies, wall, {
         "concurrency": concurrency, "canvas_length": canvas_length,
         "steps_per_canvas": round(statistics.fmean(steps_per_canvas), 2) if steps_per_canvas else None,
-        "canvases_per_edit": round(statistics.fmean(canvases_per_edit), 3)})
+        "canvases_per_edit": round(statistics.fmean(canvases_per_edit), 3),
+        "encoder_tokens_per_edit": round(encoder_tokens / len(latencies), 1),
+        "steps_with_encoder_s": round(encoder_step_seconds, 2), "decoder_only_steps_s": round(denoise_only_seconds, 2)})
 
 
 def run_stack(api_url: str, documents: list[str], edits: list[BenchEdit], concurrency: int,
@@ -163,15 +184,54 @@ def run_stack(api_url: str, documents: list[str], edits: list[BenchEdit], concur
     return summary("stack", latencies, time.perf_counter() - started, {"concurrency": concurrency})
 
 
-def _load_engine(model: str | None, device: str, concurrency: int):
-    from engine import Engine
+def _model_dir(model: str | None) -> str:
+    if model is not None:
+        return model
+    from engine.checkpoint import write_random_checkpoint
 
-    if model is None:
-        from engine.checkpoint import write_random_checkpoint
+    folder = tempfile.mkdtemp(prefix="edit-bench-model-")
+    write_random_checkpoint(folder, preset="tiny", seed=0)
+    return folder
 
-        model = tempfile.mkdtemp(prefix="edit-bench-")
-        write_random_checkpoint(model, preset="tiny", seed=0)
-    return Engine.from_pretrained(model, device=device, max_canvases_in_flight=concurrency)
+
+@contextlib.contextmanager
+def launched_stack(model: str, concurrency: int, device: str) -> Iterator[str]:
+    """`dgserve up` (loopback Redis, one worker, the API) on a free port; yields the API URL, then stops it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cache = tempfile.mkdtemp(prefix="edit-bench-stack-")
+    env = {**os.environ, "DGSERVE_MODEL": model, "DGSERVE_CACHE_DIR": cache,
+           "DGSERVE_WORKER_CONCURRENCY": str(concurrency), "DGSERVE_MAX_QUEUED_JOBS": str(max(1000, concurrency))}
+    args = [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())", "up", "--port", str(port)]
+    if device == "cpu":
+        args.append("--cpu")
+    with open(Path(cache) / "up.log", "wb") as log:
+        process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while not _ready(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dgserve up did not become ready; see {cache}/up.log")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,20 +244,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--api", default="http://127.0.0.1:8000", help="API base URL for --mode stack")
+    parser.add_argument("--api", default=None,
+                        help="API base URL for --mode stack (default: launch `dgserve up` on a free port)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     documents = make_documents(args.docs, seed=args.seed)
+    model = _model_dir(args.model) if args.mode != "stack" or args.api is None else args.model
     if args.mode in ("engine", "both"):
-        engine = _load_engine(args.model, args.device, args.concurrency)
+        from engine import Engine
+
+        engine = Engine.from_pretrained(model, device=args.device, max_canvases_in_flight=args.concurrency)
         edits = make_edits(documents, args.n, seed=args.seed + 1)
-        print(json.dumps(run_engine(engine, documents, edits, args.concurrency, args.steps, args.seed)))
+        print(json.dumps(run_engine(engine, documents, edits, args.concurrency, args.steps, args.seed)), flush=True)
+        del engine
     if args.mode in ("stack", "both"):
         edits = make_edits(documents, args.stack_n or args.n, seed=args.seed + 2)
-        print(json.dumps(run_stack(args.api, documents, edits, args.concurrency, args.steps, args.timeout,
-                                   args.api_key)))
+        with contextlib.ExitStack() as stack:
+            url = args.api or stack.enter_context(launched_stack(model, args.concurrency, args.device))
+            print(json.dumps(run_stack(url, documents, edits, args.concurrency, args.steps, args.timeout,
+                                       args.api_key)), flush=True)
 
 
 if __name__ == "__main__":

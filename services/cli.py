@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--span", help="START:END character offsets")
     target.add_argument("--find", help="exact text occurring once in the file")
     edit.add_argument("--instruction")
+    edit.add_argument("--max-tokens", type=int, help="room for the replacement in tokens (default: the span's own "
+                      "token length; the model may use fewer)")
     edit.add_argument("--write", action="store_true", help="write the edited file back (default: print a diff)")
     _add_client_options(edit)
     _add_sampler_options(edit)
@@ -109,6 +111,8 @@ def cmd_edit(client: DgserveClient, args: argparse.Namespace) -> int:
         spec = {"find": args.find}
     if args.instruction:
         spec["instruction"] = args.instruction
+    if args.max_tokens is not None:
+        spec["max_tokens"] = args.max_tokens
     accepted = client.edit(document, [spec], **_sampler_params(args))
     _follow(client, accepted.id, show_drafts=False)
     code = _finish(client, accepted.id, args)

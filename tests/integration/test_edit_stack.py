@@ -98,3 +98,23 @@ def test_a_batch_of_edits_of_several_documents_is_processed_together(stack: Stac
     expected = results_from_engine(stack.model_dir, bodies)
     assert [view["result"]["document"] for view in views] == [e["document"] for e in expected]
     assert [view["result"]["edits"] for view in views] == [e["edits"] for e in expected]
+
+
+def test_cli_edit_writes_the_file_back_byte_identical_outside_the_span(stack: Stack, tmp_path, capsys):
+    from services.cli import main
+
+    original = "first line\r\n\tsecond \u05e9\u05dc\u05d5\u05dd \U0001f600\r\nthird, no newline".encode()
+    source = tmp_path / "notes.txt"
+    source.write_bytes(original)
+    text = original.decode()
+    start = text.index("second")
+    code = main(["edit", str(source), "--span", f"{start}:{start + 6}", "--max-tokens", "3", "--instruction",
+                 "a number word", "--steps", str(STEPS), "--seed", "9", "--url", stack.api_url, "--write"])
+    assert code == 0, capsys.readouterr()
+    edited = source.read_bytes().decode()
+    head, tail = text[:start], text[start + 6:]
+    assert edited.startswith(head) and edited.endswith(tail)
+    replacement = edited[len(head):len(edited) - len(tail)]
+    # --max-tokens 3 with the byte tokenizer: at most three bytes, each decoding to at most one character.
+    assert len(replacement) <= 3
+    assert "\r\n" in edited and not edited.endswith("\n")
