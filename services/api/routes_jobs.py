@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Request, Response
@@ -25,7 +26,18 @@ def _owned_job(services: ServicesDep, job_id: str, owner: str) -> JobRecord:
     record = services.store.get_for_owner(job_id, owner) if len(job_id) <= 64 else None
     if record is None:
         raise ApiError(404, "not_found", f"job {job_id[:64]!r} does not exist (or belongs to another API key)")
-    return record
+    return _expire_if_overdue(services, record)
+
+
+def _expire_if_overdue(services: ServicesDep, record: JobRecord) -> JobRecord:
+    """A job nobody finished by its deadline reads as `expired`, even with no worker left to notice: a
+    queued one at once, a running one after its worker had time to fail it itself (two lease periods)."""
+    grace = 0.0 if record.status == "queued" else 2.0 * services.settings.heartbeat_ttl_seconds
+    if record.is_finished or time.time() <= record.deadline_at + grace:
+        return record
+    what = "started" if record.status == "queued" else "finished"
+    services.store.expire(record.id, f"the job was not {what} before its deadline")
+    return services.store.get(record.id) or record
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=_ERRORS,

@@ -22,7 +22,9 @@ def readyz(services: ServicesDep) -> JSONResponse:
     """200 when jobs can run now; 503 with the reason otherwise (load balancers take the API out)."""
     try:
         services.store.redis.ping()
-        workers = services.store.live_workers()
+        # Only workers of this API's model queue make it ready (others may share the Redis).
+        workers = [worker for worker in services.store.live_workers()
+                   if worker.get("queue") in (None, services.settings.queue_name)]
     except redis.RedisError as exc:
         return JSONResponse({"ready": False, "redis": False, "workers": 0,
                              "reason": f"redis unreachable: {type(exc).__name__}"}, status_code=503)

@@ -129,3 +129,25 @@ def test_sse_follows_live_events_with_keepalives_until_done(start_api):
     frames = parse_sse(text)
     assert [f["event"] for f in frames] == ["queued", "started", "draft", "draft", "draft", "failed"]
     assert frames[-1]["data"]["error"] == {"code": "engine_error", "message": "boom"}
+
+
+def test_overdue_jobs_read_as_expired(start_api):
+    api = start_api(heartbeat_ttl_seconds=1)
+    queued, running = submit(api), submit(api, body={"prompt": "other"})
+    api.store.try_start(running, "w")
+    for job_id in (queued, running):
+        api.redis.hset(f"job:{job_id}", "deadline_at", repr(time.time() - 1.5))
+    expired = api.http.get(f"/v1/jobs/{queued}").json()
+    assert expired["status"] == "expired" and expired["error"]["code"] == "deadline_exceeded"
+    assert "not started" in expired["error"]["message"]
+    assert api.http.get(f"/v1/jobs/{running}").json()["status"] == "running"  # its worker still has time
+    api.redis.hset(f"job:{running}", "deadline_at", repr(time.time() - 3))
+    assert api.http.get(f"/v1/jobs/{running}").json()["status"] == "expired"
+    frames = parse_sse(api.http.get(f"/v1/jobs/{queued}/events").text)
+    assert frames[-1]["event"] == "expired"
+
+
+def test_readyz_ignores_workers_of_other_queues(start_api):
+    api = start_api()
+    api.store.heartbeat("other-model-worker", {"queue": "dgemma.some-other-model"})
+    assert api.http.get("/readyz").status_code == 503
