@@ -59,31 +59,33 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", frozen=True)
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="job store and Celery broker")
     model: str = Field(default_factory=default_model, description="checkpoint folder or Hugging Face repo id")
     queue_name: str = Field(default="", description="Celery queue of the model; default dgemma.<model-name>")
 
-    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024)
-    max_prompt_tokens: int = Field(default=8192, ge=1, le=1_000_000)
-    max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000)
-    max_document_chars: int = Field(default=200_000, ge=1, le=10_000_000)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024, description="larger → 413")
+    max_prompt_tokens: int = Field(default=8192, ge=1, le=1_000_000, description=(
+        "prompt (or edit document) length in the model's tokens; longer → 422"))
+    max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000, description="largest max_new_tokens accepted")
+    max_document_chars: int = Field(default=200_000, ge=1, le=10_000_000, description="longest edit document")
     max_queued_jobs: int = Field(default=1000, ge=1, description="admission limit: queued jobs per model queue")
     retry_after_seconds: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with a 429")
-    result_ttl_seconds: int = Field(default=86_400, ge=10)
-    job_deadline_seconds: int = Field(default=600, ge=1, description="a job not finished by then is failed")
-    max_attempts: int = Field(default=3, ge=1, le=100)
+    result_ttl_seconds: int = Field(default=86_400, ge=10, description="how long a finished job stays readable")
+    job_deadline_seconds: int = Field(default=600, ge=1, description=(
+        "a job not finished this long after its creation ends as expired"))
+    max_attempts: int = Field(default=3, ge=1, le=100, description="starts (redeliveries) before a job fails")
     events_max_len: int = Field(default=5000, ge=10, description="approximate MAXLEN of a job's event stream")
     heartbeat_ttl_seconds: int = Field(default=15, ge=1, description="a worker heartbeat older than this is stale")
-    sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300)
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300, description="comment line after this silence")
 
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
         repr=False,
         description="comma-separated keys (or sha256:<hex> hashes); only the hashes are kept. Empty = no auth",
     )
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8000, ge=0, le=65535)
-    worker_metrics_port: int = Field(default=9400, ge=0, le=65535)
+    api_host: str = Field(default="127.0.0.1", description="`dgserve api` bind address")
+    api_port: int = Field(default=8000, ge=0, le=65535, description="`dgserve api` port")
+    worker_metrics_port: int = Field(default=9400, ge=0, le=65535, description="Prometheus port of a worker")
 
     @field_validator("redis_url")
     @classmethod
