@@ -167,6 +167,16 @@ class JobStore:
             return self.cancel(job_id)
         return "finished" if status else "not_found"
 
+    def count_submission(self, owner: str, window_seconds: int = 60) -> tuple[int, int]:
+        """Count one submission of `owner` in the current fixed window; returns (count so far, seconds left)."""
+        window = int(time.time()) // window_seconds
+        key = f"dgserve:rate:{owner or '-'}:{window}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, window_seconds + 1)
+        count, _ = pipe.execute()
+        return int(count), window_seconds - int(time.time()) % window_seconds
+
     def queue_depth(self) -> int:
         """Queued jobs of this model queue (stale entries older than the deadline pruned)."""
         stale_before = time.time() - self.settings.job_deadline_seconds

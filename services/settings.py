@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_document_chars: int = Field(default=200_000, ge=1, le=10_000_000, description="longest edit document")
     max_queued_jobs: int = Field(default=1000, ge=1, description="admission limit: queued jobs per model queue")
     retry_after_seconds: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with a 429")
+    max_jobs_per_minute_per_key: int = Field(default=0, ge=0, description=(
+        "submissions one API key (or all anonymous callers together) may make per minute; 0 = unlimited"))
     result_ttl_seconds: int = Field(default=86_400, ge=10, description="how long a finished job stays readable")
     job_deadline_seconds: int = Field(default=600, ge=1, description=(
         "a job not finished this long after its creation ends as expired"))

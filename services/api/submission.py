@@ -36,6 +36,13 @@ def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, ow
     check_limits(services, job)
     settings = services.settings
     retry_after = {"Retry-After": str(settings.retry_after_seconds)}
+    if settings.max_jobs_per_minute_per_key:
+        count, seconds_left = services.store.count_submission(owner)
+        if count > settings.max_jobs_per_minute_per_key:
+            services.metrics.job_rejected("rate_limited")
+            raise ApiError(429, "rate_limited", f"this key made {settings.max_jobs_per_minute_per_key} submissions "
+                           f"this minute (max_jobs_per_minute_per_key); retry in {seconds_left} s",
+                           headers={"Retry-After": str(seconds_left)})
     try:
         created = services.store.create(job, owner=owner, idempotency_key=idempotency_key)
     except IdempotencyConflict as exc:
