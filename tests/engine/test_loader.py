@@ -194,3 +194,16 @@ def test_repo_id_resolves_from_the_hub_cache_offline(tiny_checkpoint: Path, tmp_
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     loaded = load_model("acme/dg-tiny")
     assert loaded.path == repo_dir / "snapshots" / revision and loaded.config == preset("tiny")
+
+
+def test_unexpected_decoder_tensor_and_missing_tokenizer(checkpoint_copy: Path) -> None:
+    weights = load_file(checkpoint_copy / "model.safetensors")
+    weights["model.decoder.layers.2.self_attn.v_proj.weight"] = torch.zeros(32, 64)  # full layers have none
+    save_file(weights, checkpoint_copy / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match=r"unexpected tensor model\.decoder\.layers\.2\.self_attn\.v_proj"):
+        load_model(checkpoint_copy)
+    del weights["model.decoder.layers.2.self_attn.v_proj.weight"]
+    save_file(weights, checkpoint_copy / "model.safetensors")
+    (checkpoint_copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        load_model(checkpoint_copy)
