@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, in fp32, returned in x's dtype."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        normed = normed * weight.float()
+    """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, in fp32, returned in x's dtype.
+    Uses torch's rms_norm (one fused kernel where available: ~330 norms per forward make launch counts
+    matter) on fp32 operands, so bf16 inputs are normalised and weighted in fp32 as the release does."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None if weight is None else weight.float(), eps)
     return normed.to(x.dtype)
 
 
