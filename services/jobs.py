@@ -10,6 +10,7 @@ Keys (one Redis database per deployment):
   queue depth used for admission. Entries older than the job deadline are pruned, so it cannot drift.
 - `dgserve:idem:{owner}:{sha256(key)}` → `"{job_id}|{body_hash}"`.
 - `dgserve:workers` sorted set (score = last heartbeat) and `dgserve:worker_info` hash.
+- `dgserve:rate:{owner}:{minute}` counters of the optional per-key submission rate limit.
 
 Status changes are compare-and-set Lua scripts (`services.job_scripts`): queued → running →
 succeeded | failed | cancelled | expired, queued → cancelled | failed | expired. A finished job is
