@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
+import httpx
+import pytest
+import redis
+
 from services.cli import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, main
+from services.settings import REPO_ROOT
+from tests.support.processes import free_port, running_process, wait_for_http
 
 
 def run_worker_for_next_job(api, result: dict | None, error: tuple[str, str] | None = None) -> threading.Thread:
@@ -76,3 +83,20 @@ def test_status_cancel_and_errors(start_api, capsys):
     source = api.settings.model  # any existing path will do for a bad --span
     assert main(["edit", f"{source}/tokenizer.json", "--span", "3-4", "--url", api.url]) == EXIT_USAGE
     assert "START:END" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_dgserve_api_serves_from_environment_settings(fresh_redis_url, tokenizer_model_dir, tmp_path):
+    port = free_port()
+    env = {"DGSERVE_REDIS_URL": fresh_redis_url, "DGSERVE_MODEL": str(tokenizer_model_dir),
+           "DGSERVE_API_KEYS": "cli-test-key-1", "DGSERVE_MAX_PROMPT_TOKENS": "32"}
+    with running_process([sys.executable, "-m", "services.cli", "api", "--port", str(port)], env=env,
+                         log_path=tmp_path / "api.log", cwd=REPO_ROOT) as process:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz", timeout=60, process=process)
+        auth = {"Authorization": "Bearer cli-test-key-1"}
+        assert httpx.post(f"{base}/v1/jobs", json={"prompt": "hi"}).status_code == 401
+        assert httpx.post(f"{base}/v1/jobs", json={"prompt": "x" * 40}, headers=auth).status_code == 422
+        accepted = httpx.post(f"{base}/v1/jobs", json={"prompt": "hi"}, headers=auth)
+        assert accepted.status_code == 202
+        assert redis.Redis.from_url(fresh_redis_url).llen("dgemma.tiny-api") == 1
