@@ -3,14 +3,14 @@
 Why: a seeded request must produce the same tokens whether it runs alone or batched with others, so no
 random number may depend on the batch layout or on how many numbers were drawn before it (a stateful
 generator would). Each (request seed, canvas index, denoising step, stream) tuple is folded on the host
-into one 64-bit key; on the device a SplitMix64-style finaliser maps key + counter * golden-ratio to 64
-uniformly mixed bits. The counter is `position * vocab + vocab_id` for Gumbel noise and `position` for
-uniform token draws.
+into one 64-bit key (`stream_key`). On the device a SplitMix64 finaliser maps key + position * golden-ratio
+to 64 mixed bits (uniform token ids: one per position), and per-vocabulary noise (one number per position
+and vocab id, the hot path) hashes a 32-bit per-position key plus the vocab id with lowbias32.
 
-torch has no unsigned 64-bit arithmetic, so the maths runs in int64, relying on two's-complement
+torch has no unsigned integers of these widths, so the maths runs in int64 / int32, relying on two's-complement
 wrap-around of multiplication and addition (what every torch backend does), and logical right shifts are
-emulated by masking after the arithmetic shift. `mix64_reference` is the same function on Python ints;
-a test checks the two agree bit for bit.
+emulated by masking after the arithmetic shift. `mix64_reference` and `lowbias32_reference` are the same
+functions on Python ints; tests check they agree bit for bit.
 """
 
 from __future__ import annotations
@@ -74,18 +74,6 @@ def hashed_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return mix64(view + counters.unsqueeze(0) * _GOLDEN_GAMMA_S)
 
 
-def uniform_open(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms strictly inside (0, 1) from the top 24 bits (the float32 mantissa width)."""
-    top = _logical_shift_right(hashed_bits(keys, counters), 40)
-    return (top.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-
-
-def gumbel_noise(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise -log(-log(u)), float32 [B, *counters.shape]."""
-    u = uniform_open(keys, counters)
-    return -torch.log(-torch.log(u))
-
-
 def uniform_token_ids(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Uniform ids in [0, vocab_size): int64 [B, *positions.shape].
 
@@ -95,3 +83,61 @@ def uniform_token_ids(keys: torch.Tensor, positions: torch.Tensor, vocab_size: i
         raise ValueError(f"vocab_size must be in [1, 2**31), got {vocab_size}")
     top = _logical_shift_right(hashed_bits(keys, positions), 32)
     return (top * vocab_size) >> 32
+
+
+# ----- per-vocabulary noise: the hot path, one number per (canvas, position, vocab id) -----
+#
+# Hashing [B, C, V] with 64-bit SplitMix would dominate a CPU step, so the vocabulary level uses a 32-bit
+# finaliser (lowbias32, C. Wellons) on int32 tensors: the 64-bit stream key and the position are first folded
+# into one 32-bit key per (canvas, position) with SplitMix64 (only [B, C] of them), then each vocab id is
+# hashed as lowbias32(position_key + id * golden32). int32 multiplication wraps like uint32 in the low bits.
+
+_MASK32 = (1 << 32) - 1
+_GOLDEN_32 = 0x9E3779B9
+_LOWBIAS_MUL_1 = 0x7FEB352D
+_LOWBIAS_MUL_2 = 0x846CA68B
+
+
+def _as_signed32(value: int) -> int:
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def lowbias32_reference(x: int) -> int:
+    """The lowbias32 finaliser on Python ints (unsigned 32-bit result): the specification of `lowbias32`."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _LOWBIAS_MUL_1) & _MASK32
+    x ^= x >> 15
+    x = (x * _LOWBIAS_MUL_2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int32 tensor (bits equal to `lowbias32_reference`, read as signed)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _as_signed32(_LOWBIAS_MUL_1)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _as_signed32(_LOWBIAS_MUL_2)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def position_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per (stream key, position): int32 [B, C] (the top half of SplitMix64)."""
+    top = _logical_shift_right(hashed_bits(keys, positions), 32)
+    return (top - ((top >> 31) << 32)).to(torch.int32)  # reinterpret the unsigned 32 bits as int32
+
+
+def vocab_uniforms(pos_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms strictly inside (0, 1) for every (position key [B, C], vocab id [v]) -> [B, C, v]."""
+    counters = (vocab_ids.to(torch.int32) * _as_signed32(_GOLDEN_32)).view(1, 1, -1)
+    return open_unit_interval(lowbias32(pos_keys.unsqueeze(-1) + counters))
+
+
+def open_unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """Map int32 hash bits to float32 (k + 0.5) / 2**23 from their top 23 bits: strictly inside (0, 1).
+
+    23 bits, not 24: k + 0.5 must be exact in float32, so that 1 - 2**-24 never rounds up to 1.0 (log 0).
+    """
+    top = (bits >> 9).to(torch.float32)  # arithmetic shift: an integer in [-2**22, 2**22)
+    return (top + ((1 << 22) + 0.5)) * (1.0 / (1 << 23))

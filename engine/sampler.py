@@ -66,28 +66,33 @@ def scan_vocabulary(z: torch.Tensor, gumbel_keys: torch.Tensor, vocab_chunk: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gumbel-max sample, argmax and entropy of softmax(z), reading z [B, C, V] in vocabulary chunks.
 
-    Returns (sampled int64 [B, C], argmax int64 [B, C], entropy float32 [B, C]). The chunk width is fixed
-    (not derived from B) so each canvas's floating-point sums do not depend on what it is batched with.
+    Returns (sampled int64 [B, C], argmax int64 [B, C], entropy float32 [B, C]). The Gumbel-max argmax
+    argmax_v(z_v + G_v), G_v = -log(-log U_v), is taken in its exponential form argmax_v(w_v / E_v) with
+    w = exp(z - max z) (already needed for the entropy) and E_v = -log U_v: the same winner, one log fewer.
+    The chunk width is fixed (not derived from B) so each canvas's floating-point sums do not depend on what
+    it is batched with.
     """
     batch, length, vocab = z.shape
     max_z, argmax = z.max(dim=-1)  # [B, C]
     exp_sum = torch.zeros(batch, length, dtype=torch.float32, device=z.device)
     weighted_sum = torch.zeros_like(exp_sum)
-    best_score = torch.full_like(exp_sum, float("-inf"))
+    best_race = torch.full_like(exp_sum, float("inf"))
     sampled = torch.zeros_like(argmax)
-    position_base = torch.arange(length, device=z.device, dtype=torch.int64).unsqueeze(1) * vocab  # [C, 1]
+    positions = torch.arange(length, device=z.device, dtype=torch.int64)
+    pos_keys = rng.position_keys(gumbel_keys, positions)  # int32 [B, C]
     for start in range(0, vocab, vocab_chunk):
         chunk = z[:, :, start:start + vocab_chunk].float()  # [B, C, v] (a view when z is fp32)
         shifted = chunk - max_z.unsqueeze(-1)
         weights = shifted.exp()
         exp_sum += weights.sum(dim=-1)
-        weighted_sum += (weights * shifted).sum(dim=-1)
-        del shifted, weights
+        weighted_sum += torch.linalg.vecdot(weights, shifted)
+        del shifted
         ids = torch.arange(start, start + chunk.shape[-1], device=z.device, dtype=torch.int64)
-        scores = chunk + rng.gumbel_noise(gumbel_keys, position_base + ids)  # [B, C, v]
-        chunk_best, chunk_index = scores.max(dim=-1)
-        improved = chunk_best > best_score
-        best_score = torch.where(improved, chunk_best, best_score)
+        # w / E = -(w / log U): the largest w / E is the smallest w / log U (log U < 0)
+        race = weights.div_(rng.vocab_uniforms(pos_keys, ids).log_())  # [B, C, v]
+        chunk_best, chunk_index = race.min(dim=-1)
+        improved = chunk_best < best_race
+        best_race = torch.where(improved, chunk_best, best_race)
         sampled = torch.where(improved, chunk_index + start, sampled)
     # H = -sum p log p with p = exp(z - m) / S  =>  H = log S - sum(exp(z - m) (z - m)) / S
     entropy = exp_sum.log() - weighted_sum / exp_sum

@@ -57,11 +57,37 @@ def test_mix64_matches_python_reference_bit_for_bit() -> None:
     assert [v & (2**64 - 1) for v in ours] == expected
 
 
+def test_lowbias32_matches_python_reference_bit_for_bit() -> None:
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randint(-(2**31), 2**31 - 1, (1000,), generator=gen, dtype=torch.int32)
+    values = torch.cat([values, torch.tensor([0, 1, -1, 2**31 - 1, -(2**31)], dtype=torch.int32)])
+    ours = rng.lowbias32(values).tolist()
+    assert [v & (2**32 - 1) for v in ours] == [rng.lowbias32_reference(v) for v in values.tolist()]
+
+
+def test_position_keys_are_the_top_half_of_splitmix() -> None:
+    keys = torch.tensor([rng.stream_key(9, 1, 2, rng.STREAM_GUMBEL), -5])
+    got = rng.position_keys(keys, torch.arange(6)).tolist()
+    for row, key in zip(got, keys.tolist(), strict=True):
+        expected = [rng.mix64_reference(key + p * 0x9E3779B97F4A7C15) >> 32 for p in range(6)]
+        assert [v & (2**32 - 1) for v in row] == expected
+
+
+def test_unit_interval_is_open_even_at_the_extreme_bits() -> None:
+    extremes = torch.tensor([-(2**31), -(2**31) + 511, 2**31 - 512, 2**31 - 1], dtype=torch.int32)
+    u = rng.open_unit_interval(extremes)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert bool((u.log() < 0).all())
+
+
 def test_uniforms_and_token_ids_are_in_range_and_roughly_uniform() -> None:
     keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_GUMBEL) for s in range(4)])
-    u = rng.uniform_open(keys, torch.arange(50_000))
+    u = rng.vocab_uniforms(rng.position_keys(keys, torch.arange(8)), torch.arange(5000))
+    assert u.shape == (4, 8, 5000)
     assert float(u.min()) > 0.0 and float(u.max()) < 1.0
-    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    deciles = torch.histc(u, bins=10, min=0.0, max=1.0) / u.numel()
+    assert float((deciles - 0.1).abs().max()) < 0.003
     ids = rng.uniform_token_ids(keys, torch.arange(50_000), 7)
     counts = torch.bincount(ids.flatten(), minlength=7).float()
     assert int(ids.min()) == 0 and int(ids.max()) == 6

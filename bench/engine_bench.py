@@ -1,0 +1,197 @@
+"""Engine throughput: our engine and the `transformers` reference on the same random weights, in one process.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/engine_bench.py --preset tiny --batches 1,4,16 --steps 16 \
+        --json /tmp/engine_bench.json
+    python bench/engine_bench.py --preset full --device cuda --dtype bfloat16 --batches 1,16 --steps 16
+
+The reference `DiffusionGemmaForBlockDiffusion` is built with random weights and our model is given the very
+same tensors (no copy). Both run B identical-length random prompts for `--canvases` canvases at `--steps`
+fixed denoising steps: our requests use `fixed_steps`, the reference a confidence threshold no random model
+reaches; stop tokens are disabled on both sides (an id outside the vocabulary), so every row generates every
+canvas. Each measurement is the median of `--repeats` runs after one warm-up run; ours and the reference
+alternate so that drift on a shared machine hits both. "Forwards" counts model passes (encoder and decoder
+passes, as docs/performance.md counts them). Peak memory is CUDA's allocator peak; on CPU it is not
+measured (null). Prints a table and, with --json, writes {"rows": [...], "ratios": [...], "settings": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dgtext.byte_tokenizer import build_byte_tokenizer  # noqa: E402
+from dgtext.tokenizer import PromptTokenizer  # noqa: E402
+from engine import Engine, EngineConfig, EngineRequest, LoadedModel, SamplingParams  # noqa: E402
+from engine.config import preset as preset_config  # noqa: E402
+from engine.loader import build_empty_model  # noqa: E402
+from engine.types import GenerationDefaults  # noqa: E402
+
+DECODER_PREFIX = "model.decoder."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", help="model preset: tiny | small | full")
+    parser.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes")
+    parser.add_argument("--steps", type=int, default=16, help="fixed denoising steps per canvas")
+    parser.add_argument("--canvases", type=int, default=2, help="canvases generated per request")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: canvas length)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--impls", default="ours,reference", help="which implementations to run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    return parser.parse_args(argv)
+
+
+def build_models(preset: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[LoadedModel, Any]:
+    """The reference model with random weights, and our model sharing its decoder tensors."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    config = preset_config(preset)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        reference = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_dict(config.to_hf_dict()))
+    reference = reference.to(dtype).eval().requires_grad_(False)
+    ours = build_empty_model(config, torch.device("meta"), dtype)
+    shared = {name[len(DECODER_PREFIX):]: tensor for name, tensor in reference.state_dict().items()
+              if name.startswith(DECODER_PREFIX)}
+    ours.load_state_dict(shared, assign=True)
+    ours = ours.eval().requires_grad_(False)
+    never = config.vocab_size  # an id no model can emit: stop tokens off, every canvas is generated
+    tokenizer = PromptTokenizer(build_byte_tokenizer(config.vocab_size), None, (never,), config.pad_token_id, None)
+    defaults = GenerationDefaults(stop_token_ids=(never,))
+    return LoadedModel(ours, config, tokenizer, defaults, Path(".")), reference
+
+
+def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
+
+
+def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_tokens: int
+                ) -> Callable[[], int]:
+    """A closure that runs the batch through one Engine (built once) and returns the forwards it ran."""
+    config = EngineConfig(max_canvases_in_flight=len(prompts), max_tokens_per_forward=sum(map(len, prompts)),
+                          max_context=len(prompts[0]) + new_tokens)
+    engine = Engine(loaded, config)
+    params = SamplingParams(max_new_tokens=new_tokens, max_denoising_steps=steps, fixed_steps=True, seed=1)
+
+    def run() -> int:
+        for prompt in prompts:
+            engine.add_request(EngineRequest(prompt_token_ids=tuple(prompt), params=params))
+        forwards = 0
+        while engine.has_unfinished():
+            engine.step()
+            stats = engine.last_step_stats
+            forwards += int(stats.num_encoder_tokens > 0) + int(stats.num_denoising_canvases > 0)
+        return forwards
+
+    return run
+
+
+def reference_runner(reference: Any, prompts: list[list[int]], steps: int, new_tokens: int, never: int
+                     ) -> Callable[[], int]:
+    input_ids = torch.tensor(prompts, device=reference.device)
+    canvases = -(-new_tokens // reference.config.canvas_length)
+
+    def run() -> int:
+        reference.generate(input_ids, max_new_tokens=new_tokens, max_denoising_steps=steps,
+                           stability_threshold=1, confidence_threshold=1e-30, eos_token_id=[never], pad_token_id=0)
+        return canvases * (steps + 1)  # one encoder pass per canvas plus `steps` decoder passes
+
+    return run
+
+
+def measure(run: Callable[[], int], device: torch.device) -> tuple[float, int, int | None]:
+    """(seconds, forwards, peak bytes) of one run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    forwards = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, forwards, peak
+
+
+def bench_batch(runners: dict[str, Callable[[], int]], repeats: int, device: torch.device
+                ) -> dict[str, tuple[float, int, int | None]]:
+    """Warm each implementation up once, then alternate timed runs; median seconds per implementation."""
+    for run in runners.values():
+        run()
+    samples: dict[str, list[tuple[float, int, int | None]]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            samples[name].append(measure(run, device))
+    result = {}
+    for name, runs in samples.items():
+        seconds = statistics.median(s for s, _, _ in runs)
+        peaks = [p for _, _, p in runs if p is not None]
+        result[name] = (seconds, runs[0][1], max(peaks) if peaks else None)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    loaded, reference = build_models(args.preset, device, dtype, args.seed)
+    canvas_length = loaded.config.canvas_length
+    prompt_len = args.prompt_len or canvas_length
+    new_tokens = args.canvases * canvas_length
+    rows, ratios = [], []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = make_prompts(batch, prompt_len, loaded.config.vocab_size, args.seed + batch)
+        runners: dict[str, Callable[[], int]] = {}
+        if "ours" in impls:
+            runners["ours"] = ours_runner(loaded, prompts, args.steps, new_tokens)
+        if "reference" in impls:
+            runners["reference"] = reference_runner(reference, prompts, args.steps, new_tokens,
+                                                    loaded.config.vocab_size)
+        results = bench_batch(runners, args.repeats, device)
+        for impl, (seconds, forwards, peak) in results.items():
+            rows.append({"impl": impl, "preset": args.preset, "device": str(device), "batch": batch,
+                         "steps_per_canvas": args.steps, "new_tokens": batch * new_tokens,
+                         "tok_per_s": batch * new_tokens / seconds, "ms_per_forward": 1000 * seconds / forwards,
+                         "peak_mem_bytes": peak})
+        if {"ours", "reference"} <= results.keys():
+            ratio = results["reference"][0] / results["ours"][0]  # equal token counts: time ratio = tok/s ratio
+            ratios.append({"batch": batch, "ratio_ours_over_reference": ratio})
+    print_table(rows, ratios)
+    report = {"rows": rows, "ratios": ratios,
+              "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                           "prompt_len": prompt_len, "torch": torch.__version__,
+                           "threads": torch.get_num_threads()}}
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> None:
+    header = f"{'impl':<10}{'batch':>6}{'steps':>6}{'tokens':>8}{'tok/s':>10}{'ms/fwd':>9}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        peak = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.0f}"
+        print(f"{row['impl']:<10}{row['batch']:>6}{row['steps_per_canvas']:>6}{row['new_tokens']:>8}"
+              f"{row['tok_per_s']:>10.1f}{row['ms_per_forward']:>9.2f}{peak:>10}")
+    for ratio in ratios:
+        print(f"batch {ratio['batch']:>3}: ours / reference = {ratio['ratio_ours_over_reference']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
