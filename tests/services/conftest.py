@@ -17,9 +17,6 @@ from services.jobs import JobStore
 from services.settings import Settings
 from tests.support.api_server import serve_in_thread
 
-KEY_A = "key-a-0123456789"
-KEY_B = "key-b-0123456789"
-
 
 @pytest.fixture(scope="session")
 def tokenizer_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

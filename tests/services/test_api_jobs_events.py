@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.services.conftest import KEY_A, KEY_B
+from tests.services.api_keys import KEY_A, KEY_B
 
 
 def parse_sse(text: str) -> list[dict]:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.services.conftest import KEY_A, KEY_B
+from tests.services.api_keys import KEY_A, KEY_B
 
 GOOD = {"prompt": "Hello there", "max_new_tokens": 16, "seed": 7}
 DOC = "alpha beta gamma beta\n"

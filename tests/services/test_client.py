@@ -10,7 +10,7 @@ import time
 import pytest
 
 from services.client import AsyncDgserveClient, DgserveClient, DgserveError
-from tests.services.conftest import KEY_A
+from tests.services.api_keys import KEY_A
 
 
 def finish_later(api, job_id: str, delay: float = 0.3) -> threading.Thread:
