@@ -113,7 +113,12 @@ class DiffusionGemmaModel(nn.Module):
         out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=torch.float32)
         for start in range(0, weight.shape[0], VOCAB_CHUNK):
             chunk = F.linear(x, weight[start:start + VOCAB_CHUNK]).float()
-            out[..., start:start + VOCAB_CHUNK] = torch.tanh(chunk / cap) * cap
+            target = out[..., start:start + VOCAB_CHUNK]
+            if torch.is_grad_enabled():  # training: keep autograd-friendly out-of-place ops
+                target.copy_(torch.tanh(chunk / cap) * cap)
+            else:  # serving: in place, one fewer pass over a vocabulary-sized chunk and no extra temporaries
+                torch.tanh(chunk.div_(cap), out=target)
+                target.mul_(cap)
         return out
 
     def _embed_scale(self, dtype: torch.dtype) -> float:
