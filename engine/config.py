@@ -143,6 +143,36 @@ class ModelConfig:
 
 def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
     """Map the `text_config` dict onto ModelConfig fields, rejecting variants the engine does not implement."""
+    _reject_unsupported(text)
+    num_layers = int(text["num_hidden_layers"])
+    layer_types = text.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
+                         "give one type per layer")
+    global_head_dim, global_kv = _full_layer_overrides(text, layer_types)
+    eos = text.get("eos_token_id", 1)
+    return {
+        "vocab_size": int(text["vocab_size"]), "hidden_size": int(text["hidden_size"]),
+        "intermediate_size": int(text["intermediate_size"]), "num_hidden_layers": num_layers,
+        "num_attention_heads": int(text["num_attention_heads"]),
+        "num_key_value_heads": int(text["num_key_value_heads"]),
+        "head_dim": int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]),
+        "global_head_dim": global_head_dim,
+        "num_global_key_value_heads": global_kv if global_kv is not None else int(text["num_key_value_heads"]),
+        "layer_types": tuple(layer_types), "sliding_window": int(text.get("sliding_window", 512)),
+        "num_experts": int(text["num_experts"]), "top_k_experts": int(text["top_k_experts"]),
+        "moe_intermediate_size": int(text["moe_intermediate_size"]),
+        "max_position_embeddings": int(text.get("max_position_embeddings", 262_144)),
+        "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
+        "final_logit_softcapping": float(text.get("final_logit_softcapping") or 30.0),
+        **_rope_fields(text.get("rope_parameters") or {}),
+        "pad_token_id": _int_or(text.get("pad_token_id"), 0),
+        "bos_token_id": _int_or(text.get("bos_token_id"), 2),
+        "eos_token_ids": tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+    }
+
+
+def _reject_unsupported(text: dict[str, Any]) -> None:
     if text.get("hidden_activation", SUPPORTED_ACTIVATION) != SUPPORTED_ACTIVATION:
         raise ValueError(f"hidden_activation {text['hidden_activation']!r} is not supported (only {SUPPORTED_ACTIVATION})")
     if text.get("attention_bias"):
@@ -155,42 +185,22 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
                            "moe_intermediate_size") if text.get(k) is None]
     if missing:
         raise ValueError(f"text_config lacks required fields {missing}")
-    num_layers = int(text["num_hidden_layers"])
-    layer_types = text.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
-    if len(layer_types) != num_layers:
-        raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
-                         "give one type per layer")
-    head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
-    global_head_dim, global_kv = _full_layer_overrides(text, layer_types)
-    rope = text.get("rope_parameters") or {}
+
+
+def _rope_fields(rope: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings per layer type; "default" RoPE on full layers is proportional RoPE over the whole head."""
     sliding_rope, full_rope = rope.get(SLIDING) or {}, rope.get(FULL) or {}
     if sliding_rope.get("rope_type", "default") != "default" or sliding_rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"sliding-layer RoPE {sliding_rope} is not supported (expected plain 'default' RoPE)")
-    if full_rope.get("rope_type", "proportional") not in ("proportional", "default"):
-        raise ValueError(f"full-layer rope_type {full_rope.get('rope_type')!r} is not supported")
-    eos = text.get("eos_token_id", 1)
+    full_type = full_rope.get("rope_type", "proportional")
+    if full_type not in ("proportional", "default"):
+        raise ValueError(f"full-layer rope_type {full_type!r} is not supported")
     return {
-        "vocab_size": int(text["vocab_size"]), "hidden_size": int(text["hidden_size"]),
-        "intermediate_size": int(text["intermediate_size"]), "num_hidden_layers": num_layers,
-        "num_attention_heads": int(text["num_attention_heads"]),
-        "num_key_value_heads": int(text["num_key_value_heads"]), "head_dim": head_dim,
-        "global_head_dim": global_head_dim,
-        "num_global_key_value_heads": global_kv if global_kv is not None else int(text["num_key_value_heads"]),
-        "layer_types": tuple(layer_types), "sliding_window": int(text.get("sliding_window", 512)),
-        "num_experts": int(text["num_experts"]), "top_k_experts": int(text["top_k_experts"]),
-        "moe_intermediate_size": int(text["moe_intermediate_size"]),
-        "max_position_embeddings": int(text.get("max_position_embeddings", 262_144)),
-        "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
-        "final_logit_softcapping": float(text.get("final_logit_softcapping") or 30.0),
         "sliding_rope_theta": float(sliding_rope.get("rope_theta", 10_000.0)),
         "full_rope_theta": float(full_rope.get("rope_theta", 1_000_000.0)),
-        # "default" RoPE on full layers is proportional RoPE over the whole head.
         "full_partial_rotary_factor": float(full_rope.get("partial_rotary_factor", 0.25)
-                                            if full_rope.get("rope_type", "proportional") == "proportional" else 1.0),
+                                            if full_type == "proportional" else 1.0),
         "full_rope_factor": float(full_rope.get("factor", 1.0)),
-        "pad_token_id": _int_or(text.get("pad_token_id"), 0),
-        "bos_token_id": _int_or(text.get("bos_token_id"), 2),
-        "eos_token_ids": tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
     }
 
 
