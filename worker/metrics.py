@@ -78,6 +78,13 @@ class WorkerMetrics:
         self.torch_reserved = Gauge("dgserve_torch_memory_reserved_bytes",
                                     "Bytes reserved by the CUDA caching allocator.", by_card, registry=r)
 
+        # Children of the per-step series, resolved once: the engine loop updates them after every step.
+        card = {"model": labels.model, "gpu": labels.gpu}
+        self._batch_size_child = self.batch_size.labels(**card)
+        self._forward_seconds_child = self.forward_seconds.labels(**card)
+        self._in_flight_child = self.canvases_in_flight.labels(**card)
+        self._waiting_child = self.canvases_waiting.labels(**card)
+
     def card(self) -> dict[str, str]:
         return {"model": self.labels.model, "gpu": self.labels.gpu}
 
@@ -87,8 +94,8 @@ class WorkerMetrics:
     def observe_step(self, num_denoising_canvases: int, forward_seconds: float) -> None:
         """One engine step: its batch size (only forwards that denoised something) and its time."""
         if num_denoising_canvases > 0:
-            self.batch_size.labels(**self.card()).observe(num_denoising_canvases)
-        self.forward_seconds.labels(**self.card()).observe(forward_seconds)
+            self._batch_size_child.observe(num_denoising_canvases)
+        self._forward_seconds_child.observe(forward_seconds)
 
     def observe_canvas(self, kind: str, num_tokens: int, num_steps: int) -> None:
         """A committed canvas: counted here (not at job end) so token rates are smooth in dashboards."""
@@ -110,8 +117,8 @@ class WorkerMetrics:
                 histogram.labels(**labels).observe(max(seconds, 0.0))
 
     def set_load(self, num_running: int, num_waiting: int) -> None:
-        self.canvases_in_flight.labels(**self.card()).set(num_running)
-        self.canvases_waiting.labels(**self.card()).set(num_waiting)
+        self._in_flight_child.set(num_running)
+        self._waiting_child.set(num_waiting)
 
     def set_memory(self, used_bytes: int, total_bytes: int, allocated_bytes: int | None = None,
                    reserved_bytes: int | None = None) -> None:
