@@ -114,12 +114,16 @@ def lowbias32_reference(x: int) -> int:
 
 
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int32 tensor (bits equal to `lowbias32_reference`, read as signed)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _as_signed32(_LOWBIAS_MUL_1)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _as_signed32(_LOWBIAS_MUL_2)
-    return x ^ ((x >> 16) & 0xFFFF)
+    """lowbias32 on an int32 tensor (bits equal to `lowbias32_reference`, read as signed). Overwrites `x`
+    (the hot path: in-place passes with one scratch tensor)."""
+    scratch = torch.empty_like(x)
+    for shift, multiplier in ((16, _LOWBIAS_MUL_1), (15, _LOWBIAS_MUL_2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=scratch)
+        scratch &= (1 << (32 - shift)) - 1  # logical shift: clear the copied sign bits
+        x ^= scratch
+        if multiplier is not None:
+            x *= _as_signed32(multiplier)
+    return x
 
 
 def position_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,9 @@ def vocab_uniforms(pos_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Ten
 
 def open_unit_interval(bits: torch.Tensor) -> torch.Tensor:
     """Map int32 hash bits to float32 (k + 0.5) / 2**23 from their top 23 bits: strictly inside (0, 1).
+    Overwrites `bits`.
 
     23 bits, not 24: k + 0.5 must be exact in float32, so that 1 - 2**-24 never rounds up to 1.0 (log 0).
     """
-    top = (bits >> 9).to(torch.float32)  # arithmetic shift: an integer in [-2**22, 2**22)
-    return (top + ((1 << 22) + 0.5)) * (1.0 / (1 << 23))
+    bits >>= 9  # arithmetic shift: an integer in [-2**22, 2**22)
+    return bits.to(torch.float32).add_((1 << 22) + 0.5).mul_(1.0 / (1 << 23))

@@ -85,7 +85,7 @@ def scan_vocabulary(z: torch.Tensor, gumbel_keys: torch.Tensor, vocab_chunk: int
         shifted = chunk - max_z.unsqueeze(-1)
         weights = shifted.exp()
         exp_sum += weights.sum(dim=-1)
-        weighted_sum += torch.linalg.vecdot(weights, shifted)
+        weighted_sum += (weights * shifted).sum(dim=-1)
         del shifted
         ids = torch.arange(start, start + chunk.shape[-1], device=z.device, dtype=torch.int64)
         # w / E = -(w / log U): the largest w / E is the smallest w / log U (log U < 0)
