@@ -260,3 +260,48 @@ def test_step_stats_and_request_stats_are_filled(loaded: LoadedModel) -> None:
     assert end.prompt_tokens == stats.num_encoder_tokens and end.steps_per_canvas == STEPS
     assert end.queue_seconds >= 0 and end.run_seconds >= end.prefill_seconds >= 0
     assert torch.is_tensor(engine.runner.sc_embeds)  # the runner's state stays allocated between requests
+
+
+def test_a_step_reads_the_device_at_most_once(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count host reads of tensors the step computed. Tensors built from Python values (torch.tensor, and their
+    .to() copies) and the results of .cpu() are host data already: reading those is not a device read."""
+    engine = make_engine(loaded)
+    for seed in range(3):
+        engine.add_request(EngineRequest(prompt=f"read {seed}", params=params(seed, stream_drafts=True)))
+    reads: list[str] = []
+
+    def marking(original):
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if original is not torch.Tensor.to or getattr(source, "_host_data", False):
+                result._host_data = True  # an attribute on the tensor itself: ids get reused, tensors don't
+            return result
+        return wrapper
+
+    def counting(original, name):
+        def wrapper(self, *args, **kwargs):
+            if not getattr(self, "_host_data", False):
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "tensor", marking(torch.tensor))
+    monkeypatch.setattr(torch.Tensor, "to", marking(torch.Tensor.to))
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), name))
+    monkeypatch.setattr(torch.Tensor, "cpu", marking(counting(torch.Tensor.cpu, "cpu")))
+    for _ in range(STEPS + 1):  # prefill + first step, later steps, a canvas stop
+        reads.clear()
+        engine.step()
+        assert len(reads) <= 1, reads
+
+
+def test_bfloat16_engine_runs_on_cpu(tiny_checkpoint: Path) -> None:
+    loaded_bf16 = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    engine = make_engine(loaded_bf16)
+    rid = engine.add_request(EngineRequest(prompt="bf16", params=params(1)))
+    outputs = run_to_end(engine)
+    tokens = committed(outputs, rid)
+    assert tokens and all(0 <= t < loaded_bf16.config.vocab_size for t in tokens)
+    assert engine.runner.sc_embeds.dtype == torch.bfloat16
