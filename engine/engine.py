@@ -113,7 +113,7 @@ class Engine:
         try:
             result = self.runner.execute(plan, self._sequences)
         except RuntimeError as err:  # device errors (e.g. out of memory): fail this step's requests, keep serving
-            touched = {work.request_id for work in (*plan.encodes, *plan.denoises)}
+            touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
             for request_id in touched:
                 outputs.append(self._finish(self._sequences[request_id], "error", 0, message=str(err)))
             self.last_step_stats = StepStats()

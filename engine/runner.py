@@ -20,6 +20,7 @@ import torch
 from engine import rng
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.model.transformer import DiffusionGemmaModel
 from engine.sampler import CanvasState, SamplerInputs, denoise_step, initial_canvas, temperature_at
 from engine.scheduler import DenoiseWork, EncodeWork, SequenceState, StepPlan
 from engine.types import EngineConfig
@@ -55,10 +56,11 @@ def kv_budget_bytes(engine_config: EngineConfig, device: torch.device) -> int:
 class ModelRunner:
     """Runs plans on one model; holds the KV cache and the per-slot sampler state."""
 
-    def __init__(self, model: torch.nn.Module, config: ModelConfig, engine_config: EngineConfig) -> None:
+    def __init__(self, model: DiffusionGemmaModel, config: ModelConfig, engine_config: EngineConfig) -> None:
         weight = model.embed_tokens.weight
         self.model, self.config, self.engine_config = model, config, engine_config
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device: torch.device = weight.device
+        self.dtype: torch.dtype = weight.dtype
         per_slot = KVCache.bytes_per_slot(config, engine_config.max_context, self.dtype)
         budget = kv_budget_bytes(engine_config, self.device)
         self.num_slots = min(budget // per_slot, engine_config.max_canvases_in_flight)

@@ -305,3 +305,31 @@ def test_bfloat16_engine_runs_on_cpu(tiny_checkpoint: Path) -> None:
     tokens = committed(outputs, rid)
     assert tokens and all(0 <= t < loaded_bf16.config.vocab_size for t in tokens)
     assert engine.runner.sc_embeds.dtype == torch.bfloat16
+
+
+class FailsOnceModel(DiffusionGemmaModel):
+    """The real model, except that its first decoder forward raises as a device error would."""
+
+    def __init__(self, base: DiffusionGemmaModel) -> None:
+        super().__init__(base.config)
+        self.load_state_dict(base.state_dict())
+        self.eval().requires_grad_(False)
+        self.failed = False
+
+    def denoise(self, *args, **kwargs):  # type: ignore[override]
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().denoise(*args, **kwargs)
+
+
+def test_a_device_error_fails_that_step_and_the_engine_goes_on(loaded: LoadedModel) -> None:
+    engine = make_engine(with_model(loaded, FailsOnceModel(loaded.model)))
+    doomed = engine.add_request(EngineRequest(prompt="doomed", params=params(1)))
+    outputs = engine.step()
+    end = finished(outputs, doomed)
+    assert end.finish_reason == "error" and "out of memory" in end.text
+    survivor = engine.add_request(EngineRequest(prompt="after", params=params(2)))
+    outputs = run_to_end(engine)
+    assert finished(outputs, survivor).finish_reason in ("stop", "length") and committed(outputs, survivor)
+    assert engine.scheduler.free_slots and not engine.has_unfinished()
