@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 from typing import Any
 
@@ -60,6 +61,7 @@ class WorkerRuntime:
                                cancel_requested=self.writer.cancel_requested,
                                sample_memory=lambda: sample_memory(self.metrics, self.device))
         self._metrics_server: Any = None
+        self._dead_worker_signalled = False
 
     def start(self) -> None:
         self.writer.start()
@@ -106,6 +108,7 @@ class WorkerRuntime:
         try:
             self.loop.submit(ticket)
         except RuntimeError as err:
+            self._shut_down_dead_worker()
             raise HandBack(str(err)) from err
         outcome = ticket.future.result()
         if outcome is JobOutcome.HANDED_BACK:
@@ -113,6 +116,14 @@ class WorkerRuntime:
             # (heartbeat_ttl_seconds) the redelivered message restarts it elsewhere.
             raise HandBack(f"job {job_id} handed back at shutdown")
         return outcome.value
+
+    def _shut_down_dead_worker(self) -> None:
+        """The engine loop is gone (it crashed): stop this worker so its supervisor starts a fresh one, rather
+        than keep taking jobs it can only hand back."""
+        if not self._dead_worker_signalled:
+            self._dead_worker_signalled = True
+            logger.critical("the engine loop is not running; shutting this worker down")
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _renew_leases(self, job_ids: list[str]) -> None:
         # The store renews a lease with every progress write; re-writing the last progress keeps the
@@ -122,8 +133,10 @@ class WorkerRuntime:
             self.store.set_progress(job_id, canvas, step)
 
     def _remote_heartbeat(self) -> None:
-        self.store.heartbeat(self.worker_id, {"queue": self.settings.queue_name, "model": self.settings.model_name,
-                                              "gpu": self.metrics.labels.gpu, "pid": os.getpid()})
+        # On the writer thread: the engine loop never waits on Redis.
+        info = {"queue": self.settings.queue_name, "model": self.settings.model_name,
+                "gpu": self.metrics.labels.gpu, "pid": os.getpid()}
+        self.writer.submit(lambda: self.store.heartbeat(self.worker_id, info))
 
 
 def load_engine(settings: WorkerSettings, device: Any) -> Engine:

@@ -32,7 +32,7 @@ class WorkerSettings(Settings):
     worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     worker_shutdown_grace_seconds: float = Field(default=120.0, ge=0, le=3600, description=(
         "after SIGTERM, in-flight jobs get this long to finish before being handed back to the queue"))
-    worker_cancel_poll_seconds: float = Field(default=0.1, gt=0, le=10, description=(
+    worker_cancel_poll_seconds: float = Field(default=0.25, gt=0, le=10, description=(
         "how often cancel flags of running jobs are read"))
     broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
         "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery import signals
 from celery.exceptions import Reject
 
@@ -21,6 +22,7 @@ from worker.celery_app import TASK_NAME, app, settings
 from worker.runtime import HandBack, RetryLater, begin_shutdown, get_runtime, start_runtime, stop_runtime
 
 logger = logging.getLogger(__name__)
+REDIS_RETRY_SECONDS = 2.0
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
@@ -33,6 +35,11 @@ def run_job(self: Any, job_id: str) -> str:
         raise Reject(str(err), requeue=True) from err
     except RetryLater as err:
         raise self.retry(countdown=err.countdown) from err
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        # The job store is unreachable: nothing was decided about the job, so look again shortly
+        # rather than ack a message whose job never ran.
+        logger.warning("job store unreachable for job %s: %s", job_id, err)
+        raise self.retry(countdown=REDIS_RETRY_SECONDS) from err
 
 
 @signals.worker_init.connect

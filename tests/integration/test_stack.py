@@ -10,7 +10,8 @@ import pytest
 from dgtext.tokenizer import PromptTokenizer
 from engine.engine import Engine
 from services.api.job_queue import JobQueue
-from services.schemas import parse_job_create
+from services.jobs import JobStore
+from services.schemas import GenerateJobCreate, parse_job_create
 from services.settings import model_short_name
 from tests.integration.conftest import (
     SHARED_QUEUE,
@@ -149,3 +150,32 @@ def test_metrics_endpoints_expose_the_documented_names(stack: Stack):
         assert client.get("/readyz").status_code == 200  # the worker's heartbeat is in the store
     for name in ("dgserve_api_requests_total", "dgserve_queue_depth"):
         assert name in api_text, name
+
+
+def test_job_past_its_deadline_is_stopped_between_steps(stack: Stack):
+    # The API stamps deadline_at = created + job_deadline_seconds; a store with a 1 s deadline makes one.
+    settings = stack.settings(queue_name=SHARED_QUEUE, job_deadline_seconds=1)
+    store = JobStore.from_settings(settings)
+    job_id = store.create(GenerateJobCreate(prompt="too slow", seed=9, max_new_tokens=4096 - 64)).job_id
+    producer = JobQueue(settings)
+    producer.submit(job_id)
+    producer.close()
+    wait_until(lambda: store.get(job_id).is_finished, timeout=60, what="deadline enforced")
+    job = store.get(job_id)
+    assert job.status == "expired" and job.error[0] == "deadline_exceeded"
+    assert job.started_at is not None  # it ran, and was stopped by the worker, not refused at start
+    assert store_event_types(store, job_id)[-1] == "expired"
+
+
+def test_edit_job_through_the_stack(stack: Stack):
+    document = "The quick brown fox jumps over the lazy dog."
+    body = {"kind": "edit", "document": document, "edits": [{"find": "brown fox"}], "seed": 4}
+    with stack.client() as client:
+        job_id = submit(client, body)
+        view = wait_for_status(client, job_id, TERMINAL)
+    assert view["status"] == "succeeded", view["error"]
+    result = view["result"]
+    (edit,) = result["edits"]
+    assert result["document"].startswith(document[:edit["start"]])
+    assert result["document"].endswith(document[edit["original_end"]:])
+    assert result["document"][edit["start"]:edit["end"]] == edit["replacement"]
