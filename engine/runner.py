@@ -157,6 +157,14 @@ class ModelRunner:
             renoise_keys=longs(renoise),
         )
 
+    def _round_to_model_dtype_(self, z: torch.Tensor) -> None:
+        if self.dtype == z.dtype:
+            return
+        chunk = self.engine_config.vocab_chunk_size
+        for start in range(0, z.shape[-1], chunk):
+            part = z[..., start:start + chunk]
+            part.copy_(part.to(self.dtype))
+
     def _denoise(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]) -> list[CanvasResult]:
         slots = torch.tensor([work.slot for work in works], device=self.device)
         starts_host = [work.canvas_start for work in works]
@@ -171,9 +179,10 @@ class ModelRunner:
                             fixed_ids=self.fixed_ids[slots])
         out = denoise_step(logits, state, self._sampler_inputs(works, sequences),
                            self.engine_config.vocab_chunk_size)
-        # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, taken in
-        # the model dtype as the reference does.
-        self.sc_embeds[slots] = self.model.self_conditioning_embeds(logits.to(self.dtype))
+        # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, rounded to
+        # the model dtype as the reference does (in place, chunk by chunk: no second [B, C, V] tensor).
+        self._round_to_model_dtype_(logits)
+        self.sc_embeds[slots] = self.model.self_conditioning_embeds(logits)
         del logits
         self.canvas_ids[slots] = out.next_canvas
         self.prev_argmax[slots] = out.argmax
