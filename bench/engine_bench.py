@@ -61,8 +61,13 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype, seed: in
 
     config = preset_config(preset)
     torch.manual_seed(seed)
-    with torch.device(device):
-        reference = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_dict(config.to_hf_dict()))
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of a 25B-parameter model
+    try:
+        with torch.device(device):
+            reference = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_dict(config.to_hf_dict()))
+    finally:
+        torch.set_default_dtype(previous_dtype)
     reference = reference.to(dtype).eval().requires_grad_(False)
     ours = build_empty_model(config, torch.device("meta"), dtype)
     shared = {name[len(DECODER_PREFIX):]: tensor for name, tensor in reference.state_dict().items()
