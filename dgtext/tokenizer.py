@@ -26,6 +26,10 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Tokenizer, chat_template: str | None, eos_ids: Sequence[int],
                  pad_id: int, bos_token: str | None) -> None:
         self._tokenizer = tokenizer
+        # User text (raw prompts, documents) must never turn into control tokens: a document that contains
+        # the string "<eos>" is text. This twin encodes special-token strings as ordinary bytes.
+        self._plain_tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self._plain_tokenizer.encode_special_tokens = True
         self._chat_template = chat_template
         self._template = None
         if chat_template is not None:
@@ -65,8 +69,11 @@ class PromptTokenizer:
             bos_token = "<bos>"
         return cls(tokenizer, chat_template, eos_ids, int(pad_id if pad_id is not None else 0), bos_token)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings inside `text` stay plain text unless `parse_special`
+        (used for the output of the chat template, whose markers must become control tokens)."""
+        tokenizer = self._tokenizer if parse_special else self._plain_tokenizer
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -87,7 +94,7 @@ class PromptTokenizer:
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
         if messages is not None:
-            return self.encode(self.render_chat(messages))
+            return self.encode(self.render_chat(messages), parse_special=True)
         ids = self.encode(prompt or "")
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]

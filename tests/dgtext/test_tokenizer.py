@@ -75,3 +75,11 @@ def test_missing_tokenizer_and_missing_folder_are_actionable(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_model_dir(str(tmp_path / "nope"))
     assert resolve_model_dir(str(tmp_path)) == tmp_path
+
+
+def test_special_token_strings_in_user_text_stay_text(tokenizer_dir):
+    tok = PromptTokenizer.from_dir(tokenizer_dir)
+    ids = tok.encode_prompt(prompt="a<eos>b<turn|>")
+    assert 1 not in ids and 106 not in ids
+    assert tok.decode(ids) == "a<eos>b<turn|>"
+    assert tok.encode("<eos>", parse_special=True) == [1]
