@@ -87,7 +87,7 @@ class LocalStack:
                     "DGSERVE_QUEUE_NAME": "dgemma.bench", "DGSERVE_MAX_QUEUED_JOBS": "100000",
                     # Below redis-py's 5 s default socket timeout, so the API's blocking XREAD of a queued
                     # job's events returns before the socket times out.
-                    "DGSERVE_SSE_KEEPALIVE_SECONDS": "4",
+                    "DGSERVE_SSE_KEEPALIVE_SECONDS": "4", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1",
                     "DGSERVE_CACHE_DIR": str(log_dir / "cache"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.processes: list[subprocess.Popen] = []
         self._start("redis", [find_redis_server(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",

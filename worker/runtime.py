@@ -68,7 +68,7 @@ class WorkerRuntime:
         self.loop.start()
         self.heartbeat.beat(force=True)
         sample_memory(self.metrics, self.device)
-        self._metrics_server = self.metrics.serve(self.settings.worker_metrics_port)
+        self._metrics_server = self.metrics.serve(self.settings.worker_metrics_port, self.settings.worker_metrics_host)
         logger.info("worker %s serving %s on %s; metrics on :%d", self.worker_id, self.settings.queue_name,
                     self.device, self.settings.worker_metrics_port)
 

@@ -27,6 +27,8 @@ class WorkerSettings(Settings):
     worker_max_context: int = Field(default=4096, ge=64, description="longest prompt + output one slot holds")
     worker_max_tokens_per_forward: int = Field(default=8192, ge=64)
     worker_kv_cache_bytes: int | None = Field(default=None, ge=1, description="None: the engine's default budget")
+    worker_metrics_host: str = Field(default="0.0.0.0", description=(
+        "interface of the /metrics endpoint: all by default so Prometheus in another container can scrape it"))
     worker_heartbeat_file: Path | None = Field(default=None, description=(
         "touched by the engine loop; default <cache dir>/worker-<queue>.heartbeat"))
     worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
