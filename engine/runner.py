@@ -21,7 +21,16 @@ from engine import rng
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model.transformer import DiffusionGemmaModel
-from engine.sampler import CanvasState, SamplerInputs, denoise_step, initial_canvas, temperature_at
+from engine.sampler import (
+    CanvasState,
+    ChunkStatistics,
+    CompiledWithFallback,
+    SamplerInputs,
+    chunk_statistics,
+    denoise_step,
+    initial_canvas,
+    temperature_at,
+)
 from engine.scheduler import DenoiseWork, EncodeWork, SequenceState, StepPlan
 from engine.types import EngineConfig
 
@@ -77,6 +86,10 @@ class ModelRunner:
         self.fixed_ids = torch.zeros(slots, length, dtype=torch.int64, device=self.device)
         self.sc_embeds = torch.zeros(slots, length, config.hidden_size, dtype=self.dtype, device=self.device)
         self._canvas_offsets = torch.arange(length, dtype=torch.int64, device=self.device)
+        compile_sampler = engine_config.compile_sampler
+        if compile_sampler is None:
+            compile_sampler = self.device.type == "cuda"
+        self.chunk_statistics: ChunkStatistics = CompiledWithFallback() if compile_sampler else chunk_statistics
 
     def release_slot(self, slot: int) -> None:
         self.cache.reset_slot(slot)
@@ -178,7 +191,7 @@ class ModelRunner:
                             stable_steps=self.stable_steps[slots], is_fixed=self.is_fixed[slots],
                             fixed_ids=self.fixed_ids[slots])
         out = denoise_step(logits, state, self._sampler_inputs(works, sequences),
-                           self.engine_config.vocab_chunk_size)
+                           self.engine_config.vocab_chunk_size, self.chunk_statistics)
         # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, rounded to
         # the model dtype as the reference does (in place, chunk by chunk: no second [B, C, V] tensor).
         self._round_to_model_dtype_(logits)

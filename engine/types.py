@@ -223,6 +223,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     max_context: int = 4096
     vocab_chunk_size: int = 4096  # sampler: vocabulary read in chunks of this many ids (bounds temporaries)
+    compile_sampler: bool | None = None  # torch.compile the sampler's vocabulary scan; None -> only on CUDA
 
     def __post_init__(self) -> None:
         for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size"):

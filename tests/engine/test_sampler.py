@@ -255,3 +255,29 @@ def test_each_canvas_is_independent_of_its_batch_neighbours() -> None:
 def test_entropy_of_uniform_logits_is_log_vocab() -> None:
     _, _, entropy = scan_vocabulary(torch.zeros(1, 2, 300), torch.tensor([1]), 64)
     torch.testing.assert_close(entropy, torch.full((1, 2), math.log(300)))
+
+
+def test_compile_failure_falls_back_to_the_eager_statistics() -> None:
+    from engine.sampler import CompiledWithFallback
+
+    z = torch.randn(2, 4, 50)
+    keys = torch.tensor([5, 6])
+    broken = CompiledWithFallback(backend="no_such_backend")  # torch.compile rejects it when first called
+    sampled, argmax, entropy = scan_vocabulary(z, keys, 16, broken)
+    want_sampled, want_argmax, want_entropy = scan_vocabulary(z, keys, 16)
+    assert torch.equal(sampled, want_sampled) and torch.equal(argmax, want_argmax)
+    assert torch.equal(entropy, want_entropy)
+    assert broken.failed_with is not None
+
+
+@pytest.mark.slow
+def test_compiled_scan_matches_eager() -> None:
+    from engine.sampler import compiled_chunk_statistics
+
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 8, 300, generator=gen) * 3
+    keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_GUMBEL) for s in range(3)])
+    sampled, argmax, entropy = scan_vocabulary(z, keys, 128, compiled_chunk_statistics())
+    want_sampled, want_argmax, want_entropy = scan_vocabulary(z, keys, 128)
+    assert torch.equal(sampled, want_sampled) and torch.equal(argmax, want_argmax)
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=1e-5)
