@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--impls", default="ours,reference", help="which implementations to run")
+    parser.add_argument("--compile-sampler", default="auto", choices=["auto", "on", "off"],
+                        help="torch.compile our sampler's vocabulary scan (auto: on CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     return parser.parse_args(argv)
@@ -85,11 +87,11 @@ def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> lis
     return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
 
 
-def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_tokens: int
-                ) -> Callable[[], int]:
+def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_tokens: int,
+                compile_sampler: bool | None) -> Callable[[], int]:
     """A closure that runs the batch through one Engine (built once) and returns the forwards it ran."""
     config = EngineConfig(max_canvases_in_flight=len(prompts), max_tokens_per_forward=sum(map(len, prompts)),
-                          max_context=len(prompts[0]) + new_tokens)
+                          max_context=len(prompts[0]) + new_tokens, compile_sampler=compile_sampler)
     engine = Engine(loaded, config)
     params = SamplingParams(max_new_tokens=new_tokens, max_denoising_steps=steps, fixed_steps=True, seed=1)
 
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = make_prompts(batch, prompt_len, loaded.config.vocab_size, args.seed + batch)
         runners: dict[str, Callable[[], int]] = {}
         if "ours" in impls:
-            runners["ours"] = ours_runner(loaded, prompts, args.steps, new_tokens)
+            compile_sampler = {"auto": None, "on": True, "off": False}[args.compile_sampler]
+            runners["ours"] = ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler)
         if "reference" in impls:
             runners["reference"] = reference_runner(reference, prompts, args.steps, new_tokens,
                                                     loaded.config.vocab_size)
