@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=55.0, help="stop early (and export) past this")
     parser.add_argument("--export-only", action="store_true", help="export <work>/state.pt to --out and exit")
+    # Sampler defaults written to generation_config.json. A model this small is best sampled at
+    # temperature 1: it was trained with self-conditioning on untempered logits, and the sampler feeds back
+    # logits / T (measured on held-out infill, see models/dgtiny/README.md).
+    parser.add_argument("--gen-t-min", type=float, default=1.0)
+    parser.add_argument("--gen-t-max", type=float, default=1.0)
+    parser.add_argument("--gen-steps", type=int, default=16, help="max_denoising_steps per canvas")
+    parser.add_argument("--gen-max-new-tokens", type=int, default=128)
     return parser.parse_args(argv)
 
 
@@ -92,9 +99,10 @@ def heldout_metrics(model: DiffusionGemmaModel, batches: list, seed: int) -> dic
     return {f"heldout_{k}": round(v, 4) for k, v in totals.items()}
 
 
-def export(model: DiffusionGemmaModel, config: ModelConfig, tokenizer: Tokenizer, out: Path) -> None:
-    defaults = GenerationDefaults(stop_token_ids=config.eos_token_ids, max_new_tokens=128, max_denoising_steps=16)
-    save_checkpoint(model, config, out, tokenizer, defaults)
+def export(model: DiffusionGemmaModel, config: ModelConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> None:
+    defaults = GenerationDefaults(stop_token_ids=config.eos_token_ids, max_new_tokens=args.gen_max_new_tokens,
+                                  max_denoising_steps=args.gen_steps, t_min=args.gen_t_min, t_max=args.gen_t_max)
+    save_checkpoint(model, config, args.out, tokenizer, defaults)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -109,7 +117,7 @@ def train(args: argparse.Namespace) -> None:
     state_path = args.work / "state.pt"
     if args.export_only:
         model.load_state_dict(torch.load(state_path)["model"])
-        export(model, config, tokenizer, args.out)
+        export(model, config, tokenizer, args)
         return
     layout = DataLayout(config.canvas_length, args.max_prompt_tokens, config.vocab_size, config.pad_token_id,
                         config.bos_token_id, config.eos_token_ids[0], args.span_fraction)
@@ -144,7 +152,7 @@ def train(args: argparse.Namespace) -> None:
             log_file.flush()
         if out_of_time:
             break
-    export(model, config, tokenizer, args.out)
+    export(model, config, tokenizer, args)
 
 
 def main(argv: list[str] | None = None) -> int:
