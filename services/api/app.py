@@ -29,7 +29,10 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = ApiMetrics(model=settings.model_name, queue=settings.queue_name)
     services = AppServices(settings=settings, store=JobStore.from_settings(settings), queue=JobQueue(settings),
                            limits=RequestLimits(settings), metrics=metrics)
-    async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    # Event streams block in XREAD for up to `sse_keepalive_seconds`; the socket timeout must outlast that
+    # block (redis-py's default of 5 s would cut any stream idle for longer than 5 s).
+    async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                          socket_timeout=settings.sse_keepalive_seconds + 10.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

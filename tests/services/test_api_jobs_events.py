@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.services.api_keys import KEY_A, KEY_B
 
@@ -151,3 +152,22 @@ def test_readyz_ignores_workers_of_other_queues(start_api):
     api = start_api()
     api.store.heartbeat("other-model-worker", {"queue": "dgemma.some-other-model"})
     assert api.http.get("/readyz").status_code == 503
+
+
+@pytest.mark.slow
+def test_sse_survives_silence_longer_than_the_redis_client_default_timeout(start_api):
+    """A keep-alive interval above redis-py's 5 s default socket timeout: the blocking read must not be cut."""
+    api = start_api(sse_keepalive_seconds=6.0)
+    job_id = submit(api)
+
+    def worker():
+        time.sleep(6.5)  # one full silent keep-alive interval, longer than 5 s
+        api.store.try_start(job_id, "w")
+        api.store.fail(job_id, "engine_error", "late")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with httpx.stream("GET", f"{api.url}/v1/jobs/{job_id}/events", timeout=30.0) as response:
+        text = "".join(response.iter_text())
+    thread.join(timeout=30)
+    assert [f["event"] for f in parse_sse(text)] == ["queued", "started", "failed"]
