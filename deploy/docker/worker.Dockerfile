@@ -10,5 +10,5 @@ COPY worker ./worker
 COPY models ./models
 # torch comes from the base image; pip keeps it because it satisfies torch>=2.4.
 RUN pip install --no-cache-dir .
-EXPOSE 9100
+EXPOSE 9400
 CMD ["dgserve", "worker", "--gpu", "0"]

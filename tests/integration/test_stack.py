@@ -4,6 +4,8 @@ checkpoint) → job record and events → HTTP. One shared worker and API (see c
 from __future__ import annotations
 
 import concurrent.futures
+import re
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,8 @@ from worker.requests import ModelInfo, prepare_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_directly(model_dir, bodies: list[dict]) -> list[list[int]]:
@@ -136,6 +140,9 @@ def test_input_the_engine_rejects_fails_the_job_and_the_worker_keeps_serving(sta
 
 
 def test_metrics_endpoints_expose_the_documented_names(stack: Stack):
+    with stack.client() as client:  # histograms show buckets once observed: run one job (no test-order coupling)
+        job = submit(client, {"prompt": "metrics", "seed": 3, "max_new_tokens": 8, "max_denoising_steps": 2})
+        assert wait_for_status(client, job, TERMINAL)["status"] == "succeeded"
     worker_text = stack.worker.metrics_text()
     for name in ("dgserve_generated_tokens_total", "dgserve_denoising_steps_total", "dgserve_canvases_total",
                  "dgserve_steps_per_canvas_bucket", "dgserve_batch_size_canvases_bucket",
@@ -150,6 +157,11 @@ def test_metrics_endpoints_expose_the_documented_names(stack: Stack):
         assert client.get("/readyz").status_code == 200  # the worker's heartbeat is in the store
     for name in ("dgserve_api_requests_total", "dgserve_queue_depth"):
         assert name in api_text, name
+    # Every series the shipped Grafana dashboard and alert rules query must exist on one of the endpoints.
+    exposed = set(re.findall(r"^(dgserve_\w+?)(?:_bucket|_sum|_count)?[{ ]", worker_text + api_text, re.M))
+    for path in (REPO_ROOT / "deploy/grafana/dashboards/dgserve.json", REPO_ROOT / "deploy/prometheus/alerts.yml"):
+        queried = {re.sub(r"_(bucket|sum|count)$", "", n) for n in re.findall(r"dgserve_\w+", path.read_text())}
+        assert queried <= exposed, f"{path.name} queries metrics nobody exposes: {sorted(queried - exposed)}"
 
 
 def test_job_past_its_deadline_is_stopped_between_steps(stack: Stack):
