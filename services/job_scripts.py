@@ -2,7 +2,35 @@
 
 Each script checks the current status, writes the new state and appends the matching event to the
 job's stream in the same step, so a stream ends with a terminal event exactly when the record is
-terminal, and a finished job is never overwritten.
+terminal, and a finished job is never overwritten. The running set (`dgserve:running:{queue}`, score =
+lease expiry) is kept in step by the same scripts: a job is in it exactly while it is `running`.
+"""
+
+# Lua helpers shared by the scripts below (prepended to them). KEYS: job, events, queued-set, running-set.
+# finish_with_error(job_id, now, result_ttl, events_maxlen, new_status, code, message, event_type)
+_FINISH_WITH_ERROR = """
+local function finish_with_error(job_id, now, result_ttl, maxlen, new_status, code, message, event_type)
+  local err = cjson.encode({code = code, message = message})
+  redis.call('HSET', KEYS[1], 'status', new_status, 'finished_at', tostring(now), 'error_code', code,
+             'error_message', message, 'expires_at', tostring(now + tonumber(result_ttl)))
+  redis.call('ZREM', KEYS[3], job_id)
+  redis.call('ZREM', KEYS[4], job_id)
+  redis.call('EXPIRE', KEYS[1], result_ttl)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'data', '{"error":' .. err .. '}')
+  redis.call('EXPIRE', KEYS[2], result_ttl)
+end
+"""
+
+# requeue(job_id, maxlen, event_data): running -> queued, back in the queued set (score = created_at, as
+# at creation), out of the running set; the attempts counter is kept.
+_REQUEUE = """
+local function requeue(job_id, maxlen, event_data)
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('HDEL', KEYS[1], 'worker_id', 'lease_until')
+  redis.call('ZREM', KEYS[4], job_id)
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'), job_id)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'requeued', 'data', event_data)
+end
 """
 
 # KEYS: job, events, queued-set, idempotency key ('' = none)
@@ -38,10 +66,10 @@ end
 return {'created', ARGV[1]}
 """
 
-# KEYS: job, events, queued-set
+# KEYS: job, events, queued-set, running-set
 # ARGV: job_id, now, worker_id, max_attempts, lease_until, result_ttl, events_maxlen
 # Returns {decision, attempts, previous_status}.
-TRY_START = """
+TRY_START = _FINISH_WITH_ERROR + """
 local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'deadline_at', 'worker_id', 'lease_until')
 local status = state[1]
 if not status then return {'not_found', 0, ''} end
@@ -53,35 +81,28 @@ local now = tonumber(ARGV[2])
 if status == 'running' and state[4] ~= ARGV[3] and tonumber(state[5] or '0') > now then
   return {'running_elsewhere', attempts, status}
 end
-local function finish(new_status, code, message, event_type)
-  local err = cjson.encode({code = code, message = message})
-  redis.call('HSET', KEYS[1], 'status', new_status, 'finished_at', ARGV[2], 'error_code', code,
-             'error_message', message, 'expires_at', tostring(now + tonumber(ARGV[6])))
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', event_type, 'data', '{"error":' .. err .. '}')
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-end
 if now > tonumber(state[3]) then
-  finish('expired', 'deadline_exceeded', 'the job was not finished before its deadline', 'expired')
+  finish_with_error(ARGV[1], now, ARGV[6], ARGV[7], 'expired', 'deadline_exceeded',
+                    'the job was not finished before its deadline', 'expired')
   return {'expired', attempts, status}
 end
 if attempts >= tonumber(ARGV[4]) then
-  finish('failed', 'attempts_exhausted', 'the job was started ' .. attempts ..
-         ' times without finishing (worker lost?); giving up', 'failed')
+  finish_with_error(ARGV[1], now, ARGV[6], ARGV[7], 'failed', 'attempts_exhausted', 'the job was started ' ..
+                    attempts .. ' times without finishing (worker lost?); giving up', 'failed')
   return {'attempts_exhausted', attempts, status}
 end
 attempts = attempts + 1
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker_id', ARGV[3],
            'attempts', attempts, 'lease_until', ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'started', 'data',
            cjson.encode({attempt = attempts, worker_id = ARGV[3]}))
 if status == 'running' then return {'restarted', attempts, status} end
 return {'started', attempts, status}
 """
 
-# KEYS: job, events, queued-set
+# KEYS: job, events, queued-set, running-set
 # ARGV: job_id, now, allowed statuses (comma-separated, with a trailing comma), new status, result_ttl,
 #       events_maxlen, event type, event data, then field/value pairs to set.
 # Returns {outcome, status}: ok | not_found | refused (status = the current one).
@@ -94,17 +115,65 @@ local fields = {'status', ARGV[4], 'finished_at', ARGV[2],
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', ARGV[7], 'data', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return {'ok', ARGV[4]}
 """
 
-# KEYS: job. ARGV: worker-side field/value pairs. Writes only while the job is running, so a late
-# progress write can neither resurrect an expired record nor touch a finished one.
-UPDATE_RUNNING = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+# KEYS: job, running-set. ARGV: job_id, lease_until, holder ('' = any), then field/value pairs.
+# Writes and renews the lease only while the job is running (and held by `holder` when one is given), so a
+# late progress write can neither resurrect an expired or requeued record nor renew another worker's lease.
+RENEW_LEASE = """
+local state = redis.call('HMGET', KEYS[1], 'status', 'worker_id')
+if state[1] ~= 'running' or (ARGV[3] ~= '' and state[2] ~= ARGV[3]) then return 0 end
+local fields = {'lease_until', ARGV[2]}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: job, events, queued-set, running-set
+# ARGV: job_id, now, max_attempts, result_ttl, events_maxlen, reason
+# An orphan is a running job whose lease lapsed. Compare-and-set on the lapsed lease: a job whose holder
+# renewed it meanwhile is left alone. Returns requeued | alive | expired | attempts_exhausted | gone.
+RECLAIM = _FINISH_WITH_ERROR + _REQUEUE + """
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts', 'deadline_at', 'worker_id', 'lease_until')
+if state[1] ~= 'running' then
+  redis.call('ZREM', KEYS[4], ARGV[1])  -- a stale index entry (the record finished or expired away)
+  return 'gone'
+end
+local now = tonumber(ARGV[2])
+local lease_until = tonumber(state[5] or '0')
+if lease_until > now then
+  redis.call('ZADD', KEYS[4], lease_until, ARGV[1])
+  return 'alive'
+end
+local attempts = tonumber(state[2] or '0')
+if now > tonumber(state[3]) then
+  finish_with_error(ARGV[1], now, ARGV[4], ARGV[5], 'expired', 'deadline_exceeded',
+                    'the job was not finished before its deadline (its worker was lost)', 'expired')
+  return 'expired'
+end
+if attempts >= tonumber(ARGV[3]) then
+  finish_with_error(ARGV[1], now, ARGV[4], ARGV[5], 'failed', 'attempts_exhausted', 'the job was started ' ..
+                    attempts .. ' times without finishing (its worker was lost each time); giving up', 'failed')
+  return 'attempts_exhausted'
+end
+requeue(ARGV[1], ARGV[5], cjson.encode({reason = ARGV[6], attempts = attempts, worker_id = state[4] or ''}))
+return 'requeued'
+"""
+
+# KEYS: job, events, queued-set, running-set. ARGV: job_id, worker_id, events_maxlen, reason.
+# The lease holder hands its running job back at once. Returns 1, or 0 when the job is not running under
+# `worker_id` (finished, requeued or taken over meanwhile).
+RELEASE = _REQUEUE + """
+local state = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'attempts')
+if state[1] ~= 'running' or state[2] ~= ARGV[2] then return 0 end
+requeue(ARGV[1], ARGV[3], cjson.encode({reason = ARGV[4], attempts = tonumber(state[3] or '0'),
+                                       worker_id = ARGV[2]}))
 return 1
 """
 

@@ -8,13 +8,17 @@ Keys (one Redis database per deployment):
   failed, cancelled, expired. Same TTL as the record.
 - `dgserve:queued:{queue}` sorted set (score = created_at): queued jobs of a model queue; its size is the
   queue depth used for admission. Entries older than the job deadline are pruned, so it cannot drift.
+- `dgserve:running:{queue}` sorted set (score = lease expiry): running jobs of a model queue, kept in step
+  with the record by the same scripts (start, lease renewal, requeue, every terminal write). Workers scan
+  it for orphans: running jobs whose lease lapsed because their worker stopped renewing it.
 - `dgserve:idem:{owner}:{sha256(key)}` → `"{job_id}|{body_hash}"`.
 - `dgserve:workers` sorted set (score = last heartbeat) and `dgserve:worker_info` hash.
 - `dgserve:rate:{owner}:{minute}` counters of the optional per-key submission rate limit.
 
 Status changes are compare-and-set Lua scripts (`services.job_scripts`): queued → running →
-succeeded | failed | cancelled | expired, queued → cancelled | failed | expired. A finished job is
-never overwritten.
+succeeded | failed | cancelled | expired, queued → cancelled | failed | expired, and running → queued
+when an orphan is reclaimed or its worker releases it (event `requeued`). A finished job is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ class JobStore:
         self._create = redis_client.register_script(job_scripts.CREATE)
         self._try_start = redis_client.register_script(job_scripts.TRY_START)
         self._finish = redis_client.register_script(job_scripts.FINISH)
-        self._update_running = redis_client.register_script(job_scripts.UPDATE_RUNNING)
+        self._renew_lease = redis_client.register_script(job_scripts.RENEW_LEASE)
+        self._reclaim = redis_client.register_script(job_scripts.RECLAIM)
+        self._release = redis_client.register_script(job_scripts.RELEASE)
         self._append_event = redis_client.register_script(job_scripts.APPEND_EVENT)
         self._request_cancel = redis_client.register_script(job_scripts.REQUEST_CANCEL)
 
@@ -108,8 +114,16 @@ class JobStore:
     def queued_key(self) -> str:
         return f"dgserve:queued:{self.settings.queue_name}"
 
+    @property
+    def running_key(self) -> str:
+        return f"dgserve:running:{self.settings.queue_name}"
+
     def _keys(self, job_id: str) -> list[str]:
         return [self.job_key(job_id), self.events_key(job_id), self.queued_key]
+
+    def _status_keys(self, job_id: str) -> list[str]:
+        """KEYS of the status-changing scripts: job, events, queued set, running set."""
+        return [*self._keys(job_id), self.running_key]
 
     # ---- API side --------------------------------------------------------------------------------
     def create(self, request: GenerateJobCreate | EditJobCreate, owner: str = "",
@@ -198,7 +212,7 @@ class JobStore:
         """
         now = time.time()
         lease_until = now + self.settings.heartbeat_ttl_seconds
-        outcome, attempts, _ = self._try_start(keys=self._keys(job_id), args=[
+        outcome, attempts, _ = self._try_start(keys=self._status_keys(job_id), args=[
             job_id, repr(now), worker_id, self.settings.max_attempts, repr(lease_until),
             self.settings.result_ttl_seconds, self.settings.events_max_len])
         return StartDecision(outcome=outcome, attempts=int(attempts), job=self.get(job_id))
@@ -208,11 +222,41 @@ class JobStore:
         return self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
                                   args=[type, json.dumps(data), self.settings.events_max_len])
 
-    def set_progress(self, job_id: str, canvas: int, step: int) -> bool:
-        """Record progress of a running job and renew the worker's lease on it."""
-        lease_until = time.time() + self.settings.heartbeat_ttl_seconds
-        return bool(self._update_running(keys=[self.job_key(job_id)], args=[
-            "progress_canvas", canvas, "progress_step", step, "lease_until", repr(lease_until)]))
+    def set_progress(self, job_id: str, canvas: int, step: int, worker_id: str | None = None) -> bool:
+        """Record progress of a running job and renew the lease on it for `heartbeat_ttl_seconds`.
+
+        With `worker_id`, only while that worker holds the job (False once it was requeued or taken over).
+        """
+        lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
+        return bool(self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
+            job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step]))
+
+    def reclaim_orphans(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Requeue running jobs of this queue whose lease lapsed before `now`; returns the requeued ids.
+
+        Each job is a compare-and-set on the lapsed lease (a holder that renewed meanwhile keeps it), so
+        concurrent reclaimers requeue a job once: only the caller that gets an id back must re-send its
+        `dgserve.run_job` message. Orphans past their deadline become `expired`, those out of attempts
+        `failed` (not returned). A requeued job gets a `requeued` event `{reason, attempts, worker_id}`.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        now = time.time() if now is None else now
+        lapsed = cast(list[str], self.redis.zrangebyscore(self.running_key, "-inf", now, start=0, num=limit))
+        requeued = []
+        for job_id in lapsed:
+            outcome = self._reclaim(keys=self._status_keys(job_id), args=[
+                job_id, repr(now), self.settings.max_attempts, self.settings.result_ttl_seconds,
+                self.settings.events_max_len, "lease_expired"])
+            if outcome == "requeued":
+                requeued.append(job_id)
+        return requeued
+
+    def release(self, job_id: str, worker_id: str, reason: str = "released") -> bool:
+        """running → queued at once, only while `worker_id` holds the job (the holder hands it back, e.g. at
+        shutdown); emits `requeued`. The attempt stays counted. False when refused."""
+        return bool(self._release(keys=self._status_keys(job_id),
+                                  args=[job_id, worker_id, self.settings.events_max_len, reason]))
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
         """running → succeeded with `result`; emits `done`. False if the job was not running."""
@@ -246,7 +290,7 @@ class JobStore:
                            json.dumps(event_data)]
         for name, value in fields.items():
             args += [name, value]
-        outcome, _ = self._finish(keys=self._keys(job_id), args=args)
+        outcome, _ = self._finish(keys=self._status_keys(job_id), args=args)
         return outcome == "ok"
 
     # ---- worker heartbeats ------------------------------------------------------------------------
