@@ -11,8 +11,8 @@ engine, so the engine needs no locks. One iteration:
 Continuous batching is the engine's: requests added between two steps join the next decoder forward.
 
 Shutdown (`begin_shutdown(grace_s)`, on SIGTERM): tickets not yet admitted are handed back at once, jobs in
-flight keep running until the grace period ends, then they are aborted and handed back (their tasks do not
-ack, so the broker redelivers them to another worker).
+flight keep running until the grace period ends, then they are aborted and handed back: released to `queued`
+in the store at once, and their tasks reject the message with requeue so another worker starts them now.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ class EngineLoop:
 
     def _admit(self, ticket: JobTicket) -> None:
         if ticket.job_id in self._in_flight:
-            # The same job twice in one worker (a redelivery racing its first delivery): keep the first.
-            self.reporter.handed_back(ticket)
+            # The same job twice in one worker (a redelivery racing its first delivery): keep the first,
+            # and keep its lease (no release).
+            self.reporter.handed_back(ticket, release=False)
             return
         try:
             self.engine.add_request(ticket.prepared.request, request_id=ticket.job_id)

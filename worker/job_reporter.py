@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 class JobReporter:
     """Writes one worker's job events and results; `store` is a `services.jobs.JobStore`."""
 
-    def __init__(self, store: Any, writer: StoreWriter, metrics: WorkerMetrics) -> None:
+    def __init__(self, store: Any, writer: StoreWriter, metrics: WorkerMetrics, worker_id: str = "") -> None:
         self.store = store
         self.writer = writer
         self.metrics = metrics
+        self.worker_id = worker_id  # the lease holder's id: progress renews and releases only our own leases
 
     def draft(self, ticket: JobTicket, out: StepOutput) -> None:
         ticket.progress = (out.canvas_index, out.step)
@@ -62,14 +63,26 @@ class JobReporter:
     def cancelled(self, ticket: JobTicket) -> None:
         self._terminal(ticket, JobOutcome.CANCELLED, lambda: self.store.mark_cancelled(ticket.job_id))
 
-    def handed_back(self, ticket: JobTicket) -> None:
-        """Nothing is written: the job stays `running` until the broker redelivers it to another attempt."""
+    def handed_back(self, ticket: JobTicket, release: bool = True) -> None:
+        """Not finished here: with `release`, the job goes back to `queued` at once (`store.release`, a no-op
+        unless this worker holds it), so the requeued message starts it elsewhere without waiting for the
+        lease to lapse. `release=False` when another ticket of this worker still runs the same job."""
         self.writer.unwatch(ticket.job_id)
-        self.writer.submit(lambda: ticket.resolve(JobOutcome.HANDED_BACK))
+        job_id, worker_id = ticket.job_id, self.worker_id
+
+        def release_then_resolve() -> None:
+            try:
+                if release and worker_id:
+                    self.store.release(job_id, worker_id, "worker_shutdown")
+            finally:
+                # A failed release leaves the lease to lapse: the orphan reaper of a live worker requeues it.
+                ticket.resolve(JobOutcome.HANDED_BACK)
+
+        self.writer.submit(release_then_resolve)
 
     def _event_and_progress(self, job_id: str, event: str, data: dict, canvas: int, step: int) -> None:
         self.store.append_event(job_id, event, data)
-        self.store.set_progress(job_id, canvas, step)
+        self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id or None)
 
     def _terminal(self, ticket: JobTicket, outcome: JobOutcome, write: Any) -> None:
         finished_at = time.time()

@@ -4,6 +4,13 @@
 store-writer thread, the engine-loop thread, the heartbeat and the metrics endpoint, and implements the
 body of the `dgserve.run_job` task (`run_job`). The Celery signal handlers in `worker.tasks` call
 `start_runtime` / `begin_shutdown` / `stop_runtime`.
+
+Orphan recovery: Celery redelivers a dead worker's unacked message only after the visibility timeout (above
+the job deadline), far too late. Instead, every worker's store-writer thread periodically asks the store to
+requeue running jobs of its queue whose lease lapsed (`JobStore.reclaim_orphans`, a compare-and-set per
+job, so of several reapers exactly one wins each job) and re-sends `dgserve.run_job` for the jobs it won
+(`resend_job`). The dead worker's original message, restored much later, then finds the job finished (ack)
+or running under a live lease (retried later), and is never run twice.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from engine.engine import Engine
@@ -27,6 +35,7 @@ from worker.store_writer import StoreWriter
 from worker.tickets import JobOutcome, JobTicket
 
 logger = logging.getLogger(__name__)
+ORPHANS_PER_PASS = 100  # bounds one reaper pass; more orphans than that are taken at the next pass
 
 
 class HandBack(Exception):
@@ -43,19 +52,22 @@ class RetryLater(Exception):
 
 
 class WorkerRuntime:
-    def __init__(self, settings: WorkerSettings, hostname: str | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, hostname: str | None = None,
+                 resend_job: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.worker_id = f"{hostname or socket.gethostname()}:{os.getpid()}"
+        self.resend_job = resend_job  # publishes `dgserve.run_job(job_id)` to this queue; None: no reaping
         self.store = JobStore.from_settings(settings)
         self.device = resolve_device(settings.worker_device)
         self.engine = load_engine(settings, self.device)
         self.metrics = WorkerMetrics(MetricLabels(model=settings.model_name, gpu=gpu_label(self.device)))
         self.writer = StoreWriter(self.store.is_cancel_requested, settings.worker_cancel_poll_seconds,
                                   renew_leases=self._renew_leases,
-                                  renew_every_s=settings.worker_heartbeat_interval_seconds)
+                                  renew_every_s=settings.worker_heartbeat_interval_seconds,
+                                  reap_orphans=self._reap_orphans if resend_job is not None else None)
         self.heartbeat = Heartbeat(settings.heartbeat_path, remote=self._remote_heartbeat,
                                    interval_s=settings.worker_heartbeat_interval_seconds)
-        self.reporter = JobReporter(self.store, self.writer, self.metrics)
+        self.reporter = JobReporter(self.store, self.writer, self.metrics, self.worker_id)
         self.model_info = model_info_of(self.engine)
         self.loop = EngineLoop(self.engine, self.reporter, self.metrics, self.heartbeat,
                                cancel_requested=self.writer.cancel_requested,
@@ -112,8 +124,8 @@ class WorkerRuntime:
             raise HandBack(str(err)) from err
         outcome = ticket.future.result()
         if outcome is JobOutcome.HANDED_BACK:
-            # The job stays `running` under this worker's lease; once the lease lapses
-            # (heartbeat_ttl_seconds) the redelivered message restarts it elsewhere.
+            # The job was released to `queued` (or, if that write failed, its lease lapses and a reaper
+            # requeues it); the rejected message goes back on the queue and starts it elsewhere.
             raise HandBack(f"job {job_id} handed back at shutdown")
         return outcome.value
 
@@ -130,7 +142,16 @@ class WorkerRuntime:
         # lease alive through long steps (a big prefill) that produce no output.
         for job_id in job_ids:
             canvas, step = self.loop.progress_of(job_id)
-            self.store.set_progress(job_id, canvas, step)
+            self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id)
+
+    def _reap_orphans(self) -> None:
+        # On the writer thread, right after this worker renewed its own leases.
+        if self.resend_job is None:
+            return
+        for job_id in self.store.reclaim_orphans(limit=ORPHANS_PER_PASS):
+            logger.warning("job %s was orphaned (its worker stopped renewing the lease); requeued and re-sent",
+                           job_id)
+            self.resend_job(job_id)
 
     def _remote_heartbeat(self) -> None:
         # On the writer thread: the engine loop never waits on Redis.
@@ -160,10 +181,11 @@ def model_info_of(engine: Engine) -> ModelInfo:
 _runtime: WorkerRuntime | None = None
 
 
-def start_runtime(settings: WorkerSettings, hostname: str | None = None) -> WorkerRuntime:
+def start_runtime(settings: WorkerSettings, hostname: str | None = None,
+                  resend_job: Callable[[str], None] | None = None) -> WorkerRuntime:
     global _runtime
     if _runtime is None:
-        _runtime = WorkerRuntime(settings, hostname)
+        _runtime = WorkerRuntime(settings, hostname, resend_job)
         _runtime.start()
     return _runtime
 

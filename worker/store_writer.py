@@ -8,7 +8,9 @@ is resolved (the Celery task acks only after the result is committed).
 
 It also polls the cancel flags of the jobs in flight every `cancel_poll_s` and publishes the answers as a
 set the loop reads without I/O, and renews this worker's leases on them every `renew_every_s` (a lease that
-stops being renewed is how another worker learns that this one died).
+stops being renewed is how another worker learns that this one died). At the same cadence, right after the
+renewal (so this worker never reclaims its own jobs because it renewed late), it runs the orphan reaper:
+jobs of other workers whose lease lapsed are requeued and re-sent.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class StoreWriter:
     """
 
     def __init__(self, is_cancel_requested: Callable[[str], bool], cancel_poll_s: float = 0.1,
-                 renew_leases: Callable[[list[str]], None] | None = None, renew_every_s: float = 2.0) -> None:
+                 renew_leases: Callable[[list[str]], None] | None = None, renew_every_s: float = 2.0,
+                 reap_orphans: Callable[[], None] | None = None) -> None:
         if cancel_poll_s <= 0 or renew_every_s <= 0:
             raise ValueError(f"poll intervals must be > 0 seconds, got cancel_poll_s={cancel_poll_s}, "
                              f"renew_every_s={renew_every_s}")
@@ -40,6 +43,7 @@ class StoreWriter:
         self._cancel_poll_s = cancel_poll_s
         self._renew_leases = renew_leases
         self._renew_every_s = renew_every_s
+        self._reap_orphans = reap_orphans
         self._writes: queue.SimpleQueue[StoreWrite | None] = queue.SimpleQueue()
         self._watched: set[str] = set()
         self._cancelled: frozenset[str] = frozenset()
@@ -91,8 +95,9 @@ class StoreWriter:
             if time.monotonic() >= next_poll:
                 self._poll_cancel_flags()
                 next_poll = time.monotonic() + self._cancel_poll_s
-            if self._renew_leases is not None and time.monotonic() >= next_renewal:
+            if time.monotonic() >= next_renewal:
                 self._renew_all_leases()
+                self._reap()
                 next_renewal = time.monotonic() + self._renew_every_s
 
     @staticmethod
@@ -111,6 +116,14 @@ class StoreWriter:
             self._renew_leases(watched)
         except Exception:  # noqa: BLE001 - retried at the next interval; the lease has slack for that
             logger.warning("lease renewal failed", exc_info=True)
+
+    def _reap(self) -> None:
+        if self._reap_orphans is None:
+            return
+        try:
+            self._reap_orphans()
+        except Exception:  # noqa: BLE001 - orphans stay in the store's index; the next pass finds them again
+            logger.warning("orphan reaping failed", exc_info=True)
 
     def _poll_cancel_flags(self) -> None:
         with self._lock:

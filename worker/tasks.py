@@ -7,6 +7,8 @@ How a run ends decides what happens to the message:
 - handed back at shutdown → `Reject(requeue=True)`: not acked, back on the queue for another worker;
 - another live attempt holds the job's lease → retried after the lease would have run out, so a job whose
   worker died just now is not dropped and one whose worker lives is not run twice.
+Orphans (running jobs whose worker stopped renewing its lease) are requeued by the store and re-sent here by
+`resend_job`, from whichever live worker of the queue won the store's compare-and-set.
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ def run_job(self: Any, job_id: str) -> str:
         raise self.retry(countdown=REDIS_RETRY_SECONDS) from err
 
 
+def resend_job(job_id: str) -> None:
+    """Publish `dgserve.run_job(job_id)` by name to this worker's model queue (a reclaimed orphan)."""
+    app.send_task(TASK_NAME, args=[job_id], queue=settings.queue_name, routing_key=settings.queue_name,
+                  retry=True, retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2,
+                                            "interval_max": 1.0})
+
+
 @signals.worker_init.connect
 def _start_runtime(sender: Any = None, **_: Any) -> None:
     # Load the model in the process that runs the engine, before the worker consumes its first message.
-    start_runtime(settings, getattr(sender, "hostname", None))
+    start_runtime(settings, getattr(sender, "hostname", None), resend_job=resend_job)
 
 
 @signals.worker_shutting_down.connect
