@@ -3,9 +3,11 @@
 Why each setting (see ../shared/docs/service.md):
 - JSON only: a message from Redis is never unpickled.
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after the job's terminal state is
-  committed; a worker that dies mid-job leaves it unacked, so kombu restores it after `visibility_timeout`
-  and another worker runs it (the job store's lease and attempts counter keep that to one live run and
-  dead-letter the job after `max_attempts`).
+  committed; a worker that dies mid-job leaves it unacked. Its job is recovered long before kombu restores
+  that message (after `visibility_timeout`): a live worker's orphan reaper requeues the job once its lease
+  lapses and re-sends it (worker.runtime); the late restored message then finds it finished or running
+  elsewhere. The job store's lease and attempts counter keep that to one live run and dead-letter the job
+  after `max_attempts`.
 - `worker_prefetch_multiplier=1` with concurrency = the engine's canvases in flight: the worker holds no more
   unacked jobs than it can batch; the rest stay in Redis for other workers.
 - `visibility_timeout` above the job deadline in broker and result-backend options, or kombu would

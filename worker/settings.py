@@ -38,8 +38,9 @@ class WorkerSettings(Settings):
         "how often cancel flags of running jobs are read"))
     broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
         "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "
-        "never delivered twice. A lower value recovers jobs of a killed worker before their deadline; it is "
-        "safe because a redelivery of a job whose lease is alive is only retried later, never run twice"))
+        "never delivered twice. Jobs of a killed worker do not wait for it: live workers requeue them once "
+        "their lease lapses (heartbeat_ttl_seconds). A lower value is safe too: a redelivery of a job whose "
+        "lease is alive is only retried later, never run twice"))
     broker_restore_interval_seconds: int = Field(default=10, ge=1, le=3600, description=(
         "how often the worker sweeps for messages whose visibility timeout passed"))
 
