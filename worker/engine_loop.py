@@ -58,6 +58,7 @@ class EngineLoop:
         self._shutdown_deadline: float | None = None
         self._stop = threading.Event()
         self._last_memory_sample = float("-inf")
+        self._last_iteration_end = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="dgserve-engine-loop", daemon=True)
 
     # -- called from other threads -------------------------------------------------------------------------
@@ -97,6 +98,11 @@ class EngineLoop:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def seconds_since_iteration(self) -> float:
+        """How long ago the loop last completed an iteration (one step, or an idle wait): grows without bound
+        when the loop hangs inside the engine, which is how lease renewal learns to stop."""
+        return time.monotonic() - self._last_iteration_end
 
     # -- the loop thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -196,6 +202,7 @@ class EngineLoop:
         self._in_flight.pop(ticket.job_id, None)
 
     def _housekeeping(self) -> None:
+        self._last_iteration_end = time.monotonic()
         self.metrics.set_load(self.engine.num_running(), self.engine.num_waiting())
         self.heartbeat.beat()
         now = time.monotonic()

@@ -139,7 +139,13 @@ class WorkerRuntime:
 
     def _renew_leases(self, job_ids: list[str]) -> None:
         # The store renews a lease with every progress write; re-writing the last progress keeps the
-        # lease alive through long steps (a big prefill) that produce no output.
+        # lease alive through long steps (a big prefill, the first step's torch.compile) that produce no
+        # output. A loop stuck far longer than any step is hung, not busy: stop renewing, so a live
+        # worker's reaper takes its jobs over instead of them waiting for their deadline.
+        stuck_s = self.loop.seconds_since_iteration()
+        if stuck_s > self.settings.worker_hung_loop_seconds or not self.loop.is_alive:
+            logger.error("engine loop stuck for %.0f s; leases of %d jobs left to lapse", stuck_s, len(job_ids))
+            return
         for job_id in job_ids:
             canvas, step = self.loop.progress_of(job_id)
             self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id)

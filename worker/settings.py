@@ -34,6 +34,9 @@ class WorkerSettings(Settings):
     worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     worker_shutdown_grace_seconds: float = Field(default=120.0, ge=0, le=3600, description=(
         "after SIGTERM, in-flight jobs get this long to finish before being handed back to the queue"))
+    worker_hung_loop_seconds: float = Field(default=300.0, gt=0, le=3600, description=(
+        "an engine loop that completes no step for this long is hung: its job leases are left to lapse so "
+        "live workers requeue the jobs. Keep it above the longest step (first-step torch.compile included)"))
     worker_cancel_poll_seconds: float = Field(default=0.25, gt=0, le=10, description=(
         "how often cancel flags of running jobs are read"))
     broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
