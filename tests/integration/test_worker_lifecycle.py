@@ -110,6 +110,8 @@ def test_sigterm_past_the_grace_period_hands_the_job_back_for_another_worker(sta
     with extra_worker(stack, queue, "handback-b", **long_lease):
         ready = time.monotonic()
         job = wait_finished(store, job_id, timeout=LONG_LEASE_S)
+        restarted_s = time.monotonic() - ready
+    print(f"SIGTERM hand-back: job finished {restarted_s:.1f} s after the next worker was ready")
     assert job.status == "succeeded" and job.attempts == 2, job.error
     assert store_event_types(store, job_id).count("done") == 1
-    assert time.monotonic() - ready < LONG_LEASE_S
+    assert restarted_s < LONG_LEASE_S
