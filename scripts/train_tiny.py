@@ -69,9 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=55.0, help="stop early (and export) past this")
     parser.add_argument("--export-only", action="store_true", help="export <work>/state.pt to --out and exit")
     # Sampler defaults written to generation_config.json. A model this small is best sampled at
-    # temperature 1: it was trained with self-conditioning on untempered logits, and the sampler feeds back
+    # temperature ~1: it was trained with self-conditioning on untempered logits, and the sampler feeds back
     # logits / T (measured on held-out infill, see models/dgtiny/README.md).
-    parser.add_argument("--gen-t-min", type=float, default=1.0)
+    parser.add_argument("--gen-t-min", type=float, default=0.95)  # transformers requires t_min < t_max
     parser.add_argument("--gen-t-max", type=float, default=1.0)
     parser.add_argument("--gen-steps", type=int, default=16, help="max_denoising_steps per canvas")
     parser.add_argument("--gen-max-new-tokens", type=int, default=128)
