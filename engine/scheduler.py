@@ -5,8 +5,8 @@ A request moves WAITING -> ENCODING -> DENOISING -> (ENCODING -> DENOISING)* -> 
   (prefill, possibly chunked over several steps) or a finished canvas (commit), plus any infill leading text.
 - DENOISING: its canvas runs one decoder step per engine step until the sampler stops it.
 
-`Scheduler.schedule()` builds the next `StepPlan` under three budgets: `max_tokens_per_forward` (tokens in the
-one encoder forward), `max_canvases_in_flight` and the number of KV slots (both bound the running requests;
+`Scheduler.schedule()` builds the next `StepPlan` under three budgets: `max_tokens_per_forward` (padded tokens
+in the one encoder forward: rows x the widest row, see `Scheduler._encode_width`), `max_canvases_in_flight` and the number of KV slots (both bound the running requests;
 each running request has at most one canvas). A request whose encoding completes in a step also denoises its
 first canvas step in that same step, so a commit and the next canvas share one engine step. Requests added
 while others are mid-canvas are admitted at the next `schedule()`.
@@ -95,6 +95,11 @@ class StepPlan:
         return sum(len(work.token_ids) for work in self.encodes)
 
     @property
+    def num_padded_encoder_tokens(self) -> int:
+        """Tokens the encoder forward computes: rows x the widest row (the runner pads on the right)."""
+        return len(self.encodes) * max((len(work.token_ids) for work in self.encodes), default=0)
+
+    @property
     def is_empty(self) -> bool:
         return not self.encodes and not self.denoises
 
@@ -124,20 +129,24 @@ class Scheduler:
 
         The caller must run the returned plan: encode chunks are counted as cached once planned.
         """
-        budget = self.max_tokens_per_forward
+        encoding = [seq for seq in self.running if seq.phase is Phase.ENCODING]
+        room = min(self.max_running - len(self.running), len(self.free_slots))
+        newcomers = [self.waiting[i] for i in range(min(room, len(self.waiting)))]
+        needs = [len(seq.pending_encode) for seq in encoding + newcomers]
+        width = self._encode_width(needs) if needs else 0
+        max_rows = self.max_tokens_per_forward // width if width else 0
         encodes: list[EncodeWork] = []
-        for seq in self.running:
-            if seq.phase is Phase.ENCODING and budget > 0:
-                budget -= self._take_encode_chunk(seq, budget, encodes)
+        for seq in encoding[:max_rows]:
+            self._take_encode_chunk(seq, width, encodes)
         admitted: list[str] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_running and self.free_slots:
+        while self.waiting and len(encodes) < max_rows and len(self.running) < self.max_running and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.popleft()
             seq.phase = Phase.ENCODING
             seq.admitted_at = now
             self.running.append(seq)
             admitted.append(seq.request_id)
-            budget -= self._take_encode_chunk(seq, budget, encodes)
+            self._take_encode_chunk(seq, width, encodes)
         denoises = [self._next_denoise_step(seq) for seq in self.running if seq.phase is Phase.DENOISING]
         return StepPlan(encodes=tuple(encodes), denoises=tuple(denoises), admitted=tuple(admitted))
 
@@ -160,6 +169,20 @@ class Scheduler:
         if slot is not None:
             self.free_slots.append(slot)
         return slot
+
+    def _encode_width(self, needs: list[int]) -> int:
+        """Row width of this step's encoder forward, given the pending tokens of every candidate row
+        (running encoders, then the waiting requests that could be admitted).
+
+        The forward pads every row to the widest, so rows x width (not the sum of row lengths) is what
+        `max_tokens_per_forward` bounds. The width follows the shortest need, so that rows of different
+        lengths share a forward without padding the short ones to the long one; longer rows are chunked at
+        that width and go on in the next step. It never drops below `max_tokens_per_forward //
+        max_running` (a short commit must not slice a long prompt into tiny forwards; every running
+        request still fits at that width), and never exceeds the longest need or the budget."""
+        floor = max(1, self.max_tokens_per_forward // self.max_running)
+        longest = min(max(needs), self.max_tokens_per_forward)
+        return max(1, min(longest, max(min(needs), floor)))
 
     @staticmethod
     def _take_encode_chunk(seq: SequenceState, budget: int, encodes: list[EncodeWork]) -> int:

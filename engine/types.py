@@ -211,7 +211,8 @@ class EngineConfig:
     """Sizing knobs of one Engine.
 
     max_canvases_in_flight: canvases denoised together in one decoder forward (also bounds running requests).
-    max_tokens_per_forward: tokens in one encoder forward (prefill chunks + commits + infill leading text).
+    max_tokens_per_forward: padded tokens in one encoder forward (prefill chunks + commits + infill leading
+        text), i.e. rows x the widest row, since rows are padded to the widest (engine/scheduler.py).
     kv_cache_bytes: byte budget for the KV cache; None -> kv_cache_memory_fraction of free device memory
         (CUDA) or 1 GiB (CPU). The number of slots is budget // bytes_per_slot, capped at max_canvases_in_flight.
     max_context: the longest sequence (prompt + generated canvases) one slot holds.

@@ -59,8 +59,33 @@ def test_admission_is_bounded_by_canvases_slots_and_tokens() -> None:
     for i in range(3):
         sched.add(create_seq(f"t{i}", 10))
     plan = sched.schedule(now=0.0)
-    assert plan.admitted == ("t0", "t1") and plan.num_encoder_tokens == 12  # token cap: t1 got a 2-token chunk
+    # token cap on padded tokens: a second 10-token row would make 2 x 10 > 12, so t1 waits
+    assert plan.admitted == ("t0",) and plan.num_padded_encoder_tokens == 10
     assert [w.request_id for w in plan.denoises] == ["t0"]
+    assert sched.schedule(now=1.0).admitted == ("t1",)
+
+
+def test_mixed_prompt_lengths_bound_the_padded_encoder_tokens() -> None:
+    """Short and long prompts in one step: rows x widest row stays within max_tokens_per_forward, and short
+    rows are not padded to the long ones (the long prompts are chunked at the short rows' width)."""
+    budget, lengths = 1024, [200, 2000, 150, 1800, 600, 2000, 180, 900]
+    sched = create_scheduler(num_slots=8, max_canvases=8, max_tokens=budget)
+    for i, length in enumerate(lengths):
+        sched.add(create_seq(f"m{i}", length))
+    encoded = {f"m{i}": 0 for i in range(len(lengths))}
+    useful = padded = 0
+    for step in range(100):
+        plan = sched.schedule(now=float(step))
+        assert plan.num_padded_encoder_tokens <= budget
+        for work in plan.encodes:
+            assert work.start_position == encoded[work.request_id]  # chunks stay contiguous
+            encoded[work.request_id] += len(work.token_ids)
+        useful += plan.num_encoder_tokens
+        padded += plan.num_padded_encoder_tokens
+        if not sched.waiting and all(seq.phase is Phase.DENOISING for seq in sched.running):
+            break
+    assert encoded == {f"m{i}": length for i, length in enumerate(lengths)}
+    assert useful == sum(lengths) and padded <= 1.25 * useful  # padding everything to 2000 would be 2.0x
 
 
 def test_long_prompt_is_chunked_across_steps_with_contiguous_positions() -> None:
