@@ -54,7 +54,10 @@ class EngineLoop:
         self.memory_sample_s = memory_sample_s
         self._inbox: queue.SimpleQueue[JobTicket] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._in_flight: dict[str, JobTicket] = {}  # engine request id == job id
+        self._in_flight: dict[str, JobTicket] = {}  # by job id
+        self._by_request: dict[str, JobTicket] = {}  # by engine request id (one per attempt)
+        self._leases_lost: set[str] = set()  # added by the writer thread, consumed here
+        self._leases_lost_lock = threading.Lock()
         self._shutdown_deadline: float | None = None
         self._stop = threading.Event()
         self._last_memory_sample = float("-inf")
@@ -99,6 +102,13 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def lease_lost(self, job_id: str) -> None:
+        """The store refused to renew this worker's lease on `job_id` (requeued by a reaper while this worker
+        looked dead, or finished elsewhere): stop running it here at the next step boundary."""
+        with self._leases_lost_lock:
+            self._leases_lost.add(job_id)
+        self._wakeup.set()
+
     def seconds_since_iteration(self) -> float:
         """How long ago the loop last completed an iteration (one step, or an idle wait): grows without bound
         when the loop hangs inside the engine, which is how lease renewal learns to stop."""
@@ -142,20 +152,26 @@ class EngineLoop:
             self.reporter.handed_back(ticket, release=False)
             return
         try:
-            self.engine.add_request(ticket.prepared.request, request_id=ticket.job_id)
+            self.engine.add_request(ticket.prepared.request, request_id=ticket.request_id)
         except ValueError as err:
             self.reporter.failed(ticket, "invalid_request", str(err))
             return
         ticket.admitted_at = time.time()
         self._in_flight[ticket.job_id] = ticket
+        self._by_request[ticket.request_id] = ticket
         self.reporter.writer.watch(ticket.job_id)
 
     def _enforce_limits(self) -> None:
-        """Cancel flags, deadlines and the shutdown grace period, all checked between steps."""
+        """Lost leases, cancel flags, deadlines and the shutdown grace period, all checked between steps."""
         now = time.time()
         grace_over = self._shutdown_deadline is not None and time.monotonic() >= self._shutdown_deadline
+        with self._leases_lost_lock:
+            lost, self._leases_lost = self._leases_lost, set()
         for ticket in list(self._in_flight.values()):
-            if self.cancel_requested(ticket.job_id):
+            if ticket.job_id in lost:
+                self._abort(ticket)
+                self.reporter.lease_lost(ticket)
+            elif self.cancel_requested(ticket.job_id):
                 self._abort(ticket)
                 self.reporter.cancelled(ticket)
             elif ticket.is_past_deadline(now):
@@ -172,7 +188,7 @@ class EngineLoop:
         forward_seconds = stats.forward_seconds if stats is not None else time.perf_counter() - started
         self.metrics.observe_step(stats.num_denoising_canvases if stats is not None else 0, forward_seconds)
         for out in outputs:
-            ticket = self._in_flight.get(out.request_id)
+            ticket = self._by_request.get(out.request_id)
             if ticket is None:
                 continue  # a job already aborted here; the engine may still report its end
             self._dispatch(ticket, out)
@@ -194,12 +210,13 @@ class EngineLoop:
     def _abort(self, ticket: JobTicket) -> None:
         self._finish(ticket)
         try:
-            self.engine.abort(ticket.job_id)
+            self.engine.abort(ticket.request_id)
         except (KeyError, ValueError):
-            logger.debug("engine had already dropped %s", ticket.job_id)
+            logger.debug("engine had already dropped %s", ticket.request_id)
 
     def _finish(self, ticket: JobTicket) -> None:
         self._in_flight.pop(ticket.job_id, None)
+        self._by_request.pop(ticket.request_id, None)
 
     def _housekeeping(self) -> None:
         self._last_iteration_end = time.monotonic()

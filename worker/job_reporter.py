@@ -80,6 +80,11 @@ class JobReporter:
 
         self.writer.submit(release_then_resolve)
 
+    def lease_lost(self, ticket: JobTicket) -> None:
+        """Nothing is written: the job belongs to another attempt now (the store refused our lease renewal)."""
+        self.writer.unwatch(ticket.job_id)
+        self.writer.submit(lambda: ticket.resolve(JobOutcome.LEASE_LOST))
+
     def _event_and_progress(self, job_id: str, event: str, data: dict, canvas: int, step: int) -> None:
         self.store.append_event(job_id, event, data)
         self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id or None)

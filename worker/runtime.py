@@ -127,6 +127,10 @@ class WorkerRuntime:
             # The job was released to `queued` (or, if that write failed, its lease lapses and a reaper
             # requeues it); the rejected message goes back on the queue and starts it elsewhere.
             raise HandBack(f"job {job_id} handed back at shutdown")
+        if outcome is JobOutcome.LEASE_LOST:
+            # Another attempt owns the job now; keep a message alive until it is finished, as for
+            # running_elsewhere (the retry acks once the store says the job is finished).
+            raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
         return outcome.value
 
     def _shut_down_dead_worker(self) -> None:
@@ -148,7 +152,9 @@ class WorkerRuntime:
             return
         for job_id in job_ids:
             canvas, step = self.loop.progress_of(job_id)
-            self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id)
+            if not self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id):
+                logger.warning("lost the lease on job %s (requeued or finished elsewhere); stopping it here", job_id)
+                self.loop.lease_lost(job_id)
 
     def _reap_orphans(self) -> None:
         # On the writer thread, right after this worker renewed its own leases.

@@ -8,6 +8,7 @@ A `JobTicket` carries one job from the task thread to the engine-loop thread; th
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class JobOutcome(str, enum.Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
     HANDED_BACK = "handed_back"  # not finished here: the task must not ack, so the broker redelivers it
+    LEASE_LOST = "lease_lost"  # requeued or taken over meanwhile (this worker was presumed dead): stopped here
 
 
 @dataclass
@@ -41,6 +43,12 @@ class JobTicket:
     admitted_at: float | None = None
     canvas_token_ids: list[tuple[int, ...]] = field(default_factory=list)
     progress: tuple[int, int] = (0, 0)  # (canvas, step) of the last output
+    # The engine's id for this attempt: unique, so a later attempt of the same job in this worker never
+    # receives the "aborted" output of an earlier one.
+    request_id: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.request_id = f"{self.job_id}#{next(_ATTEMPT_NUMBERS)}"
 
     def is_past_deadline(self, now: float | None = None) -> bool:
         return self.deadline_at is not None and (time.time() if now is None else now) > self.deadline_at
@@ -49,3 +57,6 @@ class JobTicket:
         """Resolve the future once (a second resolution is ignored: the first decision stands)."""
         if not self.future.done():
             self.future.set_result(outcome)
+
+
+_ATTEMPT_NUMBERS = itertools.count(1)  # next() is atomic under the GIL: safe from the task threads

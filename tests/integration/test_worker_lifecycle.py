@@ -24,6 +24,8 @@ FAST_RECOVERY = {"heartbeat_ttl_seconds": 2, "worker_heartbeat_interval_seconds"
 RECOVERY_BOUND_S = 30.0  # orphan found within ~2.5 s, then the job reruns (~1-5 s on a busy 2-core machine)
 # 4 canvases of up to 48 steps: long enough (about a second or more) to be interrupted after its first draft.
 LONG_LEASE_S = 30
+# 32 canvases: runs for seconds, well past the first lease renewal after its first draft.
+LONGER_JOB = GenerateJobCreate(prompt="take me over", seed=22, max_new_tokens=1024, stream_drafts=True)
 LONG_JOB = GenerateJobCreate(prompt="interrupt me", seed=21, max_new_tokens=128, stream_drafts=True)
 
 
@@ -115,3 +117,26 @@ def test_sigterm_past_the_grace_period_hands_the_job_back_for_another_worker(sta
     assert job.status == "succeeded" and job.attempts == 2, job.error
     assert store_event_types(store, job_id).count("done") == 1
     assert restarted_s < LONG_LEASE_S
+
+
+def test_a_worker_whose_job_was_taken_from_it_stops_running_it(stack: Stack):
+    """A reaper requeued the job while its worker looked dead (e.g. cut off from Redis past its lease): the worker
+    must notice at its next lease renewal, stop that attempt, and let the requeued job run once."""
+    queue = "dgemma.itest-lostlease"
+    with extra_worker(stack, queue, "lost-lease", **FAST_RECOVERY) as worker:
+        settings = stack.settings(queue_name=queue)
+        store = JobStore.from_settings(settings)
+        job_id = store.create(LONGER_JOB).job_id
+        send_message(stack, queue, job_id)
+        wait_for_event(store, job_id, "draft")
+        holder = store.get(job_id).worker_id
+        # What a reaper does: requeue by compare-and-set, then re-send the message.
+        assert store.release(job_id, holder, "taken_over_by_test")
+        send_message(stack, queue, job_id)
+        wait_until(lambda: f"lost the lease on job {job_id}" in worker.log(), 30, interval=0.05,
+                   what="the first attempt stopped")
+        job = wait_finished(store, job_id)
+    assert job.status == "succeeded" and job.attempts == 2, job.error
+    types = store_event_types(store, job_id)
+    assert types.count("done") == 1 and types.count("started") == 2
+    assert requeued_reasons(store, job_id) == ["taken_over_by_test"]
