@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=55.0, help="stop early (and export) past this")
     parser.add_argument("--export-only", action="store_true", help="export <work>/state.pt to --out and exit")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from a saved state.pt (a second phase: fresh optimizer and schedule)")
     # Sampler defaults written to generation_config.json. A model this small is best sampled at
     # temperature ~1: it was trained with self-conditioning on untempered logits, and the sampler feeds back
     # logits / T (measured on held-out infill, see models/dgtiny/README.md).
@@ -119,6 +121,8 @@ def train(args: argparse.Namespace) -> None:
         model.load_state_dict(torch.load(state_path)["model"])
         export(model, config, tokenizer, args)
         return
+    if args.init_from is not None:
+        model.load_state_dict(torch.load(args.init_from)["model"])
     layout = DataLayout(config.canvas_length, args.max_prompt_tokens, config.vocab_size, config.pad_token_id,
                         config.bos_token_id, config.eos_token_ids[0], args.span_fraction)
     train_sampler = ExampleSampler(encode_streams(tokenizer, [f.text for f in load_split("train")], layout),
