@@ -161,9 +161,12 @@ class WorkerRuntime:
         if self.resend_job is None:
             return
         for job_id in self.store.reclaim_orphans(limit=ORPHANS_PER_PASS):
-            logger.warning("job %s was orphaned (its worker stopped renewing the lease); requeued and re-sent",
+            logger.warning("job %s was orphaned (its worker stopped renewing the lease); requeued, re-sending",
                            job_id)
-            self.resend_job(job_id)
+            try:
+                self.resend_job(job_id)
+            except Exception:  # noqa: BLE001 - one failed publish must not strand the other reclaimed jobs
+                logger.exception("could not re-send orphaned job %s: it stays queued without a message", job_id)
 
     def _remote_heartbeat(self) -> None:
         # On the writer thread: the engine loop never waits on Redis.
