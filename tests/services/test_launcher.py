@@ -14,7 +14,7 @@ import pytest
 
 from services import launcher
 from services.client import DgserveClient
-from services.settings import REPO_ROOT
+from services.settings import BUNDLED_MODEL_DIR, REPO_ROOT
 from tests.support.processes import free_port, stop_process, wait_until
 
 
@@ -55,7 +55,12 @@ def test_up_serves_a_job_and_stops_everything_on_ctrl_c(tmp_path):
                    what="dgserve up to report ready")
         text = log.read_text()
         assert up.poll() is None, text
-        assert "RANDOM-WEIGHT" in text and f"http://127.0.0.1:{port}" in text
+        # The embedded default: the bundled trained model when the repo ships it, else the loud random one.
+        if (BUNDLED_MODEL_DIR / "config.json").is_file():
+            assert f"model {BUNDLED_MODEL_DIR}" in text and "RANDOM-WEIGHT" not in text, text
+        else:
+            assert "RANDOM-WEIGHT" in text, text
+        assert f"http://127.0.0.1:{port}" in text
         redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)", text).group(1))
         with DgserveClient(f"http://127.0.0.1:{port}") as client:
             accepted = client.generate("Hello", max_new_tokens=8, seed=1)
