@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FULL, ModelConfig
-from .norms import RMSNorm
+from .norms import RMSNorm, rms_normalize
 from .rope import apply_rope
 
 # Shapes: B rows, T new tokens per row, S keys (past + new), H query heads, G kv heads, hd head dim, D hidden.
@@ -35,22 +35,37 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q [B, T, H, hd], k [B, T, G, hd], v [B, T, G, hd] (q and k rotated)."""
+        """x [B, T, D] -> q [B, T, H, hd], k [B, T, G, hd], v [B, T, G, hd] (q and k rotated).
+        q, k and v share one RMS pass and one weight multiply (heads stacked on one axis: each head is
+        normalised on its own, so stacking changes nothing), and q and k one RoPE pass."""
         b, t, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)), cos, sin)
-        raw_k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(raw_k), cos, sin)
-        return q, k, self.v_norm(raw_v)
+        heads, groups = self.num_heads, self.kv_heads
+        q = self.q_proj(x).view(b, t, heads, self.head_dim)
+        raw_k = self.k_proj(x).view(b, t, groups, self.head_dim)
+        raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(b, t, groups, self.head_dim)
+        stacked = rms_normalize(torch.cat((q, raw_k, raw_v), dim=2), self.q_norm.eps)  # fp32 [B, T, H+2G, hd]
+        normed = (stacked * self._stacked_norm_weights()).to(x.dtype)
+        q_and_k = apply_rope(normed[:, :, :heads + groups], cos, sin)
+        return q_and_k[:, :, :heads], q_and_k[:, :, heads:], normed[:, :, heads + groups:]
+
+    def _stacked_norm_weights(self) -> torch.Tensor:
+        """fp32 [H+2G, hd]: q_norm's weight for each query head, k_norm's for each kv head, 1 for v (v_norm
+        has no weight)."""
+        q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
+        if q_weight is None or k_weight is None:
+            raise ValueError("q_norm and k_norm must have weights")
+        return torch.cat((q_weight.float().expand(self.num_heads, -1), k_weight.float().expand(self.kv_heads, -1),
+                          q_weight.new_ones(self.kv_heads, self.head_dim, dtype=torch.float32)))
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, T, H, hd], keys/values [B, S, G, hd], bool mask [B, 1, T or 1, S] (True = attend) -> [B, T, D]."""
+        """q [B, T, H, hd], keys/values [B, S, G, hd], bool mask (True = attend) [B, 1, T or 1, S], or already
+        folded for GQA as [B, 1, R*T, S] (R = H / G; the model folds encoder masks once per forward) -> [B, T, D]."""
         b, t = q.shape[:2]
         groups, per_group, hd = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
         # GQA by folding each kv head's R query heads into the query axis ([B, G, R*T, hd]): no K/V head
         # copies, and every SDPA backend that takes an explicit mask qualifies (enable_gqa narrows them).
         folded = q.view(b, t, groups, per_group, hd).permute(0, 2, 3, 1, 4).reshape(b, groups, per_group * t, hd)
-        if mask.shape[2] != 1:
+        if mask.shape[2] == t and per_group > 1:
             mask = mask.repeat(1, 1, per_group, 1)
         out = F.scaled_dot_product_attention(folded, keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask, scale=1.0)

@@ -9,7 +9,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention
 from .moe import Experts, GatedMLP, Router
-from .norms import RMSNorm
+from .norms import RMSNorm, rms_normalize
 
 # Shapes: B rows, T tokens per row, S keys, G kv heads, hd head dim, D hidden.
 
@@ -43,9 +43,23 @@ class TransformerLayer(nn.Module):
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
         h = h + self.post_attention_layernorm(self.self_attn.attend(q, keys, values, mask))
         residual = h
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
-        flat = residual.reshape(-1, residual.shape[-1])
-        weights, experts = self.router(flat)  # routes on the raw residual, not a normed copy
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).view_as(residual)
-        h = residual + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        # The two pre-feedforward norms and the router's weightless norm all normalise the raw residual:
+        # one RMS pass serves the three.
+        normed = rms_normalize(residual, self.pre_feedforward_layernorm.eps)  # fp32 [B, T, D]
+        dense = self.mlp(self.pre_feedforward_layernorm.apply_weight(normed, h.dtype))
+        flat_normed = normed.view(-1, normed.shape[-1])
+        weights, experts = self.router(flat_normed.to(h.dtype))
+        moe_in = self.pre_feedforward_layernorm_2.apply_weight(flat_normed, h.dtype)
+        moe = self.experts(moe_in, weights, experts).view_as(residual)
+        h = residual + self.post_feedforward_layernorm(self._post_branch_norms(dense, moe))
         return h * self.layer_scalar, k, v
+
+    def _post_branch_norms(self, dense: torch.Tensor, moe: torch.Tensor) -> torch.Tensor:
+        """post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(moe), both [B, T, D], as one RMS
+        pass over the two branches stacked; each branch is rounded to the model dtype before the sum."""
+        normed = rms_normalize(torch.stack((dense, moe)), self.post_feedforward_layernorm_1.eps)  # fp32 [2, B, T, D]
+        dense_weight, moe_weight = self.post_feedforward_layernorm_1.weight, self.post_feedforward_layernorm_2.weight
+        if dense_weight is None or moe_weight is None:
+            raise ValueError("post_feedforward_layernorm_1 and _2 must have weights")
+        weights = torch.stack((dense_weight, moe_weight))
+        return (normed * weights.float()[:, None, None, :]).to(dense.dtype).sum(dim=0)

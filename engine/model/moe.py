@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import rms_norm
-
 # Shapes: N tokens, D hidden, I expert width, E experts, K experts per token, P = N*K token-expert pairs.
 
 GROUPED_MM, LOOP = "grouped_mm", "loop"
@@ -47,9 +45,10 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
 
-    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """residual [N, D] -> (fp32 weights [N, K], expert ids [N, K])."""
-        x = rms_norm(residual, None, self.eps) * self.scale * self.root_scale
+    def forward(self, normed_residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """normed_residual [N, D] = the weightless RMSNorm of the raw residual in the model dtype (the layer
+        shares that pass with its pre-feedforward norms) -> (fp32 weights [N, K], expert ids [N, K])."""
+        x = normed_residual * self.scale * self.root_scale
         probs = torch.softmax(self.proj(x), dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -98,11 +97,11 @@ class Experts(nn.Module):
         """x [N, D], weights fp32 [N, K], experts [N, K] -> [N, D] = sum_k w_k * expert_k(x)."""
         n, k = experts.shape
         flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)               # pairs grouped by expert
+        sorted_experts, order = torch.sort(flat, stable=True)  # pairs grouped by expert (values for free)
         sorted_x = x[order // k]                               # [P, D]
         # searchsorted, not bincount: bincount sizes its output from the data, which syncs on CUDA.
         expert_ids = torch.arange(self.num_experts, device=flat.device, dtype=flat.dtype)
-        group_ends = torch.searchsorted(flat[order], expert_ids, right=True)
+        group_ends = torch.searchsorted(sorted_experts, expert_ids, right=True)
         # Routing weights scale the [P, I] activations rather than the [P, D] outputs (down_proj is linear):
         # 4x less elementwise traffic at the released shapes.
         sorted_w = weights.reshape(-1)[order, None].to(x.dtype)

@@ -15,6 +15,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return normed.to(x.dtype)
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The weightless fp32 `x * rsqrt(mean(x^2) + eps)`. Callers that normalise one tensor for several
+    weights (or several same-width tensors stacked together) share this one pass and apply each weight
+    with `RMSNorm.apply_weight`: on small shapes a norm costs ~6 kernel launches, so sharing them counts."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with an optional learned weight (`v_norm`, the router norm and the self-conditioning
     `post_norm` have none, so they own no parameters and no state-dict keys)."""
@@ -26,3 +33,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def apply_weight(self, normalized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """This norm's output from an fp32 `rms_normalize` of its input: the weight applied in fp32, then
+        rounded to `dtype` (the same arithmetic as `forward`)."""
+        weighted = normalized if self.weight is None else normalized * self.weight.float()
+        return weighted.to(dtype)

@@ -25,14 +25,20 @@ def inverse_frequencies(head_dim: int, theta: float, partial_factor: float = 1.0
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B, T] -> cos, sin [B, T, hd] in `dtype` (angles computed in fp32)."""
+    """positions [B, T] -> cos, signed sin [B, T, 1, hd] in `dtype` (angles computed in fp32). The first half
+    of the sin table is negated (the rotate-half sign), so `apply_rope` needs no negation per layer; the
+    head axis is there so every layer broadcasts over its heads without a reshape."""
     angles = positions[..., None].float() * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    cos = angles.cos()
+    cos = torch.cat((cos, cos), dim=-1)
+    sin = torch.cat((-sin, sin), dim=-1)
+    return cos.to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, hd] rotated by cos/sin [B, T, hd] (rotate-half convention)."""
+    """x [B, T, H, hd] rotated by the tables of `rope_cos_sin` (rotate-half convention:
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin])."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * sin

@@ -52,7 +52,8 @@ class DiffusionGemmaModel(nn.Module):
             raise ValueError(f"token_valid shape {tuple(token_valid.shape)} != input_ids shape {tuple(input_ids.shape)}")
         h = self.embed(input_ids)
         rope = self._rope_tables(positions, h.dtype)
-        masks = self._encoder_masks(positions, token_valid, cache.ring_positions_of(slots), bound)
+        masks = self._fold_masks_for_gqa(self._encoder_masks(positions, token_valid, cache.ring_positions_of(slots),
+                                                             bound))
         full_index, ring_index = cache.write_indices(positions, token_valid)
         for layer_idx, layer in enumerate(self.layers):
             layer_type = self.config.layer_types[layer_idx]
@@ -88,6 +89,9 @@ class DiffusionGemmaModel(nn.Module):
         vocabulary chunks so no second [B, C, V] tensor is materialised."""
         weight = self.embed_tokens.weight
         vocab = weight.shape[0]
+        if vocab <= VOCAB_CHUNK:  # one chunk: the fused softmax is one pass instead of seven
+            probs = torch.softmax(sc_logits, dim=-1, dtype=torch.float32).to(weight.dtype)
+            return (probs @ weight).to(weight.dtype) * self._embed_scale(weight.dtype)
         peak = sc_logits.amax(dim=-1, keepdim=True).float()
         total = torch.zeros_like(peak)
         for start in range(0, vocab, VOCAB_CHUNK):
@@ -164,6 +168,16 @@ class DiffusionGemmaModel(nn.Module):
             FULL: torch.cat((full_past.expand(shape), new_ok), dim=-1),
             SLIDING: torch.cat((sliding_past, new_ok & (new_key > query - window)), dim=-1),
         }
+
+    def _fold_masks_for_gqa(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """[B, 1, T, S] -> [B, 1, R*T, S] per layer type (R query heads per kv head, as `Attention.attend`
+        folds queries): one repeat per layer type and forward instead of one per layer."""
+        folded = {}
+        for kind, mask in masks.items():
+            layer_idx = self.config.layer_types.index(kind)
+            per_group = self.config.num_attention_heads // self.config.layer_kv_heads(layer_idx)
+            folded[kind] = mask.repeat(1, 1, per_group, 1) if per_group > 1 else mask
+        return folded
 
     def _decoder_masks(self, context_lens: torch.Tensor, ring_positions: torch.Tensor, bound: int,
                        canvas_length: int) -> dict[str, torch.Tensor]:
