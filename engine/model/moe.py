@@ -49,9 +49,11 @@ class Router(nn.Module):
         """normed_residual [N, D] = the weightless RMSNorm of the raw residual in the model dtype (the layer
         shares that pass with its pre-feedforward norms) -> (fp32 weights [N, K], expert ids [N, K])."""
         x = normed_residual * self.scale * self.root_scale
-        probs = torch.softmax(self.proj(x), dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # The top-k of softmax(logits), renormalised over the k, is softmax over the top-k logits (softmax is
+        # monotonic and its normaliser cancels): one softmax over K ids per token instead of one over E plus a
+        # sum and a division.
+        top_logits, experts = torch.topk(self.proj(x), self.top_k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
         return weights * self.per_expert_scale[experts], experts
 
 
