@@ -27,7 +27,8 @@ class AppServices:
     metrics: ApiMetrics
 
 
-def get_services(request: Request) -> AppServices:
+async def get_services(request: Request) -> AppServices:
+    # async (no I/O inside): FastAPI runs a plain `def` dependency in the thread pool, a hop per request.
     return request.app.state.services
 
 
@@ -35,11 +36,12 @@ ServicesDep = Annotated[AppServices, Depends(get_services)]
 _bearer = HTTPBearer(auto_error=False, description="API key, when the server is configured with DGSERVE_API_KEYS")
 
 
-def get_owner(services: ServicesDep,
-              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+async def get_owner(services: ServicesDep,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The caller's owner id: the sha256 of its API key, or '' when the server has no keys configured.
 
-    Keys are compared by hash and never logged; a job belongs to the key that created it.
+    Keys are compared by hash and never logged; a job belongs to the key that created it. `async` although
+    it does no I/O: a plain `def` dependency would cost a thread-pool hop on every request.
     """
     settings = services.settings
     if not settings.auth_enabled:
