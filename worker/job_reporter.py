@@ -86,8 +86,7 @@ class JobReporter:
         self.writer.submit(lambda: ticket.resolve(JobOutcome.LEASE_LOST))
 
     def _event_and_progress(self, job_id: str, event: str, data: dict, canvas: int, step: int) -> None:
-        self.store.append_event(job_id, event, data)
-        self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id or None)
+        self.store.append_event_with_progress(job_id, event, data, canvas, step, worker_id=self.worker_id or None)
 
     def _terminal(self, ticket: JobTicket, outcome: JobOutcome, write: Any) -> None:
         finished_at = time.time()

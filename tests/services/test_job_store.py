@@ -167,6 +167,21 @@ def test_events_and_progress_only_for_live_jobs(store: JobStore):
     assert store.redis.ttl(store.events_key(job_id)) > 0
 
 
+def test_event_with_progress_in_one_round_trip_keeps_both_writes(store: JobStore):
+    job_id = store.create(GenerateJobCreate(prompt="p")).job_id
+    decision = store.try_start(job_id, "worker-1")
+    # try_start's record is read after its own write (same MULTI/EXEC), so it already says running.
+    assert decision.job is not None and decision.job.status == "running" and decision.job.attempts == 1
+    assert store.append_event_with_progress(job_id, "canvas", {"text": "t"}, 2, 5, worker_id="worker-1")
+    record = store.get(job_id)
+    assert record is not None and record.progress == (2, 5)
+    assert event_types(store, job_id) == ["queued", "started", "canvas"]
+    # Another worker's id: the event is still appended (as append_event does), the lease is not renewed.
+    assert not store.append_event_with_progress(job_id, "draft", {"text": "d"}, 3, 1, worker_id="worker-2")
+    assert store.get(job_id).progress == (2, 5)
+    assert event_types(store, job_id)[-1] == "draft"
+
+
 def test_edit_job_round_trips_through_the_record(store: JobStore):
     request = EditJobCreate(document="a = 1\nb = 2\n", edits=[{"find": "b = 2", "instruction": "rename"}])
     record = store.get(store.create(request).job_id)
