@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=55.0, help="stop early (and export) past this")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this step with the schedule of --steps (replays a time-capped run)")
     parser.add_argument("--export-only", action="store_true", help="export <work>/state.pt to --out and exit")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from a saved state.pt (a second phase: fresh optimizer and schedule)")
@@ -146,7 +148,7 @@ def train(args: argparse.Namespace) -> None:
         record = {"step": step + 1, "minutes": round((time.monotonic() - started) / 60, 2),
                   "canvas_ce": round(losses.canvas_ce, 4), "encoder_ce": round(losses.encoder_ce, 4),
                   "canvas_accuracy": round(losses.canvas_accuracy, 4), "grad_norm": round(grad_norm, 3)}
-        out_of_time = record["minutes"] > args.max_minutes
+        out_of_time = record["minutes"] > args.max_minutes or step + 1 == args.stop_after
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or out_of_time:
             record.update(heldout_metrics(model, heldout, args.seed + 3))
             torch.save({"model": model.state_dict(), "step": step + 1}, state_path)
