@@ -23,10 +23,9 @@ from engine.kv_cache import KVCache
 from engine.model.transformer import DiffusionGemmaModel
 from engine.sampler import (
     CanvasState,
-    ChunkStatistics,
+    ChunkKernels,
     CompiledWithFallback,
     SamplerInputs,
-    chunk_statistics,
     denoise_step,
     initial_canvas,
     temperature_at,
@@ -89,7 +88,7 @@ class ModelRunner:
         compile_sampler = engine_config.compile_sampler
         if compile_sampler is None:
             compile_sampler = self.device.type == "cuda"
-        self.chunk_statistics: ChunkStatistics = CompiledWithFallback() if compile_sampler else chunk_statistics
+        self.chunk_kernels = CompiledWithFallback() if compile_sampler else ChunkKernels()
 
     def release_slot(self, slot: int) -> None:
         self.cache.reset_slot(slot)
@@ -151,7 +150,7 @@ class ModelRunner:
         params = [sequences[work.request_id].params for work in works]
         pairs = list(zip(works, params, strict=True))
         temps = [temperature_at(w.step, p.max_denoising_steps, p.t_min, p.t_max) for w, p in pairs]
-        gumbel = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_GUMBEL) for w, p in pairs]
+        sample = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_SAMPLE) for w, p in pairs]
         renoise = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_RENOISE) for w, p in pairs]
 
         def floats(values: list[float]) -> torch.Tensor:
@@ -166,7 +165,7 @@ class ModelRunner:
             confidence_threshold=floats([p.confidence_threshold for p in params]),
             stability_threshold=longs([p.stability_threshold for p in params]),
             may_stop_early=torch.tensor([not p.fixed_steps for p in params], device=self.device),
-            gumbel_keys=longs(gumbel),
+            sample_keys=longs(sample),
             renoise_keys=longs(renoise),
         )
 
@@ -191,7 +190,7 @@ class ModelRunner:
                             stable_steps=self.stable_steps[slots], is_fixed=self.is_fixed[slots],
                             fixed_ids=self.fixed_ids[slots])
         out = denoise_step(logits, state, self._sampler_inputs(works, sequences),
-                           self.engine_config.vocab_chunk_size, self.chunk_statistics)
+                           self.engine_config.vocab_chunk_size, self.chunk_kernels)
         # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, rounded to
         # the model dtype as the reference does (in place, chunk by chunk: no second [B, C, V] tensor).
         self._round_to_model_dtype_(logits)

@@ -4,7 +4,7 @@
 
 One denoising step of canvas b at step k (1-based) of its N steps (docs: diffusiongemma.md section 5):
   z = logits / T,  T = t_min + (t_max - t_min) * (N - k + 1) / N   (the reference counts steps down N..1)
-  s = Gumbel-max sample of softmax(z);  am = argmax(z);  H = entropy(softmax(z)) per position
+  s = a sample of softmax(z) (inverse CDF);  am = argmax(z);  H = entropy(softmax(z)) per position
   keep the lowest-entropy positions whose running entropy sum, excluding the current one, is <= bound
   next canvas = s where kept, else a fresh uniform id (re-noise over the whole vocabulary)
   converged = argmax unchanged for `stability_threshold` steps and mean(H) < confidence_threshold
@@ -40,7 +40,7 @@ class SamplerInputs:
     confidence_threshold: torch.Tensor  # float32
     stability_threshold: torch.Tensor  # int64
     may_stop_early: torch.Tensor  # bool: False for fixed_steps requests
-    gumbel_keys: torch.Tensor  # int64, rng.stream_key(..., STREAM_GUMBEL)
+    sample_keys: torch.Tensor  # int64, rng.stream_key(..., STREAM_SAMPLE)
     renoise_keys: torch.Tensor  # int64, rng.stream_key(..., STREAM_RENOISE)
 
 
@@ -64,78 +64,118 @@ class SamplerOutput:
     entropy: torch.Tensor  # float32 [B, C]: per-position entropy of softmax(z)
 
 
-ChunkStatistics = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                          tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def chunk_statistics(chunk: torch.Tensor, max_z: torch.Tensor, pos_keys: torch.Tensor, ids: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One vocabulary chunk z[:, :, ids] [B, C, v] -> (sum exp(z - m), sum exp(z - m) (z - m), the chunk's best
-    race value and its index within the chunk), each [B, C]. Pure: reads its inputs, writes only temporaries."""
+def chunk_statistics(chunk: torch.Tensor, max_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One vocabulary chunk z[:, :, ids] [B, C, v] -> (sum exp(z - m), sum exp(z - m) (z - m)), each [B, C].
+    Pure: reads its inputs, writes only temporaries."""
     shifted = chunk.float() - max_z.unsqueeze(-1)
     weights = shifted.exp()
-    exp_sum = weights.sum(dim=-1)
-    weighted_sum = (weights * shifted).sum(dim=-1)
-    # w / E = -(w / log U): the largest w / E is the smallest w / log U (log U < 0)
-    race = weights / rng.vocab_uniforms(pos_keys, ids).log()
-    best_race, best_index = race.min(dim=-1)
-    return exp_sum, weighted_sum, best_race, best_index
+    return weights.sum(dim=-1), (weights * shifted).sum(dim=-1)
+
+
+def chunk_search(chunk: torch.Tensor, max_z: torch.Tensor, threshold: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF search inside one chunk [B, C, v]: (how many ids have a chunk-local cumulative weight
+    sum exp(z - m) <= threshold, the chunk's total weight), each [B, C]. Pure, like `chunk_statistics`.
+
+    The local cumulative sum is non-decreasing, so the ids counted are a prefix of the chunk and the first
+    id not counted has a positive weight whenever threshold >= 0."""
+    cumulative = (chunk.float() - max_z.unsqueeze(-1)).exp().cumsum(dim=-1)
+    below = torch.searchsorted(cumulative, threshold.unsqueeze(-1).contiguous(), right=True)
+    return below.squeeze(-1), cumulative[..., -1]
+
+
+class ChunkKernels:
+    """The two per-chunk passes of the vocabulary scan, eager. Subclasses may compile them."""
+
+    def statistics(self, chunk: torch.Tensor, max_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return chunk_statistics(chunk, max_z)
+
+    def search(self, chunk: torch.Tensor, max_z: torch.Tensor, threshold: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return chunk_search(chunk, max_z, threshold)
+
+
+EAGER_KERNELS = ChunkKernels()
 
 
 @functools.cache
-def compiled_chunk_statistics(backend: str = "inductor") -> ChunkStatistics:
-    """`chunk_statistics` through torch.compile (one fused kernel per chunk on CUDA instead of ~20 passes)."""
-    return torch.compile(chunk_statistics, dynamic=True, backend=backend)
+def compiled_kernel(function: Callable[..., tuple[torch.Tensor, torch.Tensor]], backend: str = "inductor"
+                    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`function` through torch.compile (on CUDA a fused kernel per chunk instead of several passes)."""
+    return torch.compile(function, dynamic=True, backend=backend)
 
 
-class CompiledWithFallback:
-    """The compiled chunk statistics, falling back to eager for good if compiling or running them fails
-    (a missing compiler toolchain must cost speed, never requests). Safe to retry: the function is pure."""
+class CompiledWithFallback(ChunkKernels):
+    """The compiled chunk passes, falling back to eager for good if compiling or running them fails
+    (a missing compiler toolchain must cost speed, never requests). Safe to retry: the passes are pure."""
 
     def __init__(self, backend: str = "inductor") -> None:
         self.backend = backend
         self.failed_with: Exception | None = None
 
-    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, function: Callable[..., tuple[torch.Tensor, torch.Tensor]], *args: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.failed_with is None:
             try:
-                return compiled_chunk_statistics(self.backend)(*args)
+                return compiled_kernel(function, self.backend)(*args)
             except Exception as err:  # torch.compile raises backend-specific error types
                 self.failed_with = err
-        return chunk_statistics(*args)
+        return function(*args)
+
+    def statistics(self, chunk: torch.Tensor, max_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(chunk_statistics, chunk, max_z)
+
+    def search(self, chunk: torch.Tensor, max_z: torch.Tensor, threshold: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(chunk_search, chunk, max_z, threshold)
 
 
-def scan_vocabulary(z: torch.Tensor, gumbel_keys: torch.Tensor, vocab_chunk: int,
-                    statistics: ChunkStatistics = chunk_statistics
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gumbel-max sample, argmax and entropy of softmax(z), reading z [B, C, V] in vocabulary chunks.
+def scan_vocabulary(z: torch.Tensor, sample_keys: torch.Tensor, vocab_chunk: int,
+                    kernels: ChunkKernels = EAGER_KERNELS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Categorical sample, argmax and entropy of softmax(z), reading z [B, C, V] in vocabulary chunks.
 
-    Returns (sampled int64 [B, C], argmax int64 [B, C], entropy float32 [B, C]). The Gumbel-max argmax
-    argmax_v(z_v + G_v), G_v = -log(-log U_v), is taken in its exponential form argmax_v(w_v / E_v) with
-    w = exp(z - max z) (already needed for the entropy) and E_v = -log U_v: the same winner, one log fewer.
-    The chunk width is fixed (not derived from B) so each canvas's floating-point sums do not depend on what
-    it is batched with.
+    Returns (sampled int64 [B, C], argmax int64 [B, C], entropy float32 [B, C]). The first pass sums
+    w = exp(z - max z) (and w (z - max z) for the entropy); the second draws by inverse CDF with one uniform
+    u per position: the sample is the first id whose cumulative weight exceeds u * sum(w). Only ids with
+    w > 0 can be drawn. The chunk width is fixed (not derived from B) so each canvas's floating-point sums
+    do not depend on what it is batched with.
     """
     batch, length, vocab = z.shape
     max_z, argmax = z.max(dim=-1)  # [B, C]
     exp_sum = torch.zeros(batch, length, dtype=torch.float32, device=z.device)
     weighted_sum = torch.zeros_like(exp_sum)
-    best_race = torch.full_like(exp_sum, float("inf"))
-    sampled = torch.zeros_like(argmax)
-    positions = torch.arange(length, device=z.device, dtype=torch.int64)
-    pos_keys = rng.position_keys(gumbel_keys, positions)  # int32 [B, C]
     for start in range(0, vocab, vocab_chunk):
-        chunk = z[:, :, start:start + vocab_chunk]  # [B, C, v] view
-        ids = torch.arange(start, start + chunk.shape[-1], device=z.device, dtype=torch.int64)
-        chunk_exp_sum, chunk_weighted_sum, chunk_best, chunk_index = statistics(chunk, max_z, pos_keys, ids)
+        chunk_exp_sum, chunk_weighted_sum = kernels.statistics(z[:, :, start:start + vocab_chunk], max_z)
         exp_sum += chunk_exp_sum
         weighted_sum += chunk_weighted_sum
-        improved = chunk_best < best_race
-        best_race = torch.where(improved, chunk_best, best_race)
-        sampled = torch.where(improved, chunk_index + start, sampled)
+    positions = torch.arange(length, device=z.device, dtype=torch.int64)
+    sampled = inverse_cdf_draw(z, max_z, rng.position_uniforms(sample_keys, positions) * exp_sum,
+                               vocab_chunk, kernels)
+    # The two passes round their sums differently, so a target within rounding of the total can pass every
+    # id: take the argmax then (always w = 1 > 0), a bias of the order of float32 rounding.
+    sampled = torch.where(sampled < vocab, sampled, argmax)
     # H = -sum p log p with p = exp(z - m) / S  =>  H = log S - sum(exp(z - m) (z - m)) / S
     entropy = exp_sum.log() - weighted_sum / exp_sum
     return sampled, argmax, entropy
+
+
+def inverse_cdf_draw(z: torch.Tensor, max_z: torch.Tensor, target: torch.Tensor, vocab_chunk: int,
+                     kernels: ChunkKernels) -> torch.Tensor:
+    """How many ids precede the first one whose cumulative exp(z - max z) exceeds `target` [B, C]: int64
+    [B, C], equal to V when no id does. Chunks after the one holding the answer add nothing (`searching`),
+    so the ids counted are always a prefix of the vocabulary, with no host sync."""
+    batch, length, vocab = z.shape
+    count = torch.zeros(batch, length, dtype=torch.int64, device=z.device)
+    searching = torch.ones(batch, length, dtype=torch.bool, device=z.device)
+    offset = torch.zeros(batch, length, dtype=torch.float32, device=z.device)
+    for start in range(0, vocab, vocab_chunk):
+        chunk = z[:, :, start:start + vocab_chunk]
+        # clamped at 0: rounding of the running offset must never let a zero-weight first id be picked
+        below, chunk_total = kernels.search(chunk, max_z, (target - offset).clamp_(min=0.0))
+        count += torch.where(searching, below, 0)
+        searching &= below == chunk.shape[-1]
+        offset += chunk_total
+    return count
 
 
 def entropy_bound_accept(entropy: torch.Tensor, entropy_bound: torch.Tensor, is_fixed: torch.Tensor
@@ -185,12 +225,12 @@ def initial_canvas(keys: torch.Tensor, canvas_length: int, vocab_size: int, is_f
 
 
 def denoise_step(logits: torch.Tensor, state: CanvasState, inputs: SamplerInputs, vocab_chunk: int,
-                 statistics: ChunkStatistics = chunk_statistics) -> SamplerOutput:
+                 kernels: ChunkKernels = EAGER_KERNELS) -> SamplerOutput:
     """One sampler step for every canvas. `logits` (fp32 [B, C, V]) is divided by the temperature IN PLACE:
     afterwards it holds z, the self-conditioning input of the next step."""
     batch, length, vocab = logits.shape
     logits.div_(inputs.temperature.view(batch, 1, 1))
-    sampled, argmax, entropy = scan_vocabulary(logits, inputs.gumbel_keys, vocab_chunk, statistics)
+    sampled, argmax, entropy = scan_vocabulary(logits, inputs.sample_keys, vocab_chunk, kernels)
     argmax = torch.where(state.is_fixed, state.fixed_ids, argmax)
     keep = entropy_bound_accept(entropy, inputs.entropy_bound, state.is_fixed)
     positions = torch.arange(length, device=logits.device, dtype=torch.int64)

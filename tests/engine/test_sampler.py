@@ -1,4 +1,4 @@
-"""Sampler maths: counter-based RNG, Gumbel-max, entropy-bound acceptance, stopping, infill clamping."""
+"""Sampler maths: counter-based RNG, inverse-CDF draw, entropy-bound acceptance, stopping, infill clamping."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def make_inputs(batch: int, *, temperature: float = 1.0, bound: float = 0.5, con
         confidence_threshold=torch.full((batch,), confidence),
         stability_threshold=torch.full((batch,), stability, dtype=torch.int64),
         may_stop_early=torch.full((batch,), may_stop),
-        gumbel_keys=torch.tensor([rng.stream_key(s, 0, step, rng.STREAM_GUMBEL) for s in seeds]),
+        sample_keys=torch.tensor([rng.stream_key(s, 0, step, rng.STREAM_SAMPLE) for s in seeds]),
         renoise_keys=torch.tensor([rng.stream_key(s, 0, step, rng.STREAM_RENOISE) for s in seeds]),
     )
 
@@ -57,37 +57,33 @@ def test_mix64_matches_python_reference_bit_for_bit() -> None:
     assert [v & (2**64 - 1) for v in ours] == expected
 
 
-def test_lowbias32_matches_python_reference_bit_for_bit() -> None:
-    gen = torch.Generator().manual_seed(1)
-    values = torch.randint(-(2**31), 2**31 - 1, (1000,), generator=gen, dtype=torch.int32)
-    values = torch.cat([values, torch.tensor([0, 1, -1, 2**31 - 1, -(2**31)], dtype=torch.int32)])
-    ours = rng.lowbias32(values.clone()).tolist()  # lowbias32 works in place
-    assert [v & (2**32 - 1) for v in ours] == [rng.lowbias32_reference(v) for v in values.tolist()]
-
-
-def test_position_keys_are_the_top_half_of_splitmix() -> None:
-    keys = torch.tensor([rng.stream_key(9, 1, 2, rng.STREAM_GUMBEL), -5])
-    got = rng.position_keys(keys, torch.arange(6)).tolist()
+def test_position_uniforms_are_the_top_23_bits_of_splitmix() -> None:
+    keys = torch.tensor([rng.stream_key(9, 1, 2, rng.STREAM_SAMPLE), -5])
+    got = rng.position_uniforms(keys, torch.arange(6)).tolist()
     for row, key in zip(got, keys.tolist(), strict=True):
-        expected = [rng.mix64_reference(key + p * 0x9E3779B97F4A7C15) >> 32 for p in range(6)]
-        assert [v & (2**32 - 1) for v in row] == expected
+        expected = [((rng.mix64_reference(key + p * 0x9E3779B97F4A7C15) >> 41) + 0.5) / 2**23 for p in range(6)]
+        assert row == expected  # exact: k + 0.5 over a power of two is representable in float32
 
 
-def test_unit_interval_is_open_even_at_the_extreme_bits() -> None:
-    extremes = torch.tensor([-(2**31), -(2**31) + 511, 2**31 - 512, 2**31 - 1], dtype=torch.int32)
-    u = rng.open_unit_interval(extremes)
-    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
-    assert bool((u.log() < 0).all())
+def test_largest_uniform_times_any_total_stays_below_the_total() -> None:
+    # The sampler's target u * S must stay strictly below S in float32, or every id would pass the search.
+    largest = torch.tensor((2**23 - 1 + 0.5) / 2**23, dtype=torch.float32)
+    assert float(largest) < 1.0
+    gen = torch.Generator().manual_seed(0)
+    totals = torch.cat([torch.rand(100_000, generator=gen) * 262_144 + 1.0,
+                        torch.tensor([2.0**e for e in range(19)]),
+                        torch.tensor([2.0**e for e in range(19)]).nextafter(torch.tensor(1e9))])
+    assert bool((largest * totals < totals).all())
 
 
 def test_uniforms_and_token_ids_are_in_range_and_roughly_uniform() -> None:
-    keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_GUMBEL) for s in range(4)])
-    u = rng.vocab_uniforms(rng.position_keys(keys, torch.arange(8)), torch.arange(5000))
-    assert u.shape == (4, 8, 5000)
+    keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_SAMPLE) for s in range(4)])
+    u = rng.position_uniforms(keys, torch.arange(50_000))
+    assert u.shape == (4, 50_000)
     assert float(u.min()) > 0.0 and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 0.005
     deciles = torch.histc(u, bins=10, min=0.0, max=1.0) / u.numel()
-    assert float((deciles - 0.1).abs().max()) < 0.003
+    assert float((deciles - 0.1).abs().max()) < 0.004
     ids = rng.uniform_token_ids(keys, torch.arange(50_000), 7)
     counts = torch.bincount(ids.flatten(), minlength=7).float()
     assert int(ids.min()) == 0 and int(ids.max()) == 6
@@ -95,9 +91,9 @@ def test_uniforms_and_token_ids_are_in_range_and_roughly_uniform() -> None:
 
 
 def test_stream_keys_differ_by_every_component() -> None:
-    base = rng.stream_key(1, 0, 1, rng.STREAM_GUMBEL)
-    others = [rng.stream_key(2, 0, 1, rng.STREAM_GUMBEL), rng.stream_key(1, 1, 1, rng.STREAM_GUMBEL),
-              rng.stream_key(1, 0, 2, rng.STREAM_GUMBEL), rng.stream_key(1, 0, 1, rng.STREAM_RENOISE)]
+    base = rng.stream_key(1, 0, 1, rng.STREAM_SAMPLE)
+    others = [rng.stream_key(2, 0, 1, rng.STREAM_SAMPLE), rng.stream_key(1, 1, 1, rng.STREAM_SAMPLE),
+              rng.stream_key(1, 0, 2, rng.STREAM_SAMPLE), rng.stream_key(1, 0, 1, rng.STREAM_RENOISE)]
     assert len({base, *others}) == 5
 
 
@@ -116,7 +112,7 @@ def test_temperature_schedule_matches_reference_processor() -> None:
 
 
 @pytest.mark.parametrize("chunk", [5, 64, 1000])
-def test_scan_vocabulary_entropy_and_argmax_match_direct_computation(chunk: int) -> None:
+def test_scan_vocabulary_matches_direct_computation(chunk: int) -> None:
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(3, 8, 97, generator=gen) * 3
     keys = torch.tensor([11, 12, 13])
@@ -124,18 +120,62 @@ def test_scan_vocabulary_entropy_and_argmax_match_direct_computation(chunk: int)
     expected_entropy = torch.distributions.Categorical(logits=z).entropy()
     torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
     assert torch.equal(argmax, z.argmax(-1))
-    sampled_one_chunk, _, _ = scan_vocabulary(z, keys, 97)
-    assert torch.equal(sampled, sampled_one_chunk)  # the chunk width never changes the sample
+    # inverse CDF in float64 with the same uniforms: the first id whose cumulative probability exceeds u
+    # (float32 sums could differ from it only when u lies within rounding of a boundary; not on this data)
+    u = rng.position_uniforms(keys, torch.arange(8)).double()
+    cdf = z.double().softmax(-1).cumsum(-1)
+    assert torch.equal(sampled, torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1))
 
 
-def test_gumbel_max_samples_follow_the_softmax() -> None:
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
-    positions = 40_000
-    z = probs.log().expand(1, positions, 4).contiguous()
-    sampled, _, _ = scan_vocabulary(z, torch.tensor([rng.stream_key(3, 0, 1, rng.STREAM_GUMBEL)]), 2)
-    freq = torch.bincount(sampled.flatten(), minlength=4).float() / positions
-    # 4 standard errors of a binomial proportion at n=40k is < 0.01
-    assert float((freq - probs).abs().max()) < 0.01
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_samples_follow_the_softmax_chi_square() -> None:
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.03, 0.01])
+    positions, draws = 20_000, []
+    z = probs.log().expand(1, positions, 7).contiguous()
+    for seed in range(3):  # several seeds and steps: each draw is a fresh stream
+        for step in (1, 2):
+            keys = torch.tensor([rng.stream_key(seed, 0, step, rng.STREAM_SAMPLE)])
+            draws.append(scan_vocabulary(z, keys, 3)[0].flatten())  # 3 chunks, the last partial
+    counts = torch.bincount(torch.cat(draws), minlength=7).double()
+    # 6 degrees of freedom: P(chi2 > 27.9) = 1e-4, so a correct sampler fails this about once in 10^4 seeds;
+    # a sampler off by 1 % of mass on any id gives chi2 in the hundreds at n = 120k.
+    assert chi_square(counts, probs.double()) < 27.9
+    counts_one = torch.bincount(draws[0], minlength=7).double()
+    assert chi_square(counts_one, probs.double()) < 27.9
+
+
+def test_never_draws_an_id_with_zero_probability_mass() -> None:
+    # exp(z - max) underflows to exactly 0 in float32 below about -104: those ids have no mass at all.
+    # They sit first, at chunk starts and ends, and last (where a target rounded up to the total would land).
+    vocab, chunk, positions = 40, 8, 50_000
+    zero_mass = torch.zeros(vocab, dtype=torch.bool)
+    zero_mass[[0, 7, 8, 15, 16, 23, 30, 31, 32, 36, 37, 38, 39]] = True
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(2, positions, vocab, generator=gen) * 4
+    z[:, :, zero_mass] = -300.0
+    sampled, _, _ = scan_vocabulary(z, torch.tensor([21, 22]), chunk)
+    assert not bool(zero_mass[sampled].any())
+    drawn = torch.bincount(sampled.flatten(), minlength=vocab)
+    assert bool((drawn[~zero_mass] > 0).all())  # every id with mass is reachable
+    single = torch.full((1, 1000, vocab), -300.0)
+    single[:, :, 35] = 2.0  # only one id has mass, and it is the last one with mass
+    assert bool((scan_vocabulary(single, torch.tensor([5]), chunk)[0] == 35).all())
+
+
+def test_inverse_cdf_search_across_chunks_and_past_the_total() -> None:
+    from engine.sampler import EAGER_KERNELS, inverse_cdf_draw
+
+    # weights exp(z - max): ids 2 -> 0.5, 4 -> 1, every other id exactly 0; chunks of 3: [0 0 .5 | 0 1 0 | 0 0]
+    row = torch.full((8,), -300.0)
+    row[2], row[4] = math.log(0.5), 0.0
+    targets = torch.tensor([[0.0, 0.4, 0.6, 1.4, 1.6, 1e9]])
+    z = row.expand(1, targets.shape[1], 8).contiguous()
+    count = inverse_cdf_draw(z, z.max(dim=-1).values, targets, 3, EAGER_KERNELS)
+    assert count.tolist() == [[2, 2, 4, 4, 8, 8]]  # 8 = V: past the total, the caller takes the argmax
 
 
 def test_acceptance_keeps_lowest_entropy_prefix_under_the_bound() -> None:
@@ -163,7 +203,7 @@ def test_sampler_decisions_match_reference_classes_given_identical_noise() -> No
         out = denoise_step(logits, state, inputs, vocab_chunk=16)
         z = raw / 0.7
         torch.testing.assert_close(logits, z)  # logits were scaled in place into z
-        sampled, _, _ = scan_vocabulary(z, inputs.gumbel_keys, 16)
+        sampled, _, _ = scan_vocabulary(z, inputs.sample_keys, 16)
         renoise = rng.uniform_token_ids(inputs.renoise_keys, torch.arange(length), vocab)
 
         reference = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), length, vocab, 8)
@@ -272,12 +312,14 @@ def test_compile_failure_falls_back_to_the_eager_statistics() -> None:
 
 @pytest.mark.slow
 def test_compiled_scan_matches_eager() -> None:
-    from engine.sampler import compiled_chunk_statistics
+    from engine.sampler import CompiledWithFallback
 
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(3, 8, 300, generator=gen) * 3
-    keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_GUMBEL) for s in range(3)])
-    sampled, argmax, entropy = scan_vocabulary(z, keys, 128, compiled_chunk_statistics())
+    keys = torch.tensor([rng.stream_key(s, 0, 1, rng.STREAM_SAMPLE) for s in range(3)])
+    compiled = CompiledWithFallback()
+    sampled, argmax, entropy = scan_vocabulary(z, keys, 128, compiled)
+    assert compiled.failed_with is None  # it really ran compiled
     want_sampled, want_argmax, want_entropy = scan_vocabulary(z, keys, 128)
     assert torch.equal(sampled, want_sampled) and torch.equal(argmax, want_argmax)
     torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=1e-5)
