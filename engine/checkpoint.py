@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ from dgtext.save_tokenizer import save_tokenizer_files
 
 from .config import ModelConfig
 from .config import preset as preset_config
-from .loader import INDEX_FILE, SINGLE_FILE, SPEC_GENERATION_DEFAULTS, WEIGHT_PREFIX, build_empty_model
+from .loader import INDEX_FILE, SINGLE_FILE, WEIGHT_PREFIX, build_empty_model
 from .model import DiffusionGemmaModel
+from .types import GenerationDefaults
 
 ENCODER_LAYER_PREFIX = "model.encoder.language_model.layers."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -66,17 +66,18 @@ def released_state_dict(model: DiffusionGemmaModel) -> dict[str, torch.Tensor]:
 
 def generation_config_dict(config: ModelConfig, generation_defaults: Any = None) -> dict[str, Any]:
     """generation_config.json content in the reference layout (entropy bound inside `sampler_config`)."""
+    published = GenerationDefaults(stop_token_ids=config.eos_token_ids)
     if generation_defaults is None:
-        values: dict[str, Any] = dict(SPEC_GENERATION_DEFAULTS)
-    elif is_dataclass(generation_defaults) and hasattr(generation_defaults, "to_generation_config"):
+        values: dict[str, Any] = published.to_generation_config()
+    elif isinstance(generation_defaults, GenerationDefaults):
         values = generation_defaults.to_generation_config()
     elif isinstance(generation_defaults, dict):
-        values = {**SPEC_GENERATION_DEFAULTS, **generation_defaults}
+        values = {**published.to_generation_config(), **generation_defaults}
     else:
         raise ValueError(f"generation_defaults must be GenerationDefaults, a dict or None, got "
                          f"{type(generation_defaults).__name__}")
     entropy_bound = values.pop("entropy_bound", None)
-    sampler = values.get("sampler_config") or {"entropy_bound": SPEC_GENERATION_DEFAULTS["entropy_bound"]}
+    sampler = values.get("sampler_config") or {"entropy_bound": published.entropy_bound}
     if entropy_bound is not None:
         sampler = {**sampler, "entropy_bound": entropy_bound}
     values["sampler_config"] = {**sampler, "_cls_name": "EntropyBoundSamplerConfig"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,8 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Only what text serving reads; the hub download skips everything else (vision processor files, GGUF, ...).
 SERVING_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
-# Published defaults of the released generation_config.json, used for any field a checkpoint omits.
-SPEC_GENERATION_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 256, "max_denoising_steps": 48, "entropy_bound": 0.1, "t_min": 0.4, "t_max": 0.8,
-    "confidence_threshold": 0.005, "stability_threshold": 1,
-}
+# The sampler fields of generation_config.json; their published defaults are GenerationDefaults' field defaults.
+SAMPLER_FIELDS = tuple(f.name for f in fields(GenerationDefaults) if f.name != "stop_token_ids")
 
 
 @dataclass
@@ -67,8 +64,7 @@ def load_model(model: str | Path, device: torch.device | str = "cpu", dtype: tor
     net = build_empty_model(config, torch.device(device), dtype)
     load_weights(net, folder)
     tokenizer = PromptTokenizer.from_dir(folder)
-    generation_config = read_generation_config(folder, config)
-    defaults = GenerationDefaults.from_generation_config(generation_config, fallback_stop_ids=config.eos_token_ids)
+    defaults, generation_config = read_generation_config(folder, config)
     return LoadedModel(net, config, tokenizer, defaults, folder, generation_config)
 
 
@@ -85,19 +81,15 @@ def read_model_config(folder: Path) -> ModelConfig:
         raise UnsupportedModelError(f"{folder / 'config.json'}: {exc}") from exc
 
 
-def read_generation_config(folder: Path, config: ModelConfig) -> dict[str, Any]:
-    """generation_config.json as a plain dict with the spec defaults for absent fields."""
+def read_generation_config(folder: Path, config: ModelConfig) -> tuple[GenerationDefaults, dict[str, Any]]:
+    """generation_config.json parsed once: as GenerationDefaults (absent fields keep the published defaults,
+    absent stop ids come from config.json) and as the plain dict of `LoadedModel.generation_config`."""
     raw = _read_json(folder, "generation_config.json", required=False)
-    values = dict(SPEC_GENERATION_DEFAULTS)
-    sampler = raw.get("sampler_config")
-    if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
-        values["entropy_bound"] = sampler["entropy_bound"]
-    values.update({k: raw[k] for k in SPEC_GENERATION_DEFAULTS if raw.get(k) is not None})
-    eos = raw.get("eos_token_id")
-    eos_ids = list(config.eos_token_ids) if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    values["eos_token_id"] = [int(e) for e in eos_ids]
+    defaults = GenerationDefaults.from_generation_config(raw, fallback_stop_ids=config.eos_token_ids)
+    values: dict[str, Any] = {name: getattr(defaults, name) for name in SAMPLER_FIELDS}
+    values["eos_token_id"] = list(defaults.stop_token_ids)
     values["pad_token_id"] = int(raw["pad_token_id"]) if raw.get("pad_token_id") is not None else config.pad_token_id
-    return values
+    return defaults, values
 
 
 def build_empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> DiffusionGemmaModel:

@@ -128,7 +128,7 @@ class GenerationDefaults:
             stop_ids = (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
         values: dict[str, Any] = {"stop_token_ids": stop_ids}
         sampler_config = generation_config.get("sampler_config")
-        if isinstance(sampler_config, dict) and "entropy_bound" in sampler_config:
+        if isinstance(sampler_config, dict) and sampler_config.get("entropy_bound") is not None:
             values["entropy_bound"] = float(sampler_config["entropy_bound"])
         for f in fields(cls):
             if f.name != "stop_token_ids" and generation_config.get(f.name) is not None:

@@ -93,6 +93,12 @@ def test_generation_config_values_override_spec_defaults(checkpoint_copy: Path) 
     assert load_model(checkpoint_copy).generation_config["eos_token_id"] == [1, 106]  # from config.json
 
 
+def test_null_sampler_entropy_bound_keeps_the_published_default(checkpoint_copy: Path) -> None:
+    (checkpoint_copy / "generation_config.json").write_text(json.dumps({"sampler_config": {"entropy_bound": None}}))
+    loaded = load_model(checkpoint_copy)
+    assert loaded.generation_defaults.entropy_bound == loaded.generation_config["entropy_bound"] == 0.1
+
+
 def test_bf16_load_puts_every_tensor_in_the_target_dtype(tiny_checkpoint: Path) -> None:
     bf16 = load_model(tiny_checkpoint, dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in bf16.model.state_dict().values())
