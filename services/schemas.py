@@ -222,14 +222,6 @@ class JobAccepted(WireModel):
     location: str
 
 
-class GenerateResult(WireModel):
-    """Result of a generate job as the worker stores it (`JobPublic.result`)."""
-
-    text: str
-    finish_reason: Literal["stop", "length", "aborted", "error"] | None = None
-    usage: dict[str, Any] = Field(default_factory=dict, description="prompt_tokens, generated_tokens, ...")
-
-
 class ErrorDetail(WireModel):
     code: str = Field(description="machine-readable, e.g. invalid_request, not_found, queue_full")
     message: str

@@ -1,10 +1,9 @@
 """Job kinds: a validated wire request → what the engine runs and how its outputs become events and results.
 
-`prepare_job(job_request, model)` is the one entry point the worker uses; `build_engine_request` is the same
-for callers that only need the `EngineRequest` (tests, the benchmark). Each kind has a preparer in
-`JOB_PREPARERS` (`generate` here, `edit` through `worker.edit_jobs`). A preparer raises ValueError
-(pydantic's ValidationError is one) for input the engine cannot run; the worker turns that into a failed job
-with the message, never a crashed worker.
+`prepare_job(job_request, model)` is the one entry point. Each kind has a preparer in `JOB_PREPARERS`
+(`generate` here, `edit` through `worker.edit_jobs`). A preparer raises ValueError (pydantic's
+ValidationError is one) for input the engine cannot run; the worker turns that into a failed job with the
+message, never a crashed worker.
 """
 
 from __future__ import annotations
@@ -94,7 +93,3 @@ def prepare_job(job: GenerateJobCreate | EditJobCreate | dict[str, Any], model: 
     if preparer is None:
         raise ValueError(f"this worker cannot run jobs of kind {job.kind!r} (knows {sorted(JOB_PREPARERS)})")
     return preparer(job, model)
-
-
-def build_engine_request(job: GenerateJobCreate | EditJobCreate | dict[str, Any], model: ModelInfo) -> EngineRequest:
-    return prepare_job(job, model).request
