@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# Files a text-only serving process needs: configs, tokenizer, chat template, weights.
-SERVING_FILE_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "*.txt"]
+# Files a text-only serving process needs: configs, tokenizer, chat template, weights. The hub download
+# skips everything else (vision processor files, GGUF, ...).
+SERVING_FILE_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 TOKENIZER_FILE_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                            "generation_config.json", "config.json", "special_tokens_map.json"]
 

@@ -30,7 +30,6 @@ class PromptTokenizer:
         # the string "<eos>" is text. This twin encodes special-token strings as ordinary bytes.
         self._plain_tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self._plain_tokenizer.encode_special_tokens = True
-        self._chat_template = chat_template
         self._template = None
         if chat_template is not None:
             env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)

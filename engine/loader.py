@@ -35,8 +35,6 @@ from .types import GenerationDefaults
 
 WEIGHT_PREFIX = "model.decoder."
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-# Only what text serving reads; the hub download skips everything else (vision processor files, GGUF, ...).
-SERVING_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
 # The sampler fields of generation_config.json; their published defaults are GenerationDefaults' field defaults.
 SAMPLER_FIELDS = tuple(f.name for f in fields(GenerationDefaults) if f.name != "stop_token_ids")
@@ -59,7 +57,7 @@ class LoadedModel:
 def load_model(model: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `model` (folder or repo id) onto `device` in `dtype`, in eval mode without gradients.
     Raises CheckpointError subclasses (see engine.errors) with messages naming the file or tensor."""
-    folder = resolve_model_dir(model, allow_patterns=SERVING_PATTERNS)
+    folder = resolve_model_dir(model)  # default patterns: the serving files
     config = read_model_config(folder)
     net = build_empty_model(config, torch.device(device), dtype)
     load_weights(net, folder)
