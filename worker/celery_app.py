@@ -23,9 +23,10 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from services.api.job_queue import RUN_JOB_TASK
 from worker.settings import WorkerSettings
 
-TASK_NAME = "dgserve.run_job"
+TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import the worker)
 
 
 def broker_transport_options(settings: WorkerSettings) -> dict:

@@ -20,6 +20,7 @@ import redis
 from celery import signals
 from celery.exceptions import Reject
 
+from services.api.job_queue import PUBLISH_RETRY_POLICY
 from worker.celery_app import TASK_NAME, app, settings
 from worker.runtime import HandBack, RetryLater, begin_shutdown, get_runtime, start_runtime, stop_runtime
 
@@ -47,8 +48,7 @@ def run_job(self: Any, job_id: str) -> str:
 def resend_job(job_id: str) -> None:
     """Publish `dgserve.run_job(job_id)` by name to this worker's model queue (a reclaimed orphan)."""
     app.send_task(TASK_NAME, args=[job_id], queue=settings.queue_name, routing_key=settings.queue_name,
-                  retry=True, retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2,
-                                            "interval_max": 1.0})
+                  retry=True, retry_policy=PUBLISH_RETRY_POLICY)
 
 
 @signals.worker_init.connect

@@ -8,6 +8,8 @@ from celery import Celery
 from services.settings import Settings
 
 RUN_JOB_TASK = "dgserve.run_job"
+# kombu's publish retries on a broker hiccup (the API's submit and a worker's re-send of a reclaimed orphan).
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 1.0}
 
 
 class JobQueue:
@@ -29,8 +31,7 @@ class JobQueue:
     def submit(self, job_id: str) -> None:
         """Publish one `dgserve.run_job` message carrying only the job id (raises on broker errors)."""
         self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=self.queue_name, routing_key=self.queue_name,
-                              retry=True, retry_policy={"max_retries": 3, "interval_start": 0.1,
-                                                        "interval_step": 0.2, "interval_max": 1.0})
+                              retry=True, retry_policy=PUBLISH_RETRY_POLICY)
 
     def close(self) -> None:
         self.celery.close()
