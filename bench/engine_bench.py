@@ -33,10 +33,8 @@ from dgtext.byte_tokenizer import build_byte_tokenizer  # noqa: E402
 from dgtext.tokenizer import PromptTokenizer  # noqa: E402
 from engine import Engine, EngineConfig, EngineRequest, LoadedModel, SamplingParams  # noqa: E402
 from engine.config import preset as preset_config  # noqa: E402
-from engine.loader import build_empty_model  # noqa: E402
+from engine.loader import WEIGHT_PREFIX, build_empty_model  # noqa: E402
 from engine.types import GenerationDefaults  # noqa: E402
-
-DECODER_PREFIX = "model.decoder."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,8 +70,8 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype, seed: in
         torch.set_default_dtype(previous_dtype)
     reference = reference.to(dtype).eval().requires_grad_(False)
     ours = build_empty_model(config, torch.device("meta"), dtype)
-    shared = {name[len(DECODER_PREFIX):]: tensor for name, tensor in reference.state_dict().items()
-              if name.startswith(DECODER_PREFIX)}
+    shared = {name.removeprefix(WEIGHT_PREFIX): tensor for name, tensor in reference.state_dict().items()
+              if name.startswith(WEIGHT_PREFIX)}
     ours.load_state_dict(shared, assign=True)
     ours = ours.eval().requires_grad_(False)
     never = config.vocab_size  # an id no model can emit: stop tokens off, every canvas is generated
