@@ -225,31 +225,35 @@ class JobStore:
 
     def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> str | None:
         """Append `{type, data}` to the job's stream; returns the entry id (None if the job is gone)."""
-        return self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
-                                  args=[type, json.dumps(data), self.settings.events_max_len])
+        return self._append_event_script(job_id, type, data)
 
     def set_progress(self, job_id: str, canvas: int, step: int, worker_id: str | None = None) -> bool:
         """Record progress of a running job and renew the lease on it for `heartbeat_ttl_seconds`.
 
         With `worker_id`, only while that worker holds the job (False once it was requeued or taken over).
         """
-        lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
-        return bool(self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
-            job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step]))
+        return bool(self._renew_lease_script(job_id, canvas, step, worker_id))
 
     def append_event_with_progress(self, job_id: str, type: str, data: dict[str, Any], canvas: int, step: int,
                                    worker_id: str | None = None) -> bool:
         """`append_event` then `set_progress` in one round trip (the worker's per-step write: one RTT less
         per step on the writer thread, which the job's terminal write queues behind). Returns what
         `set_progress` returns."""
-        lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
         pipe = self.redis.pipeline(transaction=False)
-        self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
-                           args=[type, json.dumps(data), self.settings.events_max_len], client=pipe)
-        self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
-            job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step], client=pipe)
+        self._append_event_script(job_id, type, data, client=pipe)
+        self._renew_lease_script(job_id, canvas, step, worker_id, client=pipe)
         _, renewed = pipe.execute()
         return bool(renewed)
+
+    def _append_event_script(self, job_id: str, type: str, data: dict[str, Any], client: Any = None) -> Any:
+        return self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
+                                  args=[type, json.dumps(data), self.settings.events_max_len], client=client)
+
+    def _renew_lease_script(self, job_id: str, canvas: int, step: int, worker_id: str | None,
+                            client: Any = None) -> Any:
+        lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
+        return self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
+            job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step], client=client)
 
     def reclaim_orphans(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Requeue running jobs of this queue whose lease lapsed before `now`; returns the requeued ids.
