@@ -145,7 +145,7 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
     """Map the `text_config` dict onto ModelConfig fields, rejecting variants the engine does not implement."""
     _reject_unsupported(text)
     num_layers = int(text["num_hidden_layers"])
-    layer_types = text.get("layer_types") or [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+    layer_types = text.get("layer_types") or _layer_pattern(num_layers, RELEASE_FULL_EVERY)
     if len(layer_types) != num_layers:
         raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
                          "give one type per layer")
@@ -226,6 +226,10 @@ def _full_layer_overrides(text: dict[str, Any], layer_types: list[str]) -> tuple
     return head_dim, (int(kv) if kv is not None else None)
 
 
+# The released layer pattern: every sixth layer is full attention, the others sliding.
+RELEASE_FULL_EVERY = 6
+
+
 def _layer_pattern(num_layers: int, full_every: int) -> tuple[str, ...]:
     return tuple(FULL if (i + 1) % full_every == 0 else SLIDING for i in range(num_layers))
 
@@ -241,13 +245,13 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=12, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
-        layer_types=_layer_pattern(12, 6), sliding_window=128, num_experts=16, top_k_experts=4,
+        layer_types=_layer_pattern(12, RELEASE_FULL_EVERY), sliding_window=128, num_experts=16, top_k_experts=4,
         moe_intermediate_size=128, canvas_length=64, max_position_embeddings=32768, eos_token_ids=(1, 106)),
     # Released google/diffusiongemma-26B-A4B-it text shapes.
     "full": ModelConfig(
         vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
         num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
-        layer_types=_layer_pattern(30, 6), sliding_window=1024, num_experts=128, top_k_experts=8,
+        layer_types=_layer_pattern(30, RELEASE_FULL_EVERY), sliding_window=1024, num_experts=128, top_k_experts=8,
         moe_intermediate_size=704, canvas_length=256, max_position_embeddings=262_144, eos_token_ids=(1, 106, 50)),
 }
 

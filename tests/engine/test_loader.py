@@ -51,6 +51,9 @@ def test_full_preset_has_the_released_parameter_count() -> None:
     experts = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
     assert round(total / 1e9, 2) == 25.25 and round(experts / 1e9, 2) == 22.84
     assert preset("full").full_layer_indices == (5, 11, 17, 23, 29)
+    released = preset("full").to_hf_dict()
+    del released["text_config"]["layer_types"]  # absent: the released pattern, every sixth layer full
+    assert ModelConfig.from_hf_dict(released).layer_types == preset("full").layer_types
 
 
 def test_config_validation_is_actionable() -> None:
