@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,28 @@ class RunningApi:
     def queue_length(self) -> int:
         """Celery messages waiting in the model queue (a Redis list named like the queue)."""
         return int(self.redis.llen(self.settings.queue_name))
+
+    def run_next_job(self, events: list[tuple[str, dict]], result: dict | None = None,
+                     error: tuple[str, str] | None = None) -> threading.Thread:
+        """In a thread: wait for the next submitted job, then run it through the real JobStore as a worker
+        would (start, append `events`, then fail with `error` or succeed with `result`). Join it after."""
+        def run() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not self.redis.keys("job:*:events"):
+                time.sleep(0.02)
+            job_id = self.redis.keys("job:*:events")[0].split(":")[1]
+            time.sleep(0.1)  # let the client start following the job before it moves
+            self.store.try_start(job_id, "w")
+            for event_type, data in events:
+                self.store.append_event(job_id, event_type, data)
+            if error:
+                self.store.fail(job_id, *error)
+            else:
+                self.store.succeed(job_id, result or {})
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
 
 
 @pytest.fixture

@@ -3,31 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 
-
-def run_next_job(api, result: dict | None = None, error: tuple[str, str] | None = None) -> threading.Thread:
-    def run():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not api.redis.keys("job:*:events"):
-            time.sleep(0.02)
-        job_id = api.redis.keys("job:*:events")[0].split(":")[1]
-        api.store.try_start(job_id, "w")
-        for index, text in enumerate(["Once upon", " a time"]):
-            api.store.append_event(job_id, "canvas", {"canvas": index, "step": 3, "text": text})
-        if error:
-            api.store.fail(job_id, *error)
-        else:
-            api.store.succeed(job_id, result)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
+CANVASES = [("canvas", {"canvas": index, "step": 3, "text": text}) for index, text in enumerate(["Once upon", " a time"])]
 RESULT = {"text": "Once upon a time", "finish_reason": "length",
           "usage": {"prompt_tokens": 5, "generated_tokens": 16, "canvases": 2}}
 
@@ -39,7 +18,7 @@ def test_models_lists_the_served_model(start_api):
 
 def test_completion_waits_for_the_job(start_api):
     api = start_api()
-    worker = run_next_job(api, RESULT)
+    worker = api.run_next_job(CANVASES, RESULT)
     response = api.http.post("/v1/completions", json={"model": "tiny-api", "prompt": "Tell me", "max_tokens": 16,
                                                       "seed": 5, "max_denoising_steps": 12})
     worker.join(timeout=10)
@@ -54,7 +33,7 @@ def test_completion_waits_for_the_job(start_api):
 
 def test_chat_completion_streams_canvases_then_done(start_api):
     api = start_api()
-    worker = run_next_job(api, RESULT)
+    worker = api.run_next_job(CANVASES, RESULT)
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", timeout=10.0,
                       json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
         assert response.status_code == 200
@@ -69,7 +48,7 @@ def test_chat_completion_streams_canvases_then_done(start_api):
 
 def test_failed_job_and_bad_requests(start_api):
     api = start_api()
-    worker = run_next_job(api, error=("engine_error", "device lost"))
+    worker = api.run_next_job(CANVASES, error=("engine_error", "device lost"))
     failed = api.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     worker.join(timeout=10)
     assert failed.status_code == 500 and failed.json()["error"] == {"code": "job_failed", "message": "device lost"}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 
 import httpx
 import pytest
@@ -15,30 +13,12 @@ from services.cli import EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, main
 from services.settings import REPO_ROOT
 from tests.support.processes import free_port, running_process, wait_for_http
 
-
-def run_worker_for_next_job(api, result: dict | None, error: tuple[str, str] | None = None) -> threading.Thread:
-    """Wait for the job the CLI submits, then run it through the real JobStore as a worker would."""
-    def run():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not api.redis.keys("job:*"):
-            time.sleep(0.02)
-        job_id = api.redis.keys("job:*")[0].split(":")[1]
-        time.sleep(0.1)
-        api.store.try_start(job_id, "w")
-        api.store.append_event(job_id, "draft", {"canvas": 0, "step": 1, "text": "partial"})
-        if error:
-            api.store.fail(job_id, *error)
-        else:
-            api.store.succeed(job_id, result)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+DRAFT = [("draft", {"canvas": 0, "step": 1, "text": "partial"})]
 
 
 def test_generate_prints_the_result(start_api, capsys):
     api = start_api()
-    worker = run_worker_for_next_job(api, {"text": "a fine answer", "finish_reason": "stop"})
+    worker = api.run_next_job(DRAFT, {"text": "a fine answer", "finish_reason": "stop"})
     code = main(["generate", "Say something", "--url", api.url, "--drafts", "--max-new-tokens", "16", "--seed", "4"])
     worker.join(timeout=10)
     out, err = capsys.readouterr()
@@ -50,7 +30,7 @@ def test_generate_prints_the_result(start_api, capsys):
 
 def test_generate_reports_a_failed_job(start_api, capsys):
     api = start_api()
-    worker = run_worker_for_next_job(api, None, error=("engine_error", "out of memory"))
+    worker = api.run_next_job(DRAFT, error=("engine_error", "out of memory"))
     code = main(["generate", "x", "--url", api.url])
     worker.join(timeout=10)
     assert code == EXIT_JOB_FAILED and "engine_error: out of memory" in capsys.readouterr().err
@@ -61,7 +41,7 @@ def test_edit_writes_the_file(start_api, tmp_path, capsys):
     source = tmp_path / "notes.txt"
     source.write_bytes(b"first line\r\nsecond line\r\n")
     new_document = "first line\r\nthird line\r\n"
-    worker = run_worker_for_next_job(api, {"document": new_document, "diff": "-second\n+third\n", "edits": []})
+    worker = api.run_next_job(DRAFT, {"document": new_document, "diff": "-second\n+third\n", "edits": []})
     code = main(["edit", str(source), "--find", "second", "--instruction", "count on", "--write", "--url", api.url])
     worker.join(timeout=10)
     assert code == EXIT_OK and source.read_bytes() == new_document.encode()
