@@ -58,15 +58,14 @@ class Attention(nn.Module):
                           q_weight.new_ones(self.kv_heads, self.head_dim, dtype=torch.float32)))
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, T, H, hd], keys/values [B, S, G, hd], bool mask (True = attend) [B, 1, T or 1, S], or already
-        folded for GQA as [B, 1, R*T, S] (R = H / G; the model folds encoder masks once per forward) -> [B, T, D]."""
+        """q [B, T, H, hd], keys/values [B, S, G, hd], bool mask (True = attend) either [B, 1, 1, S] (one row
+        for every query) or folded for GQA as [B, 1, R*T, S] (R = H / G, rows in the order of the folded
+        queries below; the model folds encoder masks once per forward) -> [B, T, D]."""
         b, t = q.shape[:2]
         groups, per_group, hd = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
         # GQA by folding each kv head's R query heads into the query axis ([B, G, R*T, hd]): no K/V head
         # copies, and every SDPA backend that takes an explicit mask qualifies (enable_gqa narrows them).
         folded = q.view(b, t, groups, per_group, hd).permute(0, 2, 3, 1, 4).reshape(b, groups, per_group * t, hd)
-        if mask.shape[2] == t and per_group > 1:
-            mask = mask.repeat(1, 1, per_group, 1)
         out = F.scaled_dot_product_attention(folded, keys.transpose(1, 2), values.transpose(1, 2),
                                              attn_mask=mask, scale=1.0)
         out = out.view(b, groups, per_group, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * hd)

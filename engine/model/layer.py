@@ -37,7 +37,8 @@ class TransformerLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, T, D]; past_k/v [B, S_past, G, hd] precede the new tokens' keys; mask [B, 1, T|1, S_past+T].
+        """h [B, T, D]; past_k/v [B, S_past, G, hd] precede the new tokens' keys; mask [B, 1, 1 or R*T, S_past+T]
+        (see `Attention.attend`).
         Returns (new h, new tokens' k, v [B, T, G, hd]) so the caller can cache them."""
         q, k, v = self.self_attn.project(self.input_layernorm(h), cos, sin)
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
