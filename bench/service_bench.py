@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine.engine import Engine  # noqa: E402
 from services.launcher import find_redis_server, free_loopback_port  # noqa: E402
-from services.schemas import parse_job_create  # noqa: E402
+from services.schemas import TERMINAL_EVENTS, parse_job_create  # noqa: E402
 from worker.requests import ModelInfo, prepare_job  # noqa: E402
 
 
@@ -165,7 +165,7 @@ async def submit_and_wait(client: httpx.AsyncClient, body: dict) -> JobTrace:
                         last_event_id = line.split(":", 1)[1].strip()
                     elif line.startswith("event:"):
                         event_type = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:") and event_type in ("done", "failed", "cancelled", "expired"):
+                    elif line.startswith("data:") and event_type in TERMINAL_EVENTS:
                         done = time.time()
                         if event_type != "done":
                             raise RuntimeError(f"job {job_id} ended {event_type}: {line}")

@@ -20,10 +20,9 @@ from typing import Any
 
 import httpx
 
-from services.schemas import TERMINAL_STATUSES, JobAccepted, JobPublic
+from services.schemas import TERMINAL_EVENTS, TERMINAL_STATUSES, JobAccepted, JobPublic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled", "expired"})
 
 
 class DgserveError(Exception):

@@ -24,6 +24,8 @@ MAX_INSTRUCTION_CHARS = 4000
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
+# Event types a job's stream ends with (one per terminal status); nothing is appended after them.
+TERMINAL_EVENTS: frozenset[str] = frozenset({"done", "failed", "cancelled", "expired"})
 JobKind = Literal["generate", "edit"]
 
 

@@ -10,10 +10,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.jobs import JobStore
-from services.schemas import TERMINAL_STATUSES
+from services.schemas import TERMINAL_EVENTS, TERMINAL_STATUSES
 
-# Event types after which a job's stream gets nothing more.
-TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled", "expired"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 _BATCH = 256
 
