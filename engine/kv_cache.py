@@ -27,9 +27,8 @@ class KVCache:
         self.window, self.device, self.dtype = config.sliding_window, torch.device(device), dtype
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        for layer_idx, layer_type in enumerate(config.layer_types):
-            rows = max_context + 1 if layer_type == FULL else self.window + 1
-            shape = (num_slots, rows, config.layer_kv_heads(layer_idx), config.layer_head_dim(layer_idx))
+        for layer_idx in range(config.num_hidden_layers):
+            shape = (num_slots, *KVCache._slot_shape(config, layer_idx, max_context))
             self.keys.append(torch.zeros(shape, device=self.device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=self.device, dtype=dtype))
         self.ring_positions = torch.full((num_slots, self.window + 1), -1, device=self.device, dtype=torch.long)
@@ -39,10 +38,17 @@ class KVCache:
         """Device bytes one slot costs (K and V of every layer plus the ring positions)."""
         elem = torch.empty(0, dtype=dtype).element_size()
         total = 8 * (config.sliding_window + 1)
-        for layer_idx, layer_type in enumerate(config.layer_types):
-            rows = max_context + 1 if layer_type == FULL else config.sliding_window + 1
-            total += 2 * rows * config.layer_kv_heads(layer_idx) * config.layer_head_dim(layer_idx) * elem
+        for layer_idx in range(config.num_hidden_layers):
+            rows, heads, head_dim = KVCache._slot_shape(config, layer_idx, max_context)
+            total += 2 * rows * heads * head_dim * elem
         return total
+
+    @staticmethod
+    def _slot_shape(config: ModelConfig, layer_idx: int, max_context: int) -> tuple[int, int, int]:
+        """(rows incl. the scratch row, G, hd) of one slot's K (or V) in one layer: what is allocated and
+        what `bytes_per_slot` counts, from one place."""
+        window_or_context = max_context if config.layer_types[layer_idx] == FULL else config.sliding_window
+        return window_or_context + 1, config.layer_kv_heads(layer_idx), config.layer_head_dim(layer_idx)
 
     def reset_slot(self, slot: int) -> None:
         """Forget a slot's context (full-layer rows are masked by length, so only the ring needs clearing)."""
