@@ -185,7 +185,7 @@ class Scheduler:
         return max(1, min(longest, max(min(needs), floor)))
 
     @staticmethod
-    def _take_encode_chunk(seq: SequenceState, budget: int, encodes: list[EncodeWork]) -> int:
+    def _take_encode_chunk(seq: SequenceState, budget: int, encodes: list[EncodeWork]) -> None:
         if seq.slot is None:
             raise RuntimeError(f"request {seq.request_id} is encoding without a KV slot")
         chunk = seq.pending_encode[:budget]
@@ -197,7 +197,6 @@ class Scheduler:
             seq.phase = Phase.DENOISING
             seq.canvas_step = 0
             seq.canvas_start = seq.num_cached
-        return len(chunk)
 
     @staticmethod
     def _next_denoise_step(seq: SequenceState) -> DenoiseWork:
