@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, metavar="P",
                         help="Prometheus port (default: DGSERVE_WORKER_METRICS_PORT)")
     parser.add_argument("--loglevel", default="INFO", help="Celery log level")
-    parser.add_argument("--hostname", help="Celery node name (default: dgserve-<device>@<host>)")
+    parser.add_argument("--hostname", help="Celery node name (default: dgserve-<device>-<pid>@<host>)")
     args = parser.parse_args(argv)
     if args.gpu is not None and args.gpu < 0:
         parser.error(f"--gpu must be a card index >= 0, got {args.gpu}")

@@ -1,4 +1,4 @@
-"""Device choice and memory readings for the worker (the only worker module besides the loop using torch).
+"""Device choice and memory readings for the worker (the only worker module that imports torch).
 
 The worker process sees at most one card: `python -m worker --gpu N` sets CUDA_VISIBLE_DEVICES before
 torch is imported, so inside the process the card is always `cuda:0` while metrics label it with the

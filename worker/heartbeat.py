@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 class Heartbeat:
     """Throttled toucher of a heartbeat file and a remote heartbeat callback.
 
-    `remote` is called with no arguments (e.g. `lambda: store.heartbeat(worker_id, ttl)`); its failures are
-    logged, never raised, because a Redis hiccup must not stop the engine loop.
+    `remote` is called with no arguments (the worker runtime passes one that queues
+    `store.heartbeat(worker_id, info)` on the store-writer thread); its failures are logged, never raised,
+    because a Redis hiccup must not stop the engine loop.
     """
 
     def __init__(self, path: Path | None, remote: Callable[[], None] | None = None,
