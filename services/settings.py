@@ -77,7 +77,9 @@ class Settings(BaseSettings):
         "a job not finished this long after its creation ends as expired"))
     max_attempts: int = Field(default=3, ge=1, le=100, description="starts (redeliveries) before a job fails")
     events_max_len: int = Field(default=5000, ge=10, description="approximate MAXLEN of a job's event stream")
-    heartbeat_ttl_seconds: int = Field(default=15, ge=1, description="a worker heartbeat older than this is stale")
+    heartbeat_ttl_seconds: int = Field(default=15, ge=1, description=(
+        "a worker heartbeat older than this is stale; also the length of a running job's lease, which its "
+        "worker renews (a lapsed lease lets another worker take the job over)"))
     sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300, description="comment line after this silence")
 
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
