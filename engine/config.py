@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -208,7 +209,7 @@ def _int_or(value: Any, default: int) -> int:
     return default if value is None else int(value)
 
 
-def _full_layer_overrides(text: dict[str, Any], layer_types: list[str]) -> tuple[int, int | None]:
+def _full_layer_overrides(text: dict[str, Any], layer_types: Sequence[str]) -> tuple[int, int | None]:
     """(head_dim, kv_heads) of the full-attention layers, from `per_layer_config` (saved form) or
     `global_head_dim` / `num_global_key_value_heads` (constructor form). All full layers must agree."""
     per_layer = text.get("per_layer_config")
