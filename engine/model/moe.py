@@ -22,7 +22,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedMLP(nn.Module):
-    """`down(gelu_tanh(gate(x)) * up(x))` without biases (the dense MLP and the self-conditioning MLP)."""
+    """`down(gelu_tanh(gate(x)) * up(x))` without biases: each layer's dense MLP. (SelfConditioning computes the
+    same with its own projections, whose checkpoint names sit directly under `self_conditioning.`.)"""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
