@@ -259,7 +259,8 @@ def test_step_stats_and_request_stats_are_filled(loaded: LoadedModel) -> None:
     end = finished(outputs, rid).stats
     assert end.prompt_tokens == stats.num_encoder_tokens and end.steps_per_canvas == STEPS
     assert end.queue_seconds >= 0 and end.run_seconds >= end.prefill_seconds >= 0
-    assert torch.is_tensor(engine.runner.sc_embeds)  # the runner's state stays allocated between requests
+    runner = engine.runner  # the runner's per-slot state stays allocated between requests
+    assert runner.sc_embeds.shape == (runner.num_slots, loaded.config.canvas_length, loaded.config.hidden_size)
 
 
 def test_a_step_reads_the_device_at_most_once(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
