@@ -20,7 +20,7 @@ from typing import Any
 
 from dgtext.edit_result import assemble_edit_result, draft_replacements
 from dgtext.edits import EditPlan, EditSpec, EditTokenizer, plan_edits, resolve_edits
-from engine.types import EngineRequest, InfillCanvas, SamplingParams, StepOutput
+from engine.types import EngineRequest, InfillCanvas, RequestStats, SamplingParams, StepOutput
 from services.schemas import EditJobCreate
 
 
@@ -95,13 +95,13 @@ def edit_result(
         "diff": assembled.diff,
         "finish_reason": (out.finish_reason if out is not None else None) or "stop",
     }
-    stats = out.stats if out is not None else None
-    if stats is not None:
-        result["usage"] = {
-            "prompt_tokens": stats.prompt_tokens,
-            "generated_tokens": stats.generated_tokens,
-            "canvases": stats.canvases,
-            "denoising_steps": stats.denoising_steps,
-            "steps_per_canvas": stats.steps_per_canvas,
-        }
+    if out is not None and out.stats is not None:
+        result["usage"] = usage_of(out.stats)
     return result
+
+
+def usage_of(stats: RequestStats) -> dict[str, Any]:
+    """The `usage` of a stored result (generate and edit alike), from the engine's request stats."""
+    return {"prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+            "canvases": stats.canvases, "denoising_steps": stats.denoising_steps,
+            "steps_per_canvas": stats.steps_per_canvas}

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.types import EngineRequest, SamplingParams, StepOutput
 from services.schemas import EditJobCreate, GenerateJobCreate, parse_job_create
-from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit
+from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit, usage_of
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,6 @@ class PreparedJob:
     result: Callable[[Sequence[Sequence[int]], StepOutput], dict[str, Any]]
 
 
-def _usage(out: StepOutput) -> dict[str, Any]:
-    stats = out.stats
-    if stats is None:
-        return {}
-    return {"prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
-            "canvases": stats.canvases, "denoising_steps": stats.denoising_steps,
-            "steps_per_canvas": stats.steps_per_canvas}
-
-
 def _text_event(out: StepOutput) -> dict[str, Any]:
     return {"canvas": out.canvas_index, "step": out.step, "text": out.text}
 
@@ -65,7 +56,7 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
         # Decode all ids at once: a multi-byte character may straddle two canvases.
         all_ids = [token for canvas in canvas_token_ids for token in canvas]
         return {"text": model.tokenizer.decode(all_ids), "finish_reason": out.finish_reason or "stop",
-                "usage": _usage(out), "token_ids": all_ids}
+                "usage": {} if out.stats is None else usage_of(out.stats), "token_ids": all_ids}
 
     return PreparedJob(request=request, draft_event=_text_event, canvas_event=_text_event, result=result)
 
