@@ -121,9 +121,6 @@ class Scheduler:
         seq.phase = Phase.WAITING
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self, now: float) -> StepPlan:
         """Plan the next step and advance the plan's bookkeeping (cached positions, canvas steps).
 

@@ -148,7 +148,7 @@ def test_finish_frees_the_slot_for_a_waiting_request() -> None:
     plan = sched.schedule(now=0.0)
     assert plan.admitted == ("b",) and plan.encodes[0].slot == 0
     sched.finish(b)
-    assert not sched.has_work()
+    assert not sched.waiting and not sched.running and list(sched.free_slots) == [0]
 
 
 def test_waiting_request_can_be_removed() -> None:
