@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from engine.engine import Engine  # noqa: E402
 from services.launcher import find_redis_server, free_loopback_port  # noqa: E402
 from services.schemas import TERMINAL_EVENTS, parse_job_create  # noqa: E402
-from worker.requests import ModelInfo, prepare_job  # noqa: E402
+from worker.requests import prepare_job  # noqa: E402
+from worker.runtime import model_info_of  # noqa: E402
 
 
 def job_bodies(n: int, max_new_tokens: int, offset: int = 0, **options: int) -> list[dict]:
@@ -57,7 +58,7 @@ def percentile(values: list[float], q: float) -> float:
 # -- direct ------------------------------------------------------------------------------------------------
 def run_direct(engine: Engine, bodies: list[dict]) -> tuple[float, list[float], int]:
     """All bodies added at once; returns (wall seconds, latency per body, generated tokens)."""
-    info = ModelInfo(engine.tokenizer, engine.config.canvas_length, engine.generation_defaults.max_new_tokens)
+    info = model_info_of(engine)
     requests = [prepare_job(parse_job_create(body), info).request for body in bodies]
     added: dict[str, float] = {}
     finished: dict[str, float] = {}

@@ -9,13 +9,14 @@ import pytest
 
 from dgtext.edit_result import unified_diff
 from engine.engine import Engine
-from services.schemas import parse_job_create
+from services.schemas import TERMINAL_STATUSES, parse_job_create
 from services.settings import model_short_name
 from tests.integration.conftest import Stack, metric_samples, read_events, submit, wait_for_status
-from worker.requests import ModelInfo, prepare_job
+from worker.requests import prepare_job
+from worker.runtime import model_info_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+TERMINAL = TERMINAL_STATUSES
 STEPS = 4  # denoising steps per canvas: a random model never converges early, so cap it
 
 DOCUMENT = ("Title: caf\u00e9 \U0001f469\u200d\U0001f4bb\r\n\tindented line\r\n"
@@ -26,7 +27,7 @@ def results_from_engine(model_dir, bodies: list[dict]) -> list[dict]:
     """The results the worker should store for these edit bodies, computed with the engine directly (all
     batched together: a seeded job gives the same tokens whatever it is batched with)."""
     engine = Engine.from_pretrained(model_dir, max_canvases_in_flight=len(bodies))
-    info = ModelInfo(engine.tokenizer, engine.config.canvas_length, engine.generation_defaults.max_new_tokens)
+    info = model_info_of(engine)
     prepared = {str(i): prepare_job(parse_job_create(body), info) for i, body in enumerate(bodies)}
     canvases: dict[str, list] = {request_id: [] for request_id in prepared}
     results: dict[str, dict] = {}

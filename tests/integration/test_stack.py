@@ -13,7 +13,7 @@ from dgtext.tokenizer import PromptTokenizer
 from engine.engine import Engine
 from services.api.job_queue import JobQueue
 from services.jobs import JobStore
-from services.schemas import GenerateJobCreate, parse_job_create
+from services.schemas import TERMINAL_STATUSES, GenerateJobCreate, parse_job_create
 from services.settings import model_short_name
 from tests.integration.conftest import (
     SHARED_QUEUE,
@@ -25,10 +25,11 @@ from tests.integration.conftest import (
     wait_for_status,
 )
 from tests.support.processes import wait_until
-from worker.requests import ModelInfo, prepare_job
+from worker.requests import prepare_job
+from worker.runtime import model_info_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
-TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+TERMINAL = TERMINAL_STATUSES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def run_directly(model_dir, bodies: list[dict]) -> list[list[int]]:
     """The token ids the engine itself produces for these job bodies (all batched together)."""
     engine = Engine.from_pretrained(model_dir, max_canvases_in_flight=len(bodies))
-    info = ModelInfo(engine.tokenizer, engine.config.canvas_length, engine.generation_defaults.max_new_tokens)
+    info = model_info_of(engine)
     ids: dict[str, list[int]] = {}
     for index, body in enumerate(bodies):
         engine.add_request(prepare_job(parse_job_create(body), info).request, request_id=str(index))
