@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from services.client import DEFAULT_URL, DgserveClient, DgserveError
+from services.schemas import JobPublic
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -80,23 +81,24 @@ def _follow(client: DgserveClient, job_id: str, show_drafts: bool) -> None:
     print(file=sys.stderr)
 
 
-def _finish(client: DgserveClient, job_id: str, args: argparse.Namespace) -> int:
+def _finish(client: DgserveClient, job_id: str, args: argparse.Namespace) -> tuple[int, JobPublic]:
+    """Wait for the job and report a failure; returns (exit code, the finished job)."""
     job = client.wait(job_id, timeout=args.timeout)
     if args.json:
         print(job.model_dump_json(indent=2))
     elif job.status != "succeeded":
         error = f": {job.error.code}: {job.error.message}" if job.error else ""
         print(f"job {job_id} {job.status}{error}", file=sys.stderr)
-    return EXIT_OK if job.status == "succeeded" else EXIT_JOB_FAILED
+    return (EXIT_OK if job.status == "succeeded" else EXIT_JOB_FAILED), job
 
 
 def cmd_generate(client: DgserveClient, args: argparse.Namespace) -> int:
     accepted = client.generate(args.prompt, stream_drafts=args.drafts, **_sampler_params(args))
     print(f"job {accepted.id} queued", file=sys.stderr)
     _follow(client, accepted.id, args.drafts)
-    code = _finish(client, accepted.id, args)
+    code, job = _finish(client, accepted.id, args)
     if code == EXIT_OK and not args.json:
-        print((client.get(accepted.id).result or {}).get("text", ""))
+        print((job.result or {}).get("text", ""))
     return code
 
 
@@ -115,8 +117,8 @@ def cmd_edit(client: DgserveClient, args: argparse.Namespace) -> int:
         spec["max_tokens"] = args.max_tokens
     accepted = client.edit(document, [spec], **_sampler_params(args))
     _follow(client, accepted.id, show_drafts=False)
-    code = _finish(client, accepted.id, args)
-    result = client.get(accepted.id).result or {}
+    code, job = _finish(client, accepted.id, args)
+    result = job.result or {}
     if code == EXIT_OK and not args.json:
         if args.write:
             args.file.write_bytes(str(result["document"]).encode("utf-8"))
