@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 MODEL_TYPE = "diffusion_gemma"
@@ -142,6 +142,10 @@ class ModelConfig:
         return asdict(self)
 
 
+# What a config.json that omits an optional field gets: the field defaults above, defined once.
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
+
+
 def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
     """Map the `text_config` dict onto ModelConfig fields, rejecting variants the engine does not implement."""
     _reject_unsupported(text)
@@ -151,7 +155,7 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
                          "give one type per layer")
     global_head_dim, global_kv = _full_layer_overrides(text, layer_types)
-    eos = text.get("eos_token_id", 1)
+    eos = text.get("eos_token_id", list(_FIELD_DEFAULTS["eos_token_ids"]))
     return {
         "vocab_size": int(text["vocab_size"]), "hidden_size": int(text["hidden_size"]),
         "intermediate_size": int(text["intermediate_size"]), "num_hidden_layers": num_layers,
@@ -163,12 +167,12 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
         "layer_types": tuple(layer_types), "sliding_window": int(text.get("sliding_window", 512)),
         "num_experts": int(text["num_experts"]), "top_k_experts": int(text["top_k_experts"]),
         "moe_intermediate_size": int(text["moe_intermediate_size"]),
-        "max_position_embeddings": int(text.get("max_position_embeddings", 262_144)),
-        "rms_norm_eps": float(text.get("rms_norm_eps", 1e-6)),
-        "final_logit_softcapping": float(text.get("final_logit_softcapping") or 30.0),
+        "max_position_embeddings": int(text.get("max_position_embeddings", _FIELD_DEFAULTS["max_position_embeddings"])),
+        "rms_norm_eps": float(text.get("rms_norm_eps", _FIELD_DEFAULTS["rms_norm_eps"])),
+        "final_logit_softcapping": float(text.get("final_logit_softcapping") or _FIELD_DEFAULTS["final_logit_softcapping"]),
         **_rope_fields(text.get("rope_parameters") or {}),
-        "pad_token_id": _int_or(text.get("pad_token_id"), 0),
-        "bos_token_id": _int_or(text.get("bos_token_id"), 2),
+        "pad_token_id": _int_or(text.get("pad_token_id"), _FIELD_DEFAULTS["pad_token_id"]),
+        "bos_token_id": _int_or(text.get("bos_token_id"), _FIELD_DEFAULTS["bos_token_id"]),
         "eos_token_ids": tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
     }
 
@@ -197,11 +201,12 @@ def _rope_fields(rope: dict[str, Any]) -> dict[str, Any]:
     if full_type not in ("proportional", "default"):
         raise ValueError(f"full-layer rope_type {full_type!r} is not supported")
     return {
-        "sliding_rope_theta": float(sliding_rope.get("rope_theta", 10_000.0)),
-        "full_rope_theta": float(full_rope.get("rope_theta", 1_000_000.0)),
-        "full_partial_rotary_factor": float(full_rope.get("partial_rotary_factor", 0.25)
+        "sliding_rope_theta": float(sliding_rope.get("rope_theta", _FIELD_DEFAULTS["sliding_rope_theta"])),
+        "full_rope_theta": float(full_rope.get("rope_theta", _FIELD_DEFAULTS["full_rope_theta"])),
+        "full_partial_rotary_factor": float(full_rope.get("partial_rotary_factor",
+                                                          _FIELD_DEFAULTS["full_partial_rotary_factor"])
                                             if full_type == "proportional" else 1.0),
-        "full_rope_factor": float(full_rope.get("factor", 1.0)),
+        "full_rope_factor": float(full_rope.get("factor", _FIELD_DEFAULTS["full_rope_factor"])),
     }
 
 

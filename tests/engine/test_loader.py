@@ -56,6 +56,17 @@ def test_full_preset_has_the_released_parameter_count() -> None:
     assert ModelConfig.from_hf_dict(released).layer_types == preset("full").layer_types
 
 
+def test_a_config_with_only_required_fields_gets_the_published_defaults() -> None:
+    tiny = preset("tiny").to_hf_dict()["text_config"]
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "num_experts", "top_k_experts", "moe_intermediate_size")
+    parsed = ModelConfig.from_hf_dict({"model_type": "diffusion_gemma", "text_config": {k: tiny[k] for k in required}})
+    assert (parsed.max_position_embeddings, parsed.rms_norm_eps, parsed.final_logit_softcapping,
+            parsed.sliding_rope_theta, parsed.full_rope_theta, parsed.full_partial_rotary_factor,
+            parsed.full_rope_factor) == (262_144, 1e-6, 30.0, 10_000.0, 1_000_000.0, 0.25, 1.0)
+    assert (parsed.pad_token_id, parsed.bos_token_id, parsed.eos_token_ids, parsed.canvas_length) == (0, 2, (1,), 256)
+
+
 def test_config_validation_is_actionable() -> None:
     good = preset("tiny").to_hf_dict()
     with pytest.raises(ValueError, match="layer_types has 5 entries"):
