@@ -60,6 +60,7 @@ class QueueFull(RuntimeError):
 class CreateOutcome:
     job_id: str
     created: bool  # False: an idempotent replay of an earlier identical request
+    record: JobRecord | None = None  # the new job's record as written (None for a replay: read it)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,9 @@ class JobStore:
             # The earlier job's record expired before its idempotency key: the key is free again.
             self.redis.delete(idem_key)
             return self.create(request, owner, idempotency_key)
-        return CreateOutcome(job_id=existing, created=outcome == "created")
+        if outcome == "created":
+            return CreateOutcome(job_id=job_id, created=True, record=decode_record(job_id, fields))
+        return CreateOutcome(job_id=existing, created=False)
 
     def get_for_owner(self, job_id: str, owner: str) -> JobRecord | None:
         """The job if it exists and belongs to `owner` (others' jobs look missing)."""

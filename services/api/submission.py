@@ -63,7 +63,8 @@ def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, ow
             raise ApiError(503, "enqueue_failed", "the job queue is unavailable; retry later",
                            headers=retry_after) from exc
         services.metrics.job_submitted(job.kind)
-    record = services.store.get(created.job_id)
+    # A new job's record is known without a read (one Redis round trip less per submission).
+    record = created.record or services.store.get(created.job_id)
     if record is None:
         raise ApiError(503, "unavailable", "the job record vanished right after creation; retry")
     return record, created.created
