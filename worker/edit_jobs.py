@@ -6,7 +6,7 @@ The planning itself (token-boundary alignment, replacement lengths, prompt forma
 plan and the engine's dataclasses. The worker keeps the `PreparedEdit` next to the job while it runs:
 
     prepared = prepare_edit(job, tokenizer, canvas_length, default_max_new_tokens)
-    engine.add_request(prepared.request, request_id=job_id)
+    engine.add_request(prepared.request, request_id=ticket.request_id)   # "{job_id}#{attempt}"
     ... "draft" outputs  → store event "draft" with edit_draft_event(prepared, out, tokenizer)
     ... "canvas" outputs → collect out.token_ids (infill canvases come back whole: canvas_length ids)
     "finished"           → store.succeed(job_id, edit_result(prepared, canvases, out, tokenizer))

@@ -4,7 +4,8 @@ Celery task threads call `submit(ticket)` and wait on `ticket.future`; nothing b
 engine, so the engine needs no locks. One iteration:
 
     admit new tickets (engine.add_request; a ValueError fails only that job)
-    abort jobs whose cancel flag is set or whose deadline passed
+    abort jobs whose lease was lost, whose cancel flag is set, whose deadline passed, or (after SIGTERM)
+    whose shutdown grace period ended
     engine.step()  -> draft / canvas / finished outputs -> JobReporter (store writes on the writer thread)
     metrics + heartbeat
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from engine.types import StepOutput
@@ -88,7 +89,7 @@ class JobReporter:
     def _event_and_progress(self, job_id: str, event: str, data: dict, canvas: int, step: int) -> None:
         self.store.append_event_with_progress(job_id, event, data, canvas, step, worker_id=self.worker_id or None)
 
-    def _terminal(self, ticket: JobTicket, outcome: JobOutcome, write: Any) -> None:
+    def _terminal(self, ticket: JobTicket, outcome: JobOutcome, write: Callable[[], object]) -> None:
         finished_at = time.time()
         self.writer.unwatch(ticket.job_id)
         self._observe_job(ticket, outcome, finished_at)
