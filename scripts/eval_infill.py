@@ -54,15 +54,16 @@ def run_to_completion(engine: Engine, requests: Sequence[EngineRequest]) -> list
     return [(committed[i], stopped[i]) for i in ids]
 
 
-def model_infill(engine: Engine, items: Sequence[InfillItem]) -> list[list[int]]:
-    requests = [EngineRequest(prompt_token_ids=item.prompt_ids, params=SamplingParams(seed=n),
+def model_infill(engine: Engine, items: Sequence[InfillItem], sampler: dict) -> list[list[int]]:
+    requests = [EngineRequest(prompt_token_ids=item.prompt_ids, params=SamplingParams(seed=n, **sampler),
                               infill=(InfillCanvas((), item.canvas_ids, item.is_fixed),))
                 for n, item in enumerate(items)]
     return [ids[:item.num_free] for (ids, _), item in zip(run_to_completion(engine, requests), items, strict=True)]
 
 
-def model_generation(engine: Engine, signatures: Sequence[str], max_new_tokens: int) -> list[tuple[str, bool]]:
-    requests = [EngineRequest(prompt=sig, params=SamplingParams(seed=n, max_new_tokens=max_new_tokens))
+def model_generation(engine: Engine, signatures: Sequence[str], max_new_tokens: int,
+                     sampler: dict) -> list[tuple[str, bool]]:
+    requests = [EngineRequest(prompt=sig, params=SamplingParams(seed=n, max_new_tokens=max_new_tokens, **sampler))
                 for n, sig in enumerate(signatures)]
     stop_ids = set(engine.generation_defaults.stop_token_ids)
     return [(engine.tokenizer.decode([t for t in ids if t not in stop_ids]), stopped)
@@ -77,9 +78,13 @@ def untrained_engine(model_dir: Path, scratch: Path, seed: int) -> Engine:
     return Engine.from_pretrained(scratch, **ENGINE_OPTIONS)
 
 
-def evaluate(engine: Engine, items: Sequence[InfillItem], signatures: Sequence[str], max_new_tokens: int) -> dict:
-    score = score_infill(items, model_infill(engine, items))
-    completions = model_generation(engine, signatures, max_new_tokens)
+def evaluate(engine: Engine, items: Sequence[InfillItem], signatures: Sequence[str], max_new_tokens: int,
+             sampler: dict | None = None) -> dict:
+    """Infill and generation scores; `sampler` overrides the checkpoint's sampler defaults (SamplingParams
+    field names), for sweeps."""
+    sampler = sampler or {}
+    score = score_infill(items, model_infill(engine, items, sampler))
+    completions = model_generation(engine, signatures, max_new_tokens, sampler)
     parsed = [completion_parses(sig, text, stopped) for sig, (text, stopped) in zip(signatures, completions, strict=True)]
     return {"infill_exact_match": score.exact_match, "infill_token_accuracy": score.token_accuracy,
             "generation_parses": sum(parsed), "generation_total": len(signatures),
@@ -99,7 +104,7 @@ def evaluate_baseline(baseline: FrequencyBaseline, tokenizer, items: Sequence[In
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/dgtiny"))
-    parser.add_argument("--infill-items", type=int, default=200)
+    parser.add_argument("--infill-items", type=int, default=500)
     parser.add_argument("--signatures", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-prompt-tokens", type=int, default=96)

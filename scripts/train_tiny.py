@@ -13,6 +13,7 @@ Everything is derived from `--seed` (same seed, same thread count -> same weight
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer
 from dgtext.byte_tokenizer import BOS, EOS, PAD, TURN_CLOSE
 from engine.checkpoint import initialise_random, save_checkpoint
 from engine.config import FULL, SLIDING, ModelConfig
+from engine.loader import load_model
 from engine.model.transformer import DiffusionGemmaModel
 from engine.types import GenerationDefaults
 from training.corpus import load_split
@@ -71,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stop after this step with the schedule of --steps (replays a time-capped run)")
     parser.add_argument("--export-only", action="store_true", help="export <work>/state.pt to --out and exit")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from a saved state.pt (a second phase: fresh optimizer and schedule)")
+                        help="start from a saved state.pt or a released-layout model folder such as models/dgtiny "
+                             "(a further phase: fresh optimizer and schedule)")
     # Sampler defaults written to generation_config.json. A model this small is best sampled at
     # temperature ~1: it was trained with self-conditioning on untempered logits, and the sampler feeds back
     # logits / T (measured on held-out infill, see models/dgtiny/README.md).
@@ -103,6 +106,27 @@ def heldout_metrics(model: DiffusionGemmaModel, batches: list, seed: int) -> dic
     return {f"heldout_{k}": round(v, 4) for k, v in totals.items()}
 
 
+def initial_weights(source: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a saved state.pt, or of a released-layout folder read by the engine's own loader."""
+    if source.is_dir():
+        return load_model(source, dtype=torch.float32).model.state_dict()
+    return torch.load(source)["model"]
+
+
+def keep_freed_memory_in_process() -> None:
+    """Ask glibc to serve allocations up to 32 MiB (its maximum) from the heap and never trim it.
+
+    A training step frees and re-allocates the same vocabulary-sized tensors; served by fresh mmaps,
+    every one of them page-faults its memory in again. No-op where glibc's mallopt is unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def export(model: DiffusionGemmaModel, config: ModelConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> None:
     defaults = GenerationDefaults(stop_token_ids=config.eos_token_ids, max_new_tokens=args.gen_max_new_tokens,
                                   max_denoising_steps=args.gen_steps, t_min=args.gen_t_min, t_max=args.gen_t_max)
@@ -110,6 +134,7 @@ def export(model: DiffusionGemmaModel, config: ModelConfig, tokenizer: Tokenizer
 
 
 def train(args: argparse.Namespace) -> None:
+    keep_freed_memory_in_process()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     tokenizer = load_or_train_tokenizer(args.work, args.vocab_size)
@@ -124,7 +149,7 @@ def train(args: argparse.Namespace) -> None:
         export(model, config, tokenizer, args)
         return
     if args.init_from is not None:
-        model.load_state_dict(torch.load(args.init_from)["model"])
+        model.load_state_dict(initial_weights(args.init_from))
     layout = DataLayout(config.canvas_length, args.max_prompt_tokens, config.vocab_size, config.pad_token_id,
                         config.bos_token_id, config.eos_token_ids[0], args.span_fraction)
     train_sampler = ExampleSampler(encode_streams(tokenizer, [f.text for f in load_split("train")], layout),

@@ -39,14 +39,15 @@ class DiffusionGemmaModel(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor, cache: KVCache,
                slots: torch.Tensor, return_logits: bool = False, context_bound: int | None = None
-               ) -> torch.Tensor | None:
+               ) -> torch.Tensor:
         """Encoder mode over input_ids [B, T] at `positions` [B, T] (increasing within a row); rows are padded
         on the right (`token_valid` False). Each row attends causally to its slot's cached tokens at positions
         below the row's first position and to its own new tokens; sliding layers see the last `window`
         positions including the query. The valid tokens' K/V are written into the cache; padding writes
         nothing. `context_bound` (host int, default cache.max_context) must be >= every row's first
         position: full layers read only that many cached positions. Returns fp32 softcapped logits
-        [B, T, V] if `return_logits`, else None."""
+        [B, T, V] if `return_logits`, else the final hidden states [B, T, D] before the final norm (training
+        applies `logits` to the positions it scores only; serving ignores them)."""
         bound = self._check_inputs(input_ids, positions, cache, slots, context_bound)
         if token_valid.shape != input_ids.shape:
             raise ValueError(f"token_valid shape {tuple(token_valid.shape)} != input_ids shape {tuple(input_ids.shape)}")
@@ -61,7 +62,7 @@ class DiffusionGemmaModel(nn.Module):
             h, k, v = layer(h, *rope[layer_type], past_k, past_v, masks[layer_type])
             cache.write(layer_idx, slots, full_index if layer_type == FULL else ring_index, k, v)
         cache.write_ring_positions(slots, ring_index, positions)
-        return self.logits(h) if return_logits else None
+        return self.logits(h) if return_logits else h
 
     def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 context_lens: torch.Tensor, sc_embeds: torch.Tensor | None, context_bound: int | None = None
@@ -114,6 +115,10 @@ class DiffusionGemmaModel(nn.Module):
         """Final norm, tied LM head, then `cap * tanh(logits / cap)` in fp32, one vocabulary chunk at a time."""
         x = self.norm(h)
         weight, cap = self.embed_tokens.weight, self.config.final_logit_softcapping
+        if torch.is_grad_enabled() and weight.shape[0] <= VOCAB_CHUNK:
+            # Training on a small vocabulary: one out-of-place expression, so autograd neither zero-fills
+            # nor copies a logits-sized buffer for the chunked write below.
+            return torch.tanh(F.linear(x, weight).float() / cap) * cap
         out = torch.empty(*x.shape[:-1], weight.shape[0], device=x.device, dtype=torch.float32)
         for start in range(0, weight.shape[0], VOCAB_CHUNK):
             chunk = F.linear(x, weight[start:start + VOCAB_CHUNK]).float()

@@ -3,10 +3,19 @@ layout, example corruption, infill item extraction and the parse check. All CPU-
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from dgtext.byte_tokenizer import special_token_layout
+from engine.checkpoint import initialise_random, save_checkpoint
+from engine.config import preset
+from engine.kv_cache import KVCache
+from engine.model.transformer import DiffusionGemmaModel
+from scripts.train_tiny import initial_weights
+from training import objective
 from training.corpus import SourceFile, is_held_out, load_split
 from training.data import DataLayout, ExampleSampler
 from training.eval_tasks import completion_parses, function_signatures, infill_items, score_infill
@@ -109,3 +118,63 @@ def test_signatures_and_parse_check() -> None:
     assert not completion_parses("def f(x):", "\n    if x:\n", stopped=True)
     assert not completion_parses("def f(x):", "\n    for", stopped=False)  # nothing complete is left
     assert not completion_parses("def f(x):", " x +", stopped=True)
+
+
+def test_corpus_leaves_out_generated_tables(tmp_path) -> None:
+    (tmp_path / "pydoc_data").mkdir()
+    (tmp_path / "pydoc_data" / "topics.py").write_text("topics = {'assert': 'The assert statement'}\n")
+    (tmp_path / "encodings").mkdir()
+    (tmp_path / "encodings" / "cp1.py").write_text(
+        '""" Python Character Mapping Codec cp1 generated from \'VENDORS/CP1.TXT\'.\n"""\ndecoding_table = ()\n')
+    (tmp_path / "encodings" / "idna.py").write_text("def nameprep(label):\n    return label\n")
+    kept = {f.relative_path for split in ("train", "heldout") for f in load_split(split, tmp_path)}
+    assert kept == {"encodings/idna.py"}
+
+
+def _trainable_model(seed: int) -> DiffusionGemmaModel:
+    config = dataclasses.replace(preset("tiny"), vocab_size=420, sliding_window=64, canvas_length=16)
+    model = DiffusionGemmaModel(config)
+    initialise_random(model, seed, std=0.2)  # larger than serving init: logits far from uniform
+    return model
+
+
+def test_encoder_loss_in_pieces_equals_the_loss_over_full_logits(monkeypatch) -> None:
+    """The training objective scores only positions with a target, in row pieces; the value and the
+    gradients must equal cross-entropy over the full [B, L, V] logits of the serving path."""
+    tokenizer = small_tokenizer()
+    stream = torch.tensor([2, *tokenizer.encode(CODE).ids, 1])
+    batch = ExampleSampler([stream], DataLayout(16, 40, 420, 0, 2, 1), seed=5).sample(6)
+    monkeypatch.setattr(objective, "ENCODER_LOSS_ROWS", 7)  # force many pieces and a ragged last one
+    model = _trainable_model(seed=1)
+    _, _, pieces_ce = objective._encode_context(model, batch)
+    pieces_ce.backward()
+    pieces_grad = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    rows, width = batch.input_ids.shape
+    cache = KVCache(model.config, num_slots=rows, max_context=width, device=torch.device("cpu"), dtype=torch.float32)
+    logits = model.encode(batch.input_ids, batch.positions, batch.token_valid, cache, torch.arange(rows),
+                          return_logits=True, context_bound=0)
+    whole_ce = F.cross_entropy(logits.flatten(0, 1), batch.lm_targets.flatten(), ignore_index=-100)
+    whole_ce.backward()
+    assert abs(pieces_ce.item() - whole_ce.item()) < 1e-5 and whole_ce.item() > 1.0
+    torch.testing.assert_close(pieces_grad, model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_logits_equal_serving_logits() -> None:
+    """The autograd path of `logits` (one out-of-place expression) matches the chunked in-place path."""
+    model = _trainable_model(seed=2)
+    hidden = torch.randn(3, 5, model.config.hidden_size)
+    with torch.no_grad():
+        serving = model.logits(hidden)
+    training = model.logits(hidden)
+    assert training.requires_grad and float(serving.abs().max()) > 1.0
+    torch.testing.assert_close(training.detach(), serving, rtol=1e-6, atol=1e-5)
+
+
+def test_init_from_a_released_folder_restores_the_weights(tmp_path) -> None:
+    model = _trainable_model(seed=3)
+    tokenizer = small_tokenizer()
+    save_checkpoint(model, model.config, tmp_path / "m", tokenizer)
+    restored = initial_weights(tmp_path / "m")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(restored[name], tensor), name
