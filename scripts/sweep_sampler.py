@@ -20,7 +20,7 @@ import torch
 from engine.engine import Engine
 from scripts.eval_infill import ENGINE_OPTIONS, evaluate
 from training.corpus import load_split
-from training.eval_tasks import function_signatures, infill_items
+from training.eval_tasks import disjoint_signatures, function_signatures, infill_items
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,15 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     heldout = load_split("heldout")
     ids = {"bos_id": config.bos_token_id, "eos_id": config.eos_token_ids[0], "pad_id": config.pad_token_id}
 
-    eval_items = infill_items(tokenizer, heldout, canvas_length=config.canvas_length, max_prompt_tokens=96,
+    evaluation = infill_items(tokenizer, heldout, canvas_length=config.canvas_length, max_prompt_tokens=96,
                               count=args.eval_infill_items, seed=args.seed, **ids)  # exactly the evaluation's draw
-    excluded_items = {item.source for item in eval_items}
-    excluded_signatures = set(function_signatures(heldout, args.eval_signatures, args.seed))
-    items = infill_items(tokenizer, heldout, canvas_length=config.canvas_length, max_prompt_tokens=96,
-                         count=args.infill_items + len(eval_items), seed=args.seed + 1, **ids)
-    signatures = function_signatures(heldout, 10_000, args.seed + 1)
-    items = [item for item in items if item.source not in excluded_items][: args.infill_items]
-    signatures = [s for s in signatures if s not in excluded_signatures][: args.signatures]
+    items = [item for item in infill_items(tokenizer, heldout, canvas_length=config.canvas_length,
+                                           max_prompt_tokens=96, count=args.infill_items + len(evaluation),
+                                           seed=args.seed + 1, **ids)
+             if item.source not in {e.source for e in evaluation}][: args.infill_items]
+    signatures = disjoint_signatures(heldout, args.signatures, args.seed + 1,
+                                     excluded=function_signatures(heldout, args.eval_signatures, args.seed))
     print(f"validation: {len(items)} infill lines, {len(signatures)} signatures")
     print(f"{'entropy_bound':>13} {'steps':>5} {'t_max:t_min':>11} {'exact line':>10} {'token acc':>9} {'parses':>7}")
     for bound, steps, temps in itertools.product(args.entropy_bounds, args.steps, args.temperatures):

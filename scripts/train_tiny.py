@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen-t-max", type=float, default=1.0)
     parser.add_argument("--gen-steps", type=int, default=16, help="max_denoising_steps per canvas")
     parser.add_argument("--gen-max-new-tokens", type=int, default=128)
+    parser.add_argument("--gen-entropy-bound", type=float, default=0.1, help="sampler_config.entropy_bound")
     return parser.parse_args(argv)
 
 
@@ -129,7 +130,8 @@ def keep_freed_memory_in_process() -> None:
 
 def export(model: DiffusionGemmaModel, config: ModelConfig, tokenizer: Tokenizer, args: argparse.Namespace) -> None:
     defaults = GenerationDefaults(stop_token_ids=config.eos_token_ids, max_new_tokens=args.gen_max_new_tokens,
-                                  max_denoising_steps=args.gen_steps, t_min=args.gen_t_min, t_max=args.gen_t_max)
+                                  max_denoising_steps=args.gen_steps, t_min=args.gen_t_min, t_max=args.gen_t_max,
+                                  entropy_bound=args.gen_entropy_bound)
     save_checkpoint(model, config, args.out, tokenizer, defaults)
 
 

@@ -125,6 +125,13 @@ def function_signatures(files: Sequence[SourceFile], count: int, seed: int) -> l
     return random.Random(seed).sample(signatures, min(count, len(signatures)))
 
 
+def disjoint_signatures(files: Sequence[SourceFile], count: int, seed: int, excluded: Sequence[str]) -> list[str]:
+    """`count` signatures drawn by `seed`, none of them in `excluded` (a tuning draw kept apart from the
+    evaluation's)."""
+    excluded_set = set(excluded)
+    return [s for s in function_signatures(files, 1 << 30, seed) if s not in excluded_set][:count]
+
+
 def completion_parses(signature: str, completion: str, stopped: bool) -> bool:
     """True when signature + completion parses. A completion cut by the length limit is trimmed to
     its last complete line first (a stopped one is complete as it is)."""

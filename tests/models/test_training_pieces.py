@@ -18,7 +18,13 @@ from scripts.train_tiny import initial_weights
 from training import objective
 from training.corpus import SourceFile, is_held_out, load_split
 from training.data import DataLayout, ExampleSampler
-from training.eval_tasks import completion_parses, function_signatures, infill_items, score_infill
+from training.eval_tasks import (
+    completion_parses,
+    disjoint_signatures,
+    function_signatures,
+    infill_items,
+    score_infill,
+)
 from training.tokenizer import train_bpe_tokenizer
 
 CODE = '''import os
@@ -118,6 +124,14 @@ def test_signatures_and_parse_check() -> None:
     assert not completion_parses("def f(x):", "\n    if x:\n", stopped=True)
     assert not completion_parses("def f(x):", "\n    for", stopped=False)  # nothing complete is left
     assert not completion_parses("def f(x):", " x +", stopped=True)
+
+
+def test_tuning_signatures_never_include_the_evaluated_ones() -> None:
+    files = [SourceFile(f"m{i}.py", f"def f{i}(x):\n    return x\n") for i in range(30)]
+    evaluated = function_signatures(files, 10, seed=0)
+    tuning = disjoint_signatures(files, 15, seed=1, excluded=evaluated)
+    assert len(tuning) == 15 and not set(tuning) & set(evaluated)
+    assert len(disjoint_signatures(files, 50, seed=1, excluded=evaluated)) == 20  # all that is left
 
 
 def test_corpus_leaves_out_generated_tables(tmp_path) -> None:
