@@ -29,7 +29,7 @@ from engine.loader import load_model
 from engine.model.transformer import DiffusionGemmaModel
 from engine.types import GenerationDefaults
 from training.corpus import load_split
-from training.data import DataLayout, ExampleSampler, encode_streams
+from training.data import DataLayout, ExampleSampler, encode_streams, line_break_ids
 from training.objective import (
     check_trainable_layout,
     diffusion_losses,
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--max-prompt-tokens", type=int, default=96)
     parser.add_argument("--span-fraction", type=float, default=0.5)
+    parser.add_argument("--line-span-fraction", type=float, default=0.0,
+                        help="share of span examples that fully corrupt one whole line (line infill, one-line edits)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=55.0, help="stop early (and export) past this")
@@ -153,7 +155,8 @@ def train(args: argparse.Namespace) -> None:
     if args.init_from is not None:
         model.load_state_dict(initial_weights(args.init_from))
     layout = DataLayout(config.canvas_length, args.max_prompt_tokens, config.vocab_size, config.pad_token_id,
-                        config.bos_token_id, config.eos_token_ids[0], args.span_fraction)
+                        config.bos_token_id, config.eos_token_ids[0], args.span_fraction, args.line_span_fraction,
+                        line_break_ids(tokenizer))
     train_sampler = ExampleSampler(encode_streams(tokenizer, [f.text for f in load_split("train")], layout),
                                    layout, seed=args.seed)
     heldout_sampler = ExampleSampler(encode_streams(tokenizer, [f.text for f in load_split("heldout")], layout),

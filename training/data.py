@@ -27,12 +27,19 @@ class DataLayout:
     bos_id: int
     eos_id: int
     span_fraction: float = 0.5  # share of edit-shaped (span-noised) examples
+    # Of the span examples, this share corrupts one whole source line entirely (every token strictly between
+    # two line-break tokens of the canvas): what a line infill or a one-line edit presents at its first step.
+    line_span_fraction: float = 0.0
+    line_break_ids: frozenset[int] = frozenset()  # ids whose text contains a newline
 
     def __post_init__(self) -> None:
         if self.canvas_length < 2 or self.max_prompt_tokens < 1:
             raise ValueError("canvas_length must be >= 2 and max_prompt_tokens >= 1")
-        if not 0.0 <= self.span_fraction <= 1.0:
-            raise ValueError(f"span_fraction must lie in [0, 1], got {self.span_fraction}")
+        for name in ("span_fraction", "line_span_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.line_span_fraction > 0 and not self.line_break_ids:
+            raise ValueError("line_span_fraction > 0 needs line_break_ids")
 
 
 @dataclass
@@ -45,6 +52,11 @@ class Batch:
     canvas_clean: torch.Tensor  # [B, C] targets of the denoiser
     canvas_noisy: torch.Tensor  # [B, C] denoiser input
     canvas_positions: torch.Tensor  # [B, C] P_i .. P_i+C-1
+
+
+def line_break_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """Ids whose decoded text contains a newline (byte-level BPE merges newlines with indentation)."""
+    return frozenset(i for i in range(tokenizer.get_vocab_size()) if "\n" in tokenizer.decode([i]))
 
 
 def encode_streams(tokenizer: Tokenizer, texts: Sequence[str], layout: DataLayout) -> list[torch.Tensor]:
@@ -79,9 +91,24 @@ class ExampleSampler:
         canvas[: len(piece)] = piece
         return stream[start - prompt_len:start], canvas
 
-    def _noise_mask(self, span_example: bool) -> torch.Tensor:
-        """[C] True where the canvas is corrupted: all positions (full examples) or one span."""
+    def _line_span(self, canvas: torch.Tensor) -> torch.Tensor | None:
+        """[C] True on every token of one whole line of the canvas, or None if the canvas holds none."""
+        breaks = [i for i, token in enumerate(canvas.tolist()) if token in self.layout.line_break_ids]
+        lines = [(a + 1, b) for a, b in zip(breaks, breaks[1:], strict=False) if b - a >= 2]
+        if not lines:
+            return None
+        start, end = lines[self._randint(0, len(lines) - 1)]
+        mask = torch.zeros(len(canvas), dtype=torch.bool)
+        mask[start:end] = True
+        return mask
+
+    def _noise_mask(self, span_example: bool, canvas: torch.Tensor) -> torch.Tensor:
+        """[C] True where the canvas is corrupted: all positions (full examples), one whole line, or one span."""
         c = self.layout.canvas_length
+        if span_example and float(torch.rand((), generator=self.generator)) < self.layout.line_span_fraction:
+            line = self._line_span(canvas)
+            if line is not None:
+                return line
         t = NOISE_FLOOR + (1 - NOISE_FLOOR) * float(torch.rand((), generator=self.generator))
         allowed = torch.ones(c, dtype=torch.bool)
         if span_example:
@@ -111,7 +138,8 @@ class ExampleSampler:
         has_target = token_valid[:, 1:] & (next_ids != layout.pad_id)
         lm_targets[:, :-1] = torch.where(has_target, next_ids, -100)
         span_rows = torch.rand(batch_size, generator=self.generator) < layout.span_fraction
-        noise = torch.stack([self._noise_mask(bool(is_span)) for is_span in span_rows])
+        noise = torch.stack([self._noise_mask(bool(is_span), canvas)
+                             for is_span, canvas in zip(span_rows, canvas_clean, strict=True)])
         random_ids = torch.randint(0, layout.vocab_size, (batch_size, c), generator=self.generator)
         return Batch(
             input_ids=input_ids, token_valid=token_valid, positions=positions, lm_targets=lm_targets,

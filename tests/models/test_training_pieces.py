@@ -17,7 +17,7 @@ from engine.model.transformer import DiffusionGemmaModel
 from scripts.train_tiny import initial_weights
 from training import objective
 from training.corpus import SourceFile, is_held_out, load_split
-from training.data import DataLayout, ExampleSampler
+from training.data import DataLayout, ExampleSampler, line_break_ids
 from training.eval_tasks import (
     completion_parses,
     disjoint_signatures,
@@ -97,6 +97,33 @@ def test_span_examples_corrupt_only_one_span_and_targets_are_clean() -> None:
         assert torch.equal(valid_targets, batch.input_ids[b, 1:n + 16][batch.input_ids[b, 1:n + 16] != 0])
     full = ExampleSampler([stream], DataLayout(16, 8, 420, 0, 2, 1, span_fraction=0.0), seed=3).sample(64)
     assert (full.canvas_noisy != full.canvas_clean).float().mean() > 0.3  # t ~ U(eps, 1): about half
+
+
+def test_line_span_examples_corrupt_exactly_one_whole_line() -> None:
+    tokenizer = small_tokenizer()
+    stream = torch.tensor([2, *tokenizer.encode(CODE).ids, 1])
+    breaks = line_break_ids(tokenizer)
+    assert breaks and all("\n" in tokenizer.decode([i]) for i in breaks)
+    layout = DataLayout(16, 8, 420, 0, 2, 1, span_fraction=1.0, line_span_fraction=1.0, line_break_ids=breaks)
+    batch = ExampleSampler([stream], layout, seed=4).sample(48)
+    whole_lines = 0
+    for clean, noisy in zip(batch.canvas_clean.tolist(), batch.canvas_noisy.tolist(), strict=True):
+        noised = {i for i, (a, b) in enumerate(zip(clean, noisy, strict=True)) if a != b}
+        at = [i for i, t in enumerate(clean) if t in breaks]
+        lines = [set(range(a + 1, b)) for a, b in zip(at, at[1:], strict=False) if b - a >= 2]
+        if not lines:  # no whole line in this canvas: an ordinary span instead
+            continue
+        # inside one line, and every token of it replaced (a random id may equal the clean one: 1 in 420)
+        (line,) = [line for line in lines if noised <= line]
+        assert len(noised) >= len(line) - 1
+        whole_lines += 1
+    assert whole_lines > 10
+    try:
+        DataLayout(16, 8, 420, 0, 2, 1, line_span_fraction=0.5)
+    except ValueError as exc:
+        assert "line_break_ids" in str(exc)
+    else:
+        raise AssertionError("a line span share without line-break ids must be refused")
 
 
 def test_infill_items_mask_whole_lines_with_text_on_both_sides() -> None:
