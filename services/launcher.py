@@ -45,6 +45,8 @@ def find_redis_server() -> str:
 
 
 def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; a race with another binder is
+    possible, so callers start their server right away)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
