@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     heartbeat_ttl_seconds: int = Field(default=15, ge=1, description=(
         "a worker heartbeat older than this is stale; also the length of a running job's lease, which its "
         "worker renews (a lapsed lease lets another worker take the job over)"))
+    broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
+        "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "
+        "never delivered twice. Jobs of a killed worker do not wait for it: live workers requeue them once "
+        "their lease lapses (heartbeat_ttl_seconds). A lower value is safe too: a redelivery of a job whose "
+        "lease is alive is only retried later, never run twice"))
     sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300, description="comment line after this silence")
 
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
@@ -136,6 +141,12 @@ class Settings(BaseSettings):
                 f"queue_name {self.queue_name!r} may hold only letters, digits and . _ : - (at most 200)"
             )
         return self
+
+    @property
+    def visibility_timeout_seconds(self) -> int:
+        if self.broker_visibility_timeout_seconds is not None:
+            return self.broker_visibility_timeout_seconds
+        return self.job_deadline_seconds + 600
 
     @property
     def model_name(self) -> str:

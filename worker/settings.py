@@ -39,19 +39,8 @@ class WorkerSettings(Settings):
         "live workers requeue the jobs. Keep it above the longest step (first-step torch.compile included)"))
     worker_cancel_poll_seconds: float = Field(default=0.25, gt=0, le=10, description=(
         "how often cancel flags of running jobs are read"))
-    broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
-        "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "
-        "never delivered twice. Jobs of a killed worker do not wait for it: live workers requeue them once "
-        "their lease lapses (heartbeat_ttl_seconds). A lower value is safe too: a redelivery of a job whose "
-        "lease is alive is only retried later, never run twice"))
     broker_restore_interval_seconds: int = Field(default=10, ge=1, le=3600, description=(
         "how often the worker sweeps for messages whose visibility timeout passed"))
-
-    @property
-    def visibility_timeout_seconds(self) -> int:
-        if self.broker_visibility_timeout_seconds is not None:
-            return self.broker_visibility_timeout_seconds
-        return self.job_deadline_seconds + 600
 
     @property
     def heartbeat_path(self) -> Path:

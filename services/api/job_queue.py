@@ -24,8 +24,9 @@ class JobQueue:
             task_ignore_result=True,
             result_backend=None,
             broker_connection_retry_on_startup=True,
-            # Visibility timeout matters to consumers, but kombu reads it on the producer's channel too.
-            broker_transport_options={"visibility_timeout": settings.job_deadline_seconds + 600},
+            # Visibility timeout matters to consumers, but kombu reads it on the producer's channel too: the
+            # same value as the workers' (DGSERVE_BROKER_VISIBILITY_TIMEOUT_SECONDS or deadline + 10 min).
+            broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         )
 
     def submit(self, job_id: str) -> None:

@@ -63,3 +63,19 @@ def test_edit_insertions_at_one_point_are_ambiguous_but_adjacent_spans_are_fine(
     EditJobCreate(document="abcdef", edits=[{"start": 0, "end": 3}, {"start": 3, "end": 6}, {"start": 6, "end": 6}])
     with pytest.raises(ValidationError, match=r"edits\[1\]: span \[2, 2\) overlaps edits\[0\]"):
         EditJobCreate(document="abcdef", edits=[{"start": 2, "end": 2}, {"start": 2, "end": 2}])
+
+
+def test_api_and_workers_agree_on_the_visibility_timeout(monkeypatch) -> None:
+    """The producer's kombu channel gets the same visibility timeout as the workers' (override or default)."""
+    from services.api.job_queue import JobQueue
+    from worker.settings import WorkerSettings
+
+    assert Settings(job_deadline_seconds=60).visibility_timeout_seconds == 660
+    monkeypatch.setenv("DGSERVE_BROKER_VISIBILITY_TIMEOUT_SECONDS", "123")
+    api, worker = Settings(), WorkerSettings()
+    queue = JobQueue(api)
+    try:
+        assert queue.celery.conf.broker_transport_options["visibility_timeout"] == 123
+        assert worker.visibility_timeout_seconds == 123
+    finally:
+        queue.close()
