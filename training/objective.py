@@ -45,7 +45,7 @@ class StepLosses:
 
 # Rows of vocabulary-sized training tensors per piece of the encoder loss: 1024 x 4096 fp32 is 16 MiB,
 # below glibc's largest mmap threshold (32 MiB), so the allocator reuses freed heap pages instead of
-# mapping and zero-faulting fresh ones on every step (measured: ~15% of a CPU step).
+# mapping and zero-faulting fresh ones on every step (measured: up to 15 % of a one-thread CPU step).
 ENCODER_LOSS_ROWS = 1024
 
 
