@@ -35,6 +35,7 @@ from training.eval_tasks import (
     score_infill,
 )
 
+PROMPT_TOKENS = 96  # left context of an infill item: what the model was trained with (train_tiny --max-prompt-tokens)
 ENGINE_OPTIONS = {"max_canvases_in_flight": 32, "kv_cache_bytes": 256 << 20, "max_context": 1024}
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infill-items", type=int, default=500)
     parser.add_argument("--signatures", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--max-prompt-tokens", type=int, default=96)
+    parser.add_argument("--max-prompt-tokens", type=int, default=PROMPT_TOKENS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.engine import Engine
-from scripts.eval_infill import ENGINE_OPTIONS, evaluate
+from scripts.eval_infill import ENGINE_OPTIONS, PROMPT_TOKENS, evaluate
 from training.corpus import load_split
 from training.eval_tasks import disjoint_signatures, function_signatures, infill_items
 
@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     heldout = load_split("heldout")
     ids = {"bos_id": config.bos_token_id, "eos_id": config.eos_token_ids[0], "pad_id": config.pad_token_id}
 
-    evaluation = infill_items(tokenizer, heldout, canvas_length=config.canvas_length, max_prompt_tokens=96,
-                              count=args.eval_infill_items, seed=args.seed, **ids)  # exactly the evaluation's draw
-    items = [item for item in infill_items(tokenizer, heldout, canvas_length=config.canvas_length,
-                                           max_prompt_tokens=96, count=args.infill_items + len(evaluation),
-                                           seed=args.seed + 1, **ids)
-             if item.source not in {e.source for e in evaluation}][: args.infill_items]
+    def draw(count: int, seed: int) -> list:
+        return infill_items(tokenizer, heldout, canvas_length=config.canvas_length, max_prompt_tokens=PROMPT_TOKENS,
+                            count=count, seed=seed, **ids)
+
+    evaluated = {item.source for item in draw(args.eval_infill_items, args.seed)}  # exactly the evaluation's draw
+    items = [item for item in draw(args.infill_items + len(evaluated), args.seed + 1)
+             if item.source not in evaluated][: args.infill_items]
     signatures = disjoint_signatures(heldout, args.signatures, args.seed + 1,
                                      excluded=function_signatures(heldout, args.eval_signatures, args.seed))
     print(f"validation: {len(items)} infill lines, {len(signatures)} signatures")
