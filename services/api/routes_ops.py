@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -29,11 +31,20 @@ def readyz(services: ServicesDep) -> JSONResponse:
         return JSONResponse({"ready": False, "redis": False, "workers": 0,
                              "reason": f"redis unreachable: {type(exc).__name__}"}, status_code=503)
     body = {"ready": bool(workers), "redis": True, "workers": len(workers),
-            "queue": services.settings.queue_name, "model": services.settings.model_name}
+            "queue": services.settings.queue_name, "model": services.settings.model_name,
+            "worker_load": [worker_load(worker) for worker in workers]}
     if not workers:
         body["reason"] = (f"no worker heartbeat in the last {services.settings.heartbeat_ttl_seconds} s; "
                           "start one with `dgserve worker`")
     return JSONResponse(body, status_code=200 if workers else 503)
+
+
+def worker_load(worker: dict[str, Any]) -> dict[str, Any]:
+    """What /readyz shows of one live worker: its card and the load numbers of its last heartbeat
+    (`WorkerMetrics.load_snapshot`: tokens generated since start, requests in flight and waiting, memory)."""
+    load = worker.get("load") if isinstance(worker.get("load"), dict) else {}
+    return {"worker_id": worker.get("worker_id"), "gpu": worker.get("gpu"), "last_seen": worker.get("last_seen"),
+            **{name: value for name, value in load.items() if isinstance(value, int | float)}}
 
 
 @router.get("/metrics", summary="Prometheus metrics of the API", response_class=Response)
