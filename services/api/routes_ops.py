@@ -42,7 +42,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
 def worker_load(worker: dict[str, Any]) -> dict[str, Any]:
     """What /readyz shows of one live worker: its card and the load numbers of its last heartbeat
     (`WorkerMetrics.load_snapshot`: tokens generated since start, requests in flight and waiting, memory)."""
-    load = worker.get("load") if isinstance(worker.get("load"), dict) else {}
+    reported = worker.get("load")
+    load: dict[str, Any] = reported if isinstance(reported, dict) else {}
     return {"worker_id": worker.get("worker_id"), "gpu": worker.get("gpu"), "last_seen": worker.get("last_seen"),
             **{name: value for name, value in load.items() if isinstance(value, int | float)}}
 

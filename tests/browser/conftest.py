@@ -33,6 +33,7 @@ BROWSER_FIXTURES = frozenset({"browser", "page", "keyed_page"})
 QUEUE = "dgemma.browser"
 API_KEY = "playground-test-key"
 OTHER_KEY = "another-test-key"
+JOBS_PER_MINUTE_PER_KEY = 3  # the keyed API's rate limit, so a test can see a 429 with its Retry-After
 EMBEDDED_MODEL = REPO_ROOT / "models" / "dgtiny"
 
 
@@ -59,27 +60,56 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @dataclass
+class ApiProcess:
+    """One uvicorn process of the API; `restart()` stops it and starts it again on the same port."""
+
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = start_process([sys.executable, "-m", "uvicorn", "--factory",
+                                      "services.api.app:create_app_from_env", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--log-level", "warning"],
+                                     log_path=self.log_path, env={**self.env, "DGSERVE_API_PORT": str(self.port)},
+                                     cwd=REPO_ROOT)
+
+    def wait_ready(self) -> None:
+        wait_for_http(f"{self.url}/readyz", timeout=60, process=self.process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.wait_ready()
+
+
+@dataclass
 class BrowserStack:
-    api_url: str
-    keyed_api_url: str
+    api: ApiProcess
+    keyed_api: ApiProcess
     worker: WorkerProcess
     log_dir: Path
+
+    @property
+    def api_url(self) -> str:
+        return self.api.url
+
+    @property
+    def keyed_api_url(self) -> str:
+        return self.keyed_api.url
 
     def client(self, key: str | None = None, keyed: bool = False) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.keyed_api_url if keyed else self.api_url, headers=headers, timeout=30)
-
-    def logs(self) -> str:
-        parts = [f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}" for path in self.log_dir.glob("*.log")]
-        return "\n".join(parts)
-
-
-def start_api(env: dict[str, str], log_path: Path) -> tuple[str, Any]:
-    port = free_port()
-    process = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            log_path=log_path, env={**env, "DGSERVE_API_PORT": str(port)}, cwd=REPO_ROOT)
-    return f"http://127.0.0.1:{port}", process
 
 
 @pytest.fixture(scope="session")
@@ -89,19 +119,23 @@ def browser_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserS
         env = {"DGSERVE_REDIS_URL": server.url, "DGSERVE_MODEL": str(EMBEDDED_MODEL), "DGSERVE_QUEUE_NAME": QUEUE,
                "DGSERVE_CACHE_DIR": str(log_dir / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "DGSERVE_HEARTBEAT_TTL_SECONDS": "5", "PYTHONUNBUFFERED": "1"}
-        api_url, api = start_api(env, log_dir / "api.log")
-        keyed_url, keyed_api = start_api({**env, "DGSERVE_API_KEYS": f"{API_KEY},{OTHER_KEY}"}, log_dir / "api-keys.log")
+        api = ApiProcess(env, free_port(), log_dir / "api.log")
+        keyed_env = {**env, "DGSERVE_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+                     "DGSERVE_MAX_JOBS_PER_MINUTE_PER_KEY": str(JOBS_PER_MINUTE_PER_KEY)}
+        keyed_api = ApiProcess(keyed_env, free_port(), log_dir / "api-keys.log")
+        api.start()
+        keyed_api.start()
         worker = None
         try:
             worker = start_worker(env, EMBEDDED_MODEL, log_dir, QUEUE, name="browser")
-            wait_for_http(f"{api_url}/readyz", timeout=60, process=api)
-            wait_for_http(f"{keyed_url}/readyz", timeout=60, process=keyed_api)
-            yield BrowserStack(api_url, keyed_url, worker, log_dir)
+            api.wait_ready()
+            keyed_api.wait_ready()
+            yield BrowserStack(api, keyed_api, worker, log_dir)
         finally:
             if worker is not None:
                 stop_process(worker.process, timeout=30)
-            stop_process(api)
-            stop_process(keyed_api)
+            api.stop()
+            keyed_api.stop()
 
 
 @pytest.fixture(scope="session")

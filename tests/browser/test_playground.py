@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import API_KEY, OTHER_KEY, BrowserStack
+from tests.browser.conftest import API_KEY, JOBS_PER_MINUTE_PER_KEY, OTHER_KEY, BrowserStack, open_page
+from tests.integration.conftest import read_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -123,6 +124,7 @@ def test_two_span_edit_of_a_multiline_document(page: Any, browser_stack: Browser
     page.fill("#edit-spans tr:nth-child(2) .span-start", str(start))
     page.fill("#edit-spans tr:nth-child(2) .span-end", str(start + len(second)))
     assert page.text_content("#edit-spans tr:nth-child(2) .span-text") == second
+    page.click("#edit-form details.knobs summary")  # the knobs start folded in the edit view
     page.fill("#edit-knob-seed", "3")
     page.click("#edit-submit")
     wait_for_status(page, "edit", "succeeded")
@@ -249,3 +251,64 @@ def test_the_page_with_api_keys_on(keyed_page: Any, browser_stack: BrowserStack)
     page.reload()
     assert page.input_value("#api-key") == API_KEY
     page.wait_for_selector(f'#job-list li[data-job-id="{job_id}"] .badge.succeeded')
+
+
+def test_a_lost_connection_resumes_with_last_event_id(page: Any, browser_stack: BrowserStack) -> None:
+    page.goto("/")
+    page.fill("#gen-prompt", "def parse(text):")
+    page.fill("#gen-knob-max_new_tokens", "320")  # 10 canvases: still running when the API comes back
+    page.click("#gen-submit")
+    wait_for_drafts(page, "gen", 2)
+    job_id = newest_job_id(page)
+    page.evaluate("""() => {
+      window.__connection = [];
+      const node = document.getElementById("gen-conn");
+      new MutationObserver(() => window.__connection.push(node.textContent)).observe(node, {childList: true});
+    }""")
+    browser_stack.api.restart()  # the stream breaks; the worker keeps denoising meanwhile
+    wait_for_status(page, "gen", "succeeded")
+    assert any("reconnecting" in text for text in page.evaluate("window.__connection"))
+    with browser_stack.client() as client:
+        events = read_events(client, job_id, until={"done"})
+        job = client.get(f"/v1/jobs/{job_id}").json()
+    drafts = [data for kind, data in events if kind == "draft"]
+    # Resumed after the last event it had: every draft shown exactly once, none lost, none repeated.
+    assert int(page.text_content("#gen-draft-count")) == len(drafts)
+    assert page.locator("#gen-committed pre.committed").count() == job["result"]["usage"]["canvases"]
+    assert page.text_content("#gen-result") == job["result"]["text"]
+    assert page.text_content("#gen-conn") == ""
+
+
+def test_a_429_shows_its_retry_after(keyed_page: Any, browser_stack: BrowserStack) -> None:
+    page = keyed_page
+    page.goto("/")
+    page.fill("#api-key", OTHER_KEY)
+    page.click("#api-key-save")
+    page.fill("#gen-knob-max_new_tokens", "32")
+    for _ in range(JOBS_PER_MINUTE_PER_KEY + 1):
+        page.click("#gen-submit")
+        page.wait_for_function("!document.getElementById('gen-submit').disabled")
+    error = page.text_content("#gen-form-error")
+    assert "429 rate_limited" in error and "Retry after" in error, error
+    assert page.locator("#job-list li[data-job-id]").count() == JOBS_PER_MINUTE_PER_KEY
+
+
+def test_layout_fits_a_narrow_window_and_every_control_is_labelled(browser: Any, browser_stack: BrowserStack) -> None:
+    for page in open_page(browser, browser_stack.api_url, viewport={"width": 380, "height": 800}):
+        page.goto("/")
+        page.wait_for_function("document.getElementById('svc-ready').textContent !== 'checking…'")
+        for tab in ("generate", "edit"):
+            page.click(f"#tab-{tab}")
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), f"{tab} scrolls sideways"
+        page.click("#edit-add-empty")
+        unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, textarea, button")]
+          .filter((node) => node.offsetParent !== null || node.type === "file")
+          .filter((node) => !(node.labels && node.labels.length) && !node.getAttribute("aria-label")
+                            && !(node.tagName === "BUTTON" && node.textContent.trim()))
+          .map((node) => node.id || node.outerHTML.slice(0, 80))""")
+        assert unlabelled == []
+        # The tabs work from the keyboard: arrow keys move between them.
+        page.focus("#tab-edit")
+        page.keyboard.press("ArrowLeft")
+        assert page.is_visible("#panel-generate") and page.is_hidden("#panel-edit")
+        assert page.evaluate("document.activeElement.id") == "tab-generate"

@@ -130,7 +130,7 @@ export async function attach(jobId) {
     await followEvents(jobId, {
       signal: controller.signal,
       onEvent: (type, data) => handleEvent(jobId, type, data),
-      onConnection: (state) => { if (current && current.id === jobId) $("gen-conn").textContent = state === "open" ? "" : state; },
+      onConnection: (state) => { if (current && current.id === jobId) $("gen-conn").textContent = state === "reconnecting" ? "connection lost: reconnecting…" : ""; },
     });
     if (!controller.signal.aborted) await showResult(jobId);
   } catch (error) {
