@@ -111,7 +111,10 @@ def select_in_editor(page: Any, text: str) -> None:
 def test_two_span_edit_of_a_multiline_document(page: Any, browser_stack: BrowserStack, screenshot_dir: Path) -> None:
     page.goto("/")
     page.click("#tab-edit")
-    page.fill("#edit-doc", EDIT_DOCUMENT)
+    page.set_input_files("#edit-file", files=[{"name": "helpers.py", "mimeType": "text/x-python",
+                                               "buffer": EDIT_DOCUMENT.encode("utf-8")}])
+    page.wait_for_function("document.getElementById('edit-doc').value.startsWith('# caf')")
+    assert page.input_value("#edit-doc") == EDIT_DOCUMENT
     first, second = "a - b", "total / len(values)"
     select_in_editor(page, first)
     page.click("#edit-add-span")
@@ -151,6 +154,7 @@ def test_two_span_edit_of_a_multiline_document(page: Any, browser_stack: Browser
     with page.expect_download() as download:
         page.click("#edit-download")
     assert Path(download.value.path()).read_text(encoding="utf-8") == result["document"]
+    assert download.value.suggested_filename == "helpers.py"
     page.click("#edit-accept")  # the next edit continues from the result
     assert page.input_value("#edit-doc") == result["document"]
     assert page.locator("#edit-spans tr").count() == 0
@@ -239,6 +243,8 @@ def test_the_page_with_api_keys_on(keyed_page: Any, browser_stack: BrowserStack)
 
     page.fill("#api-key", API_KEY)
     page.click("#api-key-save")
+    page.check('input[name="gen-mode"][value="chat"]')  # chat messages this time (a system and a user turn)
+    assert page.locator("#gen-messages li").count() == 2
     page.click("#gen-submit")
     wait_for_status(page, "gen", "succeeded")  # the events came through a streamed fetch with the header
     assert int(page.text_content("#gen-draft-count")) >= 2
