@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 
 from services.api.app import create_app
 from services.api.routes_playground import CONFIG_PLACEHOLDER, PLAYGROUND_DIR
