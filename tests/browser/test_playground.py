@@ -299,13 +299,15 @@ def test_a_429_shows_its_retry_after(keyed_page: Any, browser_stack: BrowserStac
     assert page.locator("#job-list li[data-job-id]").count() == JOBS_PER_MINUTE_PER_KEY
 
 
-def test_layout_fits_a_narrow_window_and_every_control_is_labelled(browser: Any, browser_stack: BrowserStack) -> None:
+def test_layout_fits_a_narrow_window_and_every_control_is_labelled(browser: Any, browser_stack: BrowserStack,
+                                                                     screenshot_dir: Path) -> None:
     for page in open_page(browser, browser_stack.api_url, viewport={"width": 380, "height": 800}):
         page.goto("/")
         page.wait_for_function("document.getElementById('svc-ready').textContent !== 'checking…'")
         for tab in ("generate", "edit"):
             page.click(f"#tab-{tab}")
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), f"{tab} scrolls sideways"
+            page.screenshot(path=str(screenshot_dir / f"playground-narrow-{tab}.png"))
         page.click("#edit-add-empty")
         unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, textarea, button")]
           .filter((node) => node.offsetParent !== null || node.type === "file")

@@ -1,14 +1,15 @@
 // The service panel: /readyz (workers and, per worker, the load its last heartbeat carried: tokens generated,
 // canvases in flight, memory) and /metrics (queue depth), polled every two seconds. Tokens/s is the growth
-// of the workers' token counts between polls, plotted over the last minute.
+// of each worker's token count between its heartbeats, summed over workers and plotted over the last minute.
 
 import { metricsText, readiness } from "./api.js";
 import { $, el, formatBytes } from "./util.js";
 
 const POLL_MS = 2000;
 const WINDOW_MS = 60000;
-let previous = null; // {at, tokens: {worker_id: count}}
-const samples = []; // {at, rate}
+const workers = {}; // worker_id -> {tokens, seen, rate}: the last heartbeat's count, its time, the rate since
+const samples = []; // {at, rate, added}: one per poll
+let firstPollAt = null;
 
 /** Value of the first sample of `name` in a Prometheus exposition (labels ignored), or null. */
 export function metricValue(text, name) {
@@ -16,21 +17,29 @@ export function metricValue(text, name) {
   return line ? Number(line.slice(line.lastIndexOf(" ") + 1)) : null;
 }
 
-/** Tokens per second since the last poll, summed over workers present both times (a restarted worker,
- * whose count went down, adds nothing for that interval). */
-function tokenRate(now, loads) {
-  const tokens = Object.fromEntries(loads.map((load) => [load.worker_id, load.generated_tokens || 0]));
-  let sample = null;
-  if (previous && now > previous.at) {
-    let added = 0;
-    for (const [worker, count] of Object.entries(tokens)) {
-      if (worker in previous.tokens) added += Math.max(0, count - previous.tokens[worker]);
+/**
+ * Fold this poll's worker loads into the per-worker rates. A worker's rate is the growth of its token
+ * count between two of its heartbeats over their own timestamps (`last_seen`), so polling faster or slower
+ * than workers beat neither adds zeros nor spikes. A count that went down (a restarted worker) adds nothing.
+ */
+function tokenSample(now, loads) {
+  let added = 0;
+  const live = new Set();
+  for (const load of loads) {
+    live.add(load.worker_id);
+    const tokens = load.generated_tokens || 0;
+    const known = workers[load.worker_id];
+    if (!known) {
+      workers[load.worker_id] = { tokens, seen: load.last_seen, rate: 0 };
+    } else if (load.last_seen > known.seen) {
+      const grown = Math.max(0, tokens - known.tokens);
+      added += grown;
+      Object.assign(known, { tokens, seen: load.last_seen, rate: grown / (load.last_seen - known.seen) });
     }
-    const seconds = (now - previous.at) / 1000;
-    sample = { at: now, rate: added / seconds, added, seconds };
   }
-  previous = { at: now, tokens };
-  return sample;
+  for (const id of Object.keys(workers)) if (!live.has(id)) delete workers[id];
+  const rate = Object.values(workers).reduce((sum, worker) => sum + worker.rate, 0);
+  return { at: now, rate, added };
 }
 
 function plot(now) {
@@ -42,11 +51,12 @@ function plot(now) {
     return `${x.toFixed(1)},${y.toFixed(1)}`;
   });
   $("svc-plot").querySelector("polyline").setAttribute("points", points.join(" "));
-  const seconds = samples.reduce((sum, sample) => sum + sample.seconds, 0);
+  $("svc-plot").setAttribute("aria-label", `tokens per second over the last minute, peak ${peak.toFixed(0)}`);
+  // Mean over the part of the last minute this page has watched.
+  const seconds = (now - Math.max(firstPollAt, now - WINDOW_MS)) / 1000;
   const mean = seconds > 0 ? samples.reduce((sum, sample) => sum + sample.added, 0) / seconds : 0;
   $("svc-tps-minute").textContent = seconds > 0 ? mean.toFixed(1) : "–";
   $("svc-tps-minute").dataset.value = String(mean);
-  $("svc-plot").setAttribute("aria-label", `tokens per second over the last minute, peak ${peak.toFixed(0)}`);
 }
 
 function showLoads(loads) {
@@ -59,6 +69,7 @@ function showLoads(loads) {
 
 async function poll() {
   const now = Date.now();
+  if (firstPollAt === null) firstPollAt = now;
   try {
     const [ready, metrics] = await Promise.all([readiness(), metricsText().catch(() => "")]);
     $("svc-ready").textContent = ready.ready ? "ready" : `not ready: ${ready.reason || "unknown"}`;
@@ -67,11 +78,9 @@ async function poll() {
     const depth = metricValue(metrics, "dgserve_queue_depth");
     $("svc-queue").textContent = depth === null || depth < 0 ? "unknown" : String(depth);
     const loads = ready.worker_load || [];
-    const sample = tokenRate(now, loads);
-    if (sample !== null) {
-      samples.push(sample);
-      $("svc-tps").textContent = sample.rate.toFixed(1);
-    }
+    const sample = tokenSample(now, loads);
+    samples.push(sample);
+    $("svc-tps").textContent = sample.rate.toFixed(1);
     showLoads(loads);
     plot(now);
     $("svc-error").textContent = "";
