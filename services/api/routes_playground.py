@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,15 @@ DEFAULT_KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_mi
 NO_CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
 
-@lru_cache(maxsize=8)
+_defaults_by_model: dict[str, dict[str, Any]] = {}
+
+
 def model_defaults(model: str) -> dict[str, Any]:
     """The sampler defaults of `model` from its generation_config.json; {} when it cannot be read (the page
-    then leaves the knobs empty, which also means "the model's default")."""
+    then leaves the knobs empty, which also means "the model's default"). Only a successful read is kept, so
+    a model whose files appear later (a download that finished) gets its defaults then."""
+    if model in _defaults_by_model:
+        return _defaults_by_model[model]
     try:
         folder = resolve_model_dir(model, allow_patterns=TOKENIZER_FILE_PATTERNS)
         config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
@@ -49,7 +53,9 @@ def model_defaults(model: str) -> dict[str, Any]:
         return {}
     sampler = config.get("sampler_config") or {}
     merged = {**sampler, **config}  # the released layout keeps entropy_bound inside sampler_config
-    return {knob: merged[knob] for knob in DEFAULT_KNOBS if isinstance(merged.get(knob), int | float)}
+    defaults = {knob: merged[knob] for knob in DEFAULT_KNOBS if isinstance(merged.get(knob), int | float)}
+    _defaults_by_model[model] = defaults
+    return defaults
 
 
 def page_html(model_name: str, defaults: dict[str, Any], auth_enabled: bool) -> str:

@@ -117,3 +117,12 @@ def test_workers_report_their_load_and_readyz_shows_it(api: httpx.Client, fresh_
     assert {key: by_id["w-1"][key] for key in load} == load
     assert by_id["w-1"]["gpu"] == "cpu"
     assert "generated_tokens" not in by_id["w-old"]
+
+
+def test_the_page_is_served_when_the_models_files_cannot_be_read(fresh_redis_url: str, tmp_path: Path) -> None:
+    settings = Settings(redis_url=fresh_redis_url, model=str(tmp_path / "no-model-here"),
+                        queue_name="dgemma.playground-test")
+    with serve_in_thread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        page = client.get("/playground")
+        assert page.status_code == 200
+        assert page_config(page.text)["defaults"] == {}  # the knobs stay empty: "the model's default"
