@@ -58,11 +58,12 @@ export function addSpan(start, end, instruction = "", maxTokens = "") {
                  el("td", { class: "span-index" }), el("td", {}, startInput), el("td", {}, endInput),
                  el("td", {}, el("code", { class: "span-text" })), el("td", {}, instructionInput), el("td", {}, budget),
                  el("td", {}, remove, el("p", { class: "field-error", role: "alert" })));
-  remove.addEventListener("click", () => { row.remove(); renumber(); });
-  for (const input of [startInput, endInput]) input.addEventListener("input", () => refreshPreview(row));
+  remove.addEventListener("click", () => { row.remove(); renumber(); preview(); });
+  for (const input of [startInput, endInput]) input.addEventListener("input", () => { refreshPreview(row); preview(); });
   $("edit-spans").append(row);
   renumber();
   refreshPreview(row);
+  preview();
   return row;
 }
 
@@ -117,6 +118,19 @@ function renderLive(documentText, spans) {
   fragment.append(sliceCodePoints(documentText, cursor, codePointLength(documentText)));
   $("edit-live").replaceChildren(fragment);
   return marks;
+}
+
+/** Before a job runs: the document with the chosen spans marked, so a selection can be checked by eye. */
+function preview() {
+  const busy = ["connecting", "queued", "running", "requeued", "cancel requested"].includes($("edit-status").textContent);
+  if (busy || !$("edit-result-box").hidden) return;
+  const documentText = $("edit-doc").value;
+  const size = codePointLength(documentText);
+  const spans = readSpans().filter((span) => Number.isInteger(span.start) && Number.isInteger(span.end)
+                                           && span.start <= span.end && span.end <= size);
+  const sorted = [...spans].sort((a, b) => a.start - b.start);
+  const overlapping = sorted.some((span, index) => index > 0 && span.start < sorted[index - 1].end);
+  renderLive(documentText, overlapping ? [] : spans);
 }
 
 function onDraft(data) {
@@ -250,6 +264,7 @@ function accept() {
   $("edit-result-box").hidden = true;
   $("edit-doc").focus();
   showSelection();
+  preview();
 }
 
 function download() {
@@ -267,12 +282,14 @@ async function openFile(event) {
   $("edit-doc").value = await file.text();
   $("edit-spans").replaceChildren();
   $("edit-file").dataset.fileName = file.name;
+  preview();
 }
 
 export function init(defaults) {
   buildKnobs("edit", defaults, ["max_new_tokens"]);
   const area = $("edit-doc");
   for (const name of ["select", "keyup", "mouseup", "input"]) area.addEventListener(name, showSelection);
+  area.addEventListener("input", preview);
   $("edit-add-span").addEventListener("click", () => {
     const { start, end } = selection();
     addSpan(start, end);
@@ -284,4 +301,5 @@ export function init(defaults) {
   $("edit-accept").addEventListener("click", accept);
   $("edit-download").addEventListener("click", download);
   showSelection();
+  preview();
 }

@@ -78,8 +78,10 @@ export function render() {
 /** Re-read the status of every remembered job that has not finished; returns the refreshed list. */
 export async function refresh() {
   const jobs = rememberedJobs();
+  let changed = false;
   for (const entry of jobs) {
     if (FINISHED.has(entry.status)) continue;
+    const before = entry.status;
     try {
       const job = await request("GET", `/v1/jobs/${encodeURIComponent(entry.id)}`);
       entry.status = job.status;
@@ -87,10 +89,16 @@ export async function refresh() {
       if (error.status === 404) entry.status = "gone";
       else if (error.status === 401) break; // wrong key: nothing of this list is readable
     }
+    changed = changed || entry.status !== before;
   }
-  store(jobs);
+  if (!changed) return jobs; // re-rendering only on change keeps keyboard focus inside the list
+  // Jobs submitted while this ran are in storage now: merge the statuses into the current list.
+  const statuses = Object.fromEntries(jobs.map((entry) => [entry.id, entry.status]));
+  const latest = rememberedJobs();
+  for (const entry of latest) if (entry.id in statuses && !FINISHED.has(entry.status)) entry.status = statuses[entry.id];
+  store(latest);
   render();
-  return jobs;
+  return latest;
 }
 
 export function isFinished(status) {
