@@ -129,6 +129,12 @@ export async function followEvents(jobId, { onEvent, onConnection = () => {}, si
       await sleep(Math.min(500 * 2 ** attempt, 5000));
       continue;
     }
+    if (response.status >= 500) { // the API or its Redis is briefly unavailable (503 + Retry-After): retry
+      const error = await errorOf(response);
+      onConnection("reconnecting");
+      await sleep(Math.min(1000 * (Number(error.retryAfter) || 2 ** attempt), 5000));
+      continue;
+    }
     if (!response.ok) throw await errorOf(response);
     onConnection("open");
     try {
