@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dgtext.request_rules import RequestFieldError
+
 
 class EditTokenizer(Protocol):
     """The part of ``dgtext.tokenizer.PromptTokenizer`` that edit planning uses."""
@@ -52,12 +54,8 @@ class EditTokenizer(Protocol):
     def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]: ...
 
 
-class EditValidationError(ValueError):
+class EditValidationError(RequestFieldError):
     """An edit request that cannot be planned; ``field`` names the offending part (``edits[2]``, ``document``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

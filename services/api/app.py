@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     """Build the API around one `Settings`: job store and queue on `settings.redis_url`, limits, metrics."""
     metrics = ApiMetrics(model=settings.model_name, queue=settings.queue_name)
-    services = AppServices(settings=settings, store=JobStore.from_settings(settings), queue=JobQueue(settings),
-                           limits=RequestLimits(settings), metrics=metrics)
+    store = JobStore.from_settings(settings)
+    services = AppServices(settings=settings, store=store, queue=JobQueue(settings),
+                           limits=RequestLimits(settings, workers=store), metrics=metrics)
     # Event streams block in XREAD for up to `sse_keepalive_seconds`; the socket timeout must outlast that
     # block (redis-py's default of 5 s would cut any stream idle for longer than 5 s).
     async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,

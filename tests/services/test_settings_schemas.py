@@ -55,7 +55,7 @@ def test_edit_offsets_are_code_points_and_find_counts_overlaps():
     document = "naïve café 😀 done"
     job = EditJobCreate(document=document, edits=[{"find": "😀"}, {"start": 0, "end": 5}])
     assert job.resolved_spans() == [(11, 12), (0, 5)] and document[0:5] == "naïve"
-    with pytest.raises(ValidationError, match=r"edits\[0\]: find string 'aa' occurs more than once"):
+    with pytest.raises(ValidationError, match=r"edits\[0\]: find text 'aa' occurs more than once"):
         EditJobCreate(document="aaa", edits=[{"find": "aa"}])
 
 
