@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.retry import Retry
 
 from services import job_scripts
 from services.job_record import JobRecord, decode_record
@@ -38,6 +42,7 @@ from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
 
 WORKERS_KEY = "dgserve:workers"
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 WORKER_INFO_KEY = "dgserve:worker_info"
 StartOutcome = Literal[
     "started", "restarted", "not_found", "already_finished", "running_elsewhere", "expired", "attempts_exhausted"
@@ -76,6 +81,23 @@ class StartDecision:
         return self.outcome in ("started", "restarted")
 
 
+def is_job_id(text: str) -> bool:
+    """Whether `text` has the shape of the ids `JobStore.create` makes (32 lowercase hex digits)."""
+    return _JOB_ID.fullmatch(text) is not None
+
+
+def redis_client_options(settings: Settings, for_asyncio: bool = False) -> dict[str, Any]:
+    """Timeouts and retries of every Redis client of the service (`for_asyncio`: for `redis.asyncio`).
+
+    A command waits at most `redis_socket_timeout_seconds` for an answer, so a Redis that stalls without
+    closing the connection cannot hang a request; one quick retry covers a pooled connection that a Redis
+    restart closed. (redis-py's default retries ten times with backoff: about a minute of silence.)
+    """
+    timeout = settings.redis_socket_timeout_seconds
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+            "retry": (AsyncRetry if for_asyncio else Retry)(ExponentialBackoff(cap=0.2, base=0.05), retries=1)}
+
+
 def request_fingerprint(request: GenerateJobCreate | EditJobCreate) -> str:
     """sha256 of the request's canonical JSON: equal for semantically identical bodies."""
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -99,7 +121,8 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
+                                      **redis_client_options(settings))
         return cls(client, settings)
 
     # ---- key names (shared with the SSE reader) -------------------------------------------------

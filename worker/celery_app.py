@@ -23,7 +23,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from services.api.job_queue import RUN_JOB_TASK
+from services.job_messages import RUN_JOB_TASK
 from worker.settings import WorkerSettings
 
 TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import the worker)

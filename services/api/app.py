@@ -14,9 +14,9 @@ from dgtext.checkpoint_files import CheckpointError
 from services.api import routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
-from services.api.job_queue import JobQueue
+from services.job_messages import JobQueue
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from services.jobs import JobStore
+from services.jobs import JobStore, redis_client_options
 from services.metrics import ApiMetrics
 from services.prompt_limits import RequestLimits
 from services.settings import Settings
@@ -33,7 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Event streams block in XREAD for up to `sse_keepalive_seconds`; the socket timeout must outlast that
     # block (redis-py's default of 5 s would cut any stream idle for longer than 5 s).
     async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                          socket_timeout=settings.sse_keepalive_seconds + 10.0)
+                                          **{**redis_client_options(settings, for_asyncio=True),
+                                             "socket_timeout": settings.sse_keepalive_seconds + 10.0})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import redis
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.schemas import ErrorBody, FieldValueError
+
+logger = logging.getLogger(__name__)
 
 # Discriminator tags of the job union appear in pydantic locations; clients never wrote them.
 _UNION_TAGS = frozenset({"generate", "edit"})
@@ -71,6 +76,12 @@ def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
     return error_response(422, "invalid_request", message, field=described[0][0])
 
 
+def store_unavailable(retry_after_seconds: int) -> ApiError:
+    """503 for a job store (Redis) that is down, restarting or stalled: the client should retry."""
+    return ApiError(503, "store_unavailable", f"the job store (Redis) is unavailable; retry in "
+                    f"{retry_after_seconds} s", headers={"Retry-After": str(retry_after_seconds)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -83,6 +94,22 @@ def install_error_handlers(app: FastAPI) -> None:
         if on_submit and metrics is not None:
             metrics.job_rejected("invalid")
         return validation_error_response(list(exc.errors()))
+
+    @app.exception_handler(redis.RedisError)
+    async def _store_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # One line, no traceback: an outage answers many requests; a redis-py timeout or refused connection
+        # is the expected failure, not a bug.
+        logger.warning("%s %s: job store unavailable (%s: %s)", request.method, request.url.path,
+                       type(exc).__name__, exc)
+        services = getattr(request.app.state, "services", None)
+        retry_after = services.settings.retry_after_seconds if services is not None else 5
+        error = store_unavailable(retry_after)
+        return error_response(error.status, error.code, error.message, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the one error shape, never text/plain.
+        return error_response(500, "internal_error", "the server failed to answer this request; see its log")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

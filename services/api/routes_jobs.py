@@ -6,7 +6,7 @@ import re
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -15,18 +15,36 @@ from services.api.errors import ApiError
 from services.api.sse import SSE_HEADERS, job_event_stream
 from services.api.submission import accept_job
 from services.job_record import JobRecord
+from services.jobs import is_job_id
 from services.schemas import ErrorBody, JobAccepted, JobCreate, JobPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_MAX_STREAM_ID_PART = 2**64 - 1  # a Redis stream id is two unsigned 64-bit integers
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
 
 
+def _no_such_job() -> ApiError:
+    return ApiError(404, "not_found", "no such job (it does not exist, expired, or belongs to another API key)")
+
+
 def _owned_job(services: ServicesDep, job_id: str, owner: str) -> JobRecord:
-    record = services.store.get_for_owner(job_id, owner) if len(job_id) <= 64 else None
+    """The caller's job, or 404. Anything that is not a job id is 404 before Redis is asked (so a path like
+    `<id>:events` never reaches another key), and another key's job reads exactly like an unknown one."""
+    record = services.store.get_for_owner(job_id, owner) if is_job_id(job_id) else None
     if record is None:
-        raise ApiError(404, "not_found", f"job {job_id[:64]!r} does not exist (or belongs to another API key)")
+        raise _no_such_job()
     return _expire_if_overdue(services, record)
+
+
+def _resume_point(last_event_id: str | None) -> str:
+    """The stream id to resume after; 422 for anything Redis would not take as one."""
+    resume_from = last_event_id or "0-0"
+    match = _STREAM_ID.match(resume_from)
+    if match is None or any(int(part) > _MAX_STREAM_ID_PART for part in match.groups()):
+        raise ApiError(422, "invalid_request", "Last-Event-ID: must be an event id received from this stream, "
+                       "like 1712345678901-0", field="Last-Event-ID")
+    return resume_from
 
 
 def _expire_if_overdue(services: ServicesDep, record: JobRecord) -> JobRecord:
@@ -68,26 +86,25 @@ def cancel_job(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobPublic
     _owned_job(services, job_id, owner)
     outcome = services.store.cancel(job_id)
     if outcome == "not_found":
-        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+        raise _no_such_job()
     record = services.store.get(job_id)
     if outcome == "finished" and record is not None:
         raise ApiError(409, "job_finished", f"job {job_id} already finished with status {record.status!r}")
     if record is None:
-        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+        raise _no_such_job()
     return record.to_public()
 
 
 @router.get("/{job_id}/events", responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
             summary="Server-Sent Events of the job (resumable with Last-Event-ID)")
 async def job_events(job_id: str, request: Request, services: ServicesDep, owner: OwnerDep,
-                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+                     last_event_id_query: Annotated[str | None, Query(alias="last_event_id")] = None,
+                     ) -> StreamingResponse:
     """Events `queued`, `started`, `draft`, `canvas`, then one of `done`/`failed`/`cancelled`/`expired`,
     which ends the stream. Each event's `id` is its Redis stream id; send it back as `Last-Event-ID`
     (header, or `last_event_id` query parameter) to resume after it."""
-    resume_from = last_event_id or request.query_params.get("last_event_id") or "0-0"
-    if not _STREAM_ID.match(resume_from):
-        raise ApiError(422, "invalid_request", "Last-Event-ID: must be an event id received from this stream, "
-                       "like 1712345678901-0", field="Last-Event-ID")
+    resume_from = _resume_point(last_event_id or last_event_id_query)
     await run_in_threadpool(_owned_job, services, job_id, owner)
     stream = job_event_stream(request.app.state.async_redis, job_id, resume_from,
                               services.settings.sse_keepalive_seconds)

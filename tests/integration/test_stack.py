@@ -11,7 +11,7 @@ import pytest
 
 from dgtext.tokenizer import PromptTokenizer
 from engine.engine import Engine
-from services.api.job_queue import JobQueue
+from services.job_messages import JobQueue
 from services.jobs import JobStore
 from services.schemas import TERMINAL_STATUSES, GenerateJobCreate, parse_job_create
 from services.settings import model_short_name

@@ -67,7 +67,7 @@ def test_edit_insertions_at_one_point_are_ambiguous_but_adjacent_spans_are_fine(
 
 def test_api_and_workers_agree_on_the_visibility_timeout(monkeypatch) -> None:
     """The producer's kombu channel gets the same visibility timeout as the workers' (override or default)."""
-    from services.api.job_queue import JobQueue
+    from services.job_messages import JobQueue
     from worker.settings import WorkerSettings
 
     assert Settings(job_deadline_seconds=60).visibility_timeout_seconds == 660
