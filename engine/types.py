@@ -132,7 +132,8 @@ class GenerationDefaults:
             stop_ids = tuple(fallback_stop_ids)
         else:
             stop_ids = (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
-        return cls(stop_token_ids=stop_ids, **sampling_defaults_from_generation_config(generation_config))
+        defaults: dict[str, Any] = sampling_defaults_from_generation_config(generation_config)
+        return cls(stop_token_ids=stop_ids, **defaults)
 
     def sampling_defaults(self) -> dict[str, int | float]:
         """The knob defaults by name, as `dgtext.request_rules` takes them."""

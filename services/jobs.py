@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
-from redis.backoff import ExponentialBackoff
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from services import job_scripts
@@ -186,7 +186,7 @@ class JobStore:
             self.redis.delete(idem_key)
             return self.create(request, owner, idempotency_key)
         if outcome == "created":
-            return CreateOutcome(job_id=job_id, created=True, record=decode_record(job_id, fields))
+            return CreateOutcome(job_id=job_id, created=True, record=decode_record(job_id, fields, request))
         return CreateOutcome(job_id=existing, created=False)
 
     def get_for_owner(self, job_id: str, owner: str) -> JobRecord | None:
@@ -271,12 +271,12 @@ class JobStore:
         _, renewed = pipe.execute()
         return bool(renewed)
 
-    def _append_event_script(self, job_id: str, type: str, data: dict[str, Any], client: Any = None) -> Any:
+    def _append_event_script(self, job_id: str, type: str, data: dict[str, Any], client: redis.client.Pipeline | None = None) -> Any:
         return self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
                                   args=[type, json.dumps(data), self.settings.events_max_len], client=client)
 
     def _renew_lease_script(self, job_id: str, canvas: int, step: int, worker_id: str | None,
-                            client: Any = None) -> Any:
+                            client: redis.client.Pipeline | None = None) -> Any:
         lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
         return self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
             job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step], client=client)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
 
-from dgtext import edits
+from dgtext import edits as edit_planning
 from dgtext.request_rules import SAMPLING_BOUNDS, RequestFieldError
 
 SCHEMA_VERSION = "v1"
@@ -45,7 +45,7 @@ def _knob(name: str, description: str) -> Any:
     """The wire field of a sampler knob, bounded by `dgtext.request_rules.SAMPLING_BOUNDS` (the engine checks
     the same bounds) and strict: `true`, `"8"` or `8.0` are not an integer, `"0.5"` is not a number."""
     bound = SAMPLING_BOUNDS[name]
-    low = {"ge": bound.minimum} if bound.minimum_inclusive else {"gt": bound.minimum}
+    low: dict[str, Any] = {"ge": bound.minimum} if bound.minimum_inclusive else {"gt": bound.minimum}
     return Field(default=None, strict=True, le=bound.maximum, description=description, **low)
 
 
@@ -115,8 +115,8 @@ class EditSpec(WireModel):
     max_tokens: int | None = Field(default=None, ge=0, le=65_536, strict=True,
                                    description="cap on the replacement length (0 deletes the span)")
 
-    def as_plan_spec(self) -> edits.EditSpec:
-        return edits.EditSpec(self.start, self.end, self.find, self.instruction, self.max_tokens)
+    def as_plan_spec(self) -> edit_planning.EditSpec:
+        return edit_planning.EditSpec(self.start, self.end, self.find, self.instruction, self.max_tokens)
 
 
 class EditJobCreate(SamplingOptions):
@@ -136,9 +136,9 @@ class EditJobCreate(SamplingOptions):
         self.resolved_edits()
         return self
 
-    def resolved_edits(self) -> list[edits.ResolvedEdit]:
+    def resolved_edits(self) -> list[edit_planning.ResolvedEdit]:
         """The edits validated and sorted by position (raises `EditValidationError`, a `FieldValueError`)."""
-        return edits.resolve_edits(self.document, [edit.as_plan_spec() for edit in self.edits])
+        return edit_planning.resolve_edits(self.document, [edit.as_plan_spec() for edit in self.edits])
 
     def resolved_spans(self) -> list[tuple[int, int]]:
         """`(start, end)` character offsets of each edit, in the order given (find strings resolved)."""

@@ -14,8 +14,8 @@ from dgtext.checkpoint_files import CheckpointError
 from services.api import routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
-from services.job_messages import JobQueue
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from services.job_messages import JobQueue
 from services.jobs import JobStore, redis_client_options
 from services.metrics import ApiMetrics
 from services.prompt_limits import RequestLimits
