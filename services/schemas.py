@@ -38,7 +38,10 @@ FieldValueError = RequestFieldError
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused and types are strict: `true`, `"8"` or `8.0` are not an integer, `0` is
+    not a boolean, `"0.5"` is not a number (an integer is a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _knob(name: str, description: str) -> Any:
@@ -90,8 +93,23 @@ class ChatMessage(WireModel):
     content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+def _exactly_one_of(*alternatives: tuple[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema `oneOf` for "exactly one of these groups of fields": each alternative requires its fields
+    (with their non-null type) and leaves the other groups' fields absent or null."""
+    every = {name: kind for names, kind in alternatives for name in names}
+    branches = []
+    for names, kind in alternatives:
+        properties = {name: {"type": "null"} for name in every if name not in names}
+        properties.update({name: kind for name in names})
+        branches.append({"required": list(names), "properties": properties})
+    return {"oneOf": branches}
+
+
 class GenerateJobCreate(SamplingOptions):
     """Open-ended generation from a raw `prompt` or chat `messages` (exactly one)."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of(
+        (("prompt",), {"type": "string"}), (("messages",), {"type": "array"})))
 
     kind: Literal["generate"] = "generate"
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -107,6 +125,9 @@ class GenerateJobCreate(SamplingOptions):
 class EditSpec(WireModel):
     """One span to regenerate: `start`/`end` character offsets, or `find`, a string occurring exactly once.
     `max_tokens` 0 deletes the span."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of(
+        (("find",), {"type": "string"}), (("start", "end"), {"type": "integer"})))
 
     start: int | None = Field(default=None, ge=0, strict=True)
     end: int | None = Field(default=None, ge=0, strict=True)
@@ -223,3 +244,14 @@ class ErrorBody(WireModel):
     """The one error shape of every non-2xx response."""
 
     error: ErrorDetail
+
+
+class Readiness(WireModel):
+    """Body of `GET /readyz`: 200 when jobs can run now, 503 with `reason` otherwise."""
+
+    ready: bool
+    redis: bool = Field(description="Redis answered")
+    workers: int = Field(ge=0, description="live workers of this API's model queue")
+    queue: str | None = None
+    model: str | None = None
+    reason: str | None = Field(default=None, description="why not ready")

@@ -15,6 +15,7 @@ from services.api import routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from services.api.openapi_doc import install_exact_openapi
 from services.job_messages import JobQueue
 from services.jobs import JobStore, redis_client_options
 from services.metrics import ApiMetrics
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.async_redis = async_redis
     install_error_handlers(app)
+    install_exact_openapi(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)

@@ -49,7 +49,7 @@ def test_what_is_not_a_job_id_is_404_like_an_unknown_or_another_keys_job(start_a
     assert api.http.get(f"/v1/jobs/{job_id}", headers=AS_A).status_code == 200
 
 
-@pytest.mark.parametrize("resume", ["99999999999999999999-0", "1-18446744073709551616", "12", "abc-1"])
+@pytest.mark.parametrize("resume", ["99999999999999999999-0", "1-18446744073709551616", "12", "abc-1", "1-2-3"])
 def test_last_event_id_redis_would_not_take_is_422(start_api, resume):
     api = start_api()
     job_id = submit(api.http)
@@ -58,8 +58,8 @@ def test_last_event_id_redis_would_not_take_is_422(start_api, resume):
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == "Last-Event-ID"
     with api.http.stream("GET", f"/v1/jobs/{job_id}/events",
-                         headers={"Last-Event-ID": "18446744073709551615-18446744073709551615"}) as largest:
-        assert largest.status_code == 200  # the largest id Redis takes is still a valid resume point
+                         headers={"Last-Event-ID": "9999999999999999999-9999999999999999999"}) as largest:
+        assert largest.status_code == 200  # 19 digits each: still a valid resume point
 
 
 def assert_unavailable(http: httpx.Client, job_id: str, within_s: float) -> None:
@@ -92,3 +92,11 @@ def test_a_paused_or_stopped_redis_is_503_with_retry_after_and_no_hang(tmp_path:
             server.process.kill()
             server.process.wait(timeout=10)
             assert_unavailable(http, job_id, within_s=10.0)
+
+
+def test_a_body_that_is_not_utf8_is_422_not_400(start_api):
+    api = start_api()
+    for path in ("/v1/jobs", "/v1/completions", "/v1/chat/completions"):
+        response = api.http.post(path, content=b"W\xff\x19", headers={"content-type": "application/json"})
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["error"]["field"] == "body"
