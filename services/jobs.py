@@ -32,12 +32,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from services import job_scripts
 from services.job_record import JobRecord, decode_record
+from services.redis_options import redis_client_options
 from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
 
@@ -84,18 +82,6 @@ class StartDecision:
 def is_job_id(text: str) -> bool:
     """Whether `text` has the shape of the ids `JobStore.create` makes (32 lowercase hex digits)."""
     return _JOB_ID.fullmatch(text) is not None
-
-
-def redis_client_options(settings: Settings, for_asyncio: bool = False) -> dict[str, Any]:
-    """Timeouts and retries of every Redis client of the service (`for_asyncio`: for `redis.asyncio`).
-
-    A command waits at most `redis_socket_timeout_seconds` for an answer, so a Redis that stalls without
-    closing the connection cannot hang a request; one quick retry covers a pooled connection that a Redis
-    restart closed. (redis-py's default retries ten times with backoff: about a minute of silence.)
-    """
-    timeout = settings.redis_socket_timeout_seconds
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-            "retry": (AsyncRetry if for_asyncio else Retry)(ExponentialBackoff(cap=0.2, base=0.05), retries=1)}
 
 
 def request_fingerprint(request: GenerateJobCreate | EditJobCreate) -> str:

@@ -17,9 +17,10 @@ from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from services.api.openapi_doc import install_exact_openapi
 from services.job_messages import JobQueue
-from services.jobs import JobStore, redis_client_options
+from services.jobs import JobStore
 from services.metrics import ApiMetrics
 from services.prompt_limits import RequestLimits
+from services.redis_options import redis_client_options
 from services.settings import Settings
 
 logger = logging.getLogger(__name__)
