@@ -269,3 +269,11 @@ def plan_edits(
         empty_position_ids=frozenset((tokenizer.pad_id, *tokenizer.eos_ids)),
         canvas_length=canvas_length,
     )
+
+
+def require_something_to_write(plan: EditPlan) -> None:
+    """Raise ``EditValidationError("edits")`` for a plan without any canvas: every edit has a zero-token
+    budget, so the model has nothing to write (the API refuses it at submit, the worker before the engine)."""
+    if not plan.canvases:
+        raise EditValidationError("edits", "every edit has a zero-token budget (max_tokens 0, or an empty span "
+                                  "with nothing to insert), so there is nothing for the model to write")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dgtext.checkpoint_files import TOKENIZER_FILE_PATTERNS, resolve_model_dir
-from dgtext.edits import plan_edits
+from dgtext.edits import plan_edits, require_something_to_write
 from dgtext.request_rules import (
     ModelLimits,
     RequestFieldError,
@@ -182,11 +182,10 @@ class RequestLimits:
         """Plan the edit exactly as the worker will (`dgtext.edits.plan_edits`) and check what it needs."""
         plan = plan_edits(request.document, request.resolved_edits(), self.tokenizer(), model.canvas_length,
                           insertion_tokens)
-        if not plan.canvases:
-            raise LimitExceeded("edits", "every edit has a zero-token budget (max_tokens 0 or an empty span "
-                                "with nothing to insert), so there is nothing for the model to write")
         leading = sum(len(canvas.leading_token_ids) for canvas in plan.canvases)
         try:
+            require_something_to_write(plan)
             check_infill_positions(len(plan.prompt_token_ids), leading, len(plan.canvases), model)
         except RequestFieldError as exc:
-            raise LimitExceeded(exc.field, exc.message, reason="prompt_too_long") from exc
+            reason = "prompt_too_long" if exc.field == "document" else "invalid"
+            raise LimitExceeded(exc.field, exc.message, reason=reason) from exc
