@@ -31,8 +31,6 @@ from .errors import (
     CheckpointError,
     CorruptShardError,
     MissingCheckpointFileError,
-    MissingTensorsError,
-    TensorShapeError,
     UnsupportedModelError,
 )
 from .model import DiffusionGemmaModel

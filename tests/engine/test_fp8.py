@@ -58,6 +58,7 @@ def logits_of(loaded: LoadedModel, ref=None) -> tuple[list[torch.Tensor], list[t
     return ours, theirs
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_dequantised_fp8_checkpoint_matches_the_reference_on_the_dequantised_weights(fp8_pair) -> None:
     fp8_dir, dense_dir = fp8_pair
@@ -78,6 +79,7 @@ def emulated_scaled_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     return ((q.float() * q_scale) @ (weight.float() * scale[:, None]).T).view(*x.shape[:-1], -1)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_fp8_kept_weights_run_scaled_mm_as_the_arithmetic_by_hand(fp8_pair, monkeypatch) -> None:
     fp8_dir, _ = fp8_pair
@@ -127,6 +129,7 @@ def test_row_scales_accepts_channel_and_tensor_scales() -> None:
                        torch.tensor([[0.5] * 3, [2.0] * 3], dtype=torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_fp8_engine_generates_the_dequantised_checkpoints_tokens(fp8_pair) -> None:
     fp8_dir, dense_dir = fp8_pair
     params = SamplingParams(max_new_tokens=32, max_denoising_steps=3, fixed_steps=True, seed=7)
