@@ -154,7 +154,7 @@ def _check_encoder_layer_scalars(net: DiffusionGemmaModel, encoder: dict[int, to
     a checkpoint where the two differ (compared in the model dtype) rather than give other encoder logits."""
     differing = []
     for index, layer in enumerate(net.layers):
-        decoder = layer.layer_scalar
+        decoder = layer.get_buffer("layer_scalar")
         stored = encoder.get(index)
         value = stored.to(decoder.device, decoder.dtype) if stored is not None else torch.ones_like(decoder)
         if value.shape != decoder.shape or not torch.equal(value, decoder):

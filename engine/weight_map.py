@@ -18,6 +18,7 @@ from torch import nn
 from .errors import MissingTensorsError, TensorShapeError, UnsupportedModelError
 from .model import DiffusionGemmaModel
 from .model.fp8 import FP8_DTYPE, FP8Linear, dequantize, row_scales
+from .model.moe import Experts
 
 WEIGHT_PREFIX = "model.decoder."
 SCALE_SUFFIX = "_scale"  # `x.weight_scale` is the scale of `x.weight`
@@ -40,7 +41,10 @@ def keep_fp8_weights(net: DiffusionGemmaModel, quantized: Iterable[str]) -> None
         if isinstance(module, nn.Linear):
             net.set_submodule(module_name, FP8Linear.like(module))
     for module_name in experts:
-        _submodule(net, module_name).keep_fp8()
+        module = _submodule(net, module_name)
+        if not isinstance(module, Experts):
+            raise UnsupportedModelError(f"{WEIGHT_PREFIX}{module_name} is not an experts block")
+        module.keep_fp8()
 
 
 def _submodule(net: nn.Module, name: str) -> nn.Module:
