@@ -120,28 +120,38 @@ class Engine:
         if plan.is_empty:
             self.last_step_stats = StepStats()
             return outputs
+        touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
+        step_outputs: list[StepOutput] = []
         try:
             result = self.runner.execute(plan, self._sequences)
-        except RuntimeError as err:  # device errors (e.g. out of memory): fail this step's requests, keep serving
-            touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
-            for request_id in touched:
-                outputs.append(self._finish(self._sequences[request_id], "error", 0, message=str(err)))
+            self._collect_outputs(result, step_outputs)
+        except Exception as err:  # noqa: BLE001 (whatever failed, only this step's requests fail; the loop goes on)
+            # Outputs collected before the failure stand (a request that finished keeps its finish).
             self.last_step_stats = StepStats()
-            return outputs
+            return outputs + step_outputs + self._fail_requests(touched, err)
+        self.last_step_stats = StepStats(
+            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
+            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
+            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
+            committed_tokens=sum(len(o.token_ids) for o in step_outputs if o.kind == "canvas"),
+            forward_seconds=result.forward_seconds)
+        return outputs + step_outputs
+
+    def _collect_outputs(self, result: Any, outputs: list[StepOutput]) -> None:
+        """Append the drafts, committed canvases and finished requests of one executed plan to `outputs`."""
         now = time.monotonic()
-        committed_before = sum(len(o.token_ids) for o in outputs if o.kind == "canvas")
         for canvas in result.canvases:
             seq = self._sequences[canvas.work.request_id]
             if seq.first_canvas_at is None:
                 seq.first_canvas_at = now
             outputs.extend(self._after_denoise_step(seq, canvas))
-        self.last_step_stats = StepStats(
-            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
-            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
-            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
-            committed_tokens=sum(len(o.token_ids) for o in outputs if o.kind == "canvas") - committed_before,
-            forward_seconds=result.forward_seconds)
-        return outputs
+
+    def _fail_requests(self, request_ids: set[str], err: Exception) -> list[StepOutput]:
+        """Finish every still-running request of a failed step with "error"; the message names the failure
+        (device out of memory, or an engine bug on an unusual configuration) so the job's error is clear."""
+        message = f"the engine failed on this step ({type(err).__name__}: {err})"
+        return [self._finish(self._sequences[request_id], "error", 0, message=message)
+                for request_id in sorted(request_ids) if request_id in self._sequences]
 
     def _after_denoise_step(self, seq: SequenceState, canvas: CanvasResult) -> list[StepOutput]:
         work, outputs = canvas.work, []

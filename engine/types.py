@@ -32,7 +32,10 @@ class SamplingParams:
     t_max: float | None = None
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
-    seed: int | None = None  # same seed -> same tokens whatever the batch
+    # Same seed -> the same random draws whatever the batch (engine/rng.py); the same tokens when the batch is
+    # the same too. Alone vs batched, tokens can differ where logits nearly tie: GEMMs round differently at
+    # different row counts (docs/architecture.md, "Seeds and batching").
+    seed: int | None = None
     stream_drafts: bool = False
     fixed_steps: bool = False  # benchmarks: never stop a canvas early
 
