@@ -10,8 +10,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.api.deps import ServicesDep
+from services.schemas import Readiness, WorkerLoad
 
 router = APIRouter(tags=["operations"])
+_LOAD_COUNTS = frozenset(WorkerLoad.model_fields) - {"worker_id", "gpu", "last_seen"}
 
 
 @router.get("/healthz", summary="Liveness: the API process answers")
@@ -19,7 +21,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis answers and at least one worker heartbeat is fresh")
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}},
+            summary="Readiness: Redis answers and at least one worker heartbeat is fresh")
 def readyz(services: ServicesDep) -> JSONResponse:
     """200 when jobs can run now; 503 with the reason otherwise (load balancers take the API out)."""
     try:
@@ -44,11 +47,14 @@ def worker_load(worker: dict[str, Any]) -> dict[str, Any]:
     (`WorkerMetrics.load_snapshot`: tokens generated since start, requests in flight and waiting, memory)."""
     reported = worker.get("load")
     load: dict[str, Any] = reported if isinstance(reported, dict) else {}
+    counts = {name: value for name, value in load.items()  # only the documented fields (`WorkerLoad`)
+              if name in _LOAD_COUNTS and isinstance(value, int) and not isinstance(value, bool) and value >= 0}
     return {"worker_id": worker.get("worker_id"), "gpu": worker.get("gpu"), "last_seen": worker.get("last_seen"),
-            **{name: value for name, value in load.items() if isinstance(value, int | float)}}
+            **counts}
 
 
-@router.get("/metrics", summary="Prometheus metrics of the API", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics of the API", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(services: ServicesDep) -> Response:
     try:
         depth, workers = services.store.queue_depth(), len(services.store.live_workers())
