@@ -30,7 +30,8 @@ def tight_budget(loaded: LoadedModel, block_size: int, full_blocks: int) -> int:
     """A byte budget whose full pool holds about `full_blocks` blocks: small enough to force evictions."""
     options = EngineConfig(max_canvases_in_flight=IN_FLIGHT, max_context=MAX_CONTEXT, block_size=block_size)
     per_block = PagedKVCache.block_bytes(loaded.config, block_size, torch.float32)
-    sliding = plan_kv_pools(loaded.config, options, torch.float32, 1 << 40).sliding_blocks
+    # Sliding pool at its minimum (one reservation per request in flight), which a small budget gets.
+    sliding = IN_FLIGHT * plan_kv_pools(loaded.config, options, torch.float32, 1 << 40).sliding_per_request
     return sliding * per_block[SLIDING] + full_blocks * per_block[FULL]
 
 
@@ -113,6 +114,7 @@ def test_cache_on_and_off_give_identical_tokens(loaded: LoadedModel, block_size:
     assert cached["continue"] >= 80  # the prompt plus most of the committed canvas
     assert all(end.stats.cached_prompt_tokens == 0 for end in ends_off.values())
     stats = engine_on.kv_stats()
+    assert stats.full_blocks_total == 40 * 16 // block_size
     assert stats.evicted_blocks > 0 and stats.hit_tokens == sum(cached.values())
     assert stats.full_blocks_used == 0 == engine_off.kv_stats().full_blocks_used  # everything released
 
