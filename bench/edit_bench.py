@@ -254,8 +254,7 @@ def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
     for caching in (True, False):
         engine = prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency, max_context=8192)
         if args.mode == "session":
-            pairs = make_documents(2 * args.docs, seed=args.seed)  # longer documents: two joined
-            documents = ["\n".join(pairs[i:i + 2]) for i in range(0, len(pairs), 2)]
+            documents = make_documents(args.docs, seed=args.seed)
             results[caching] = prefix_bench.run_session(engine, documents, args.n, args.concurrency, args.steps,
                                                         args.seed)
         else:

@@ -39,12 +39,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _edit_request(engine: Any, document: str, rng: random.Random, number: int, steps: int | None,
-                  seed: int) -> tuple[Any, Any]:
-    """A single-span edit of 1-3 words at a random place of `document` -> (EngineRequest, plan)."""
+                  seed: int, last_word: bool = False) -> tuple[Any, Any]:
+    """A single-span edit of 1-3 words at a random place of `document` (or of its last word) ->
+    (EngineRequest, plan)."""
     from engine.types import EngineRequest, InfillCanvas, SamplingParams
 
     words = [m.span() for m in re.finditer(r"\w+", document)]
-    first = rng.randrange(len(words))
+    first = len(words) - 1 if last_word else rng.randrange(len(words))
     last = min(first + rng.randint(0, 2), len(words) - 1)
     resolved = resolve_edits(document, [EditSpec(start=words[first][0], end=words[last][1])])
     length = engine.config.canvas_length
@@ -56,8 +57,14 @@ def _edit_request(engine: Any, document: str, rng: random.Random, number: int, s
 
 def run_session(engine: Any, documents: list[str], edits: int, concurrency: int, steps: int | None,
                 seed: int) -> dict:
-    """Closed loop of `edits` edits; editor i works on document i % len(documents)."""
+    """Closed loop of `edits` edits; editor i works on document i % len(documents). Untimed warm-up first:
+    one edit of each document's last word (the editor opening the document), for both cache settings."""
     rng, docs = random.Random(seed), list(documents)
+    for index, document in enumerate(docs):
+        request, _ = _edit_request(engine, document, rng, 1_000_000 + index, steps, seed, last_word=True)
+        engine.add_request(request, request_id=f"warm-{index}")
+    while engine.has_unfinished():
+        engine.step()
     in_flight: dict[str, tuple[float, Any, list, int]] = {}
     latencies: list[float] = []
     cached = prompt = encoder_tokens = submitted = 0
@@ -140,8 +147,8 @@ def run_capacity(loaded: Any, slots: int, requests: int, max_context: int, seed:
     from engine.types import EngineRequest, SamplingParams
 
     budget = slots * slot_design_bytes(loaded.config, max_context, loaded.model.embed_tokens.weight.dtype)
-    engine = _engine(loaded, False, max_canvases_in_flight=requests, max_context=max_context,
-                     kv_cache_bytes=budget, max_tokens_per_forward=16384)
+    engine = _engine(loaded, False, max_canvases_in_flight=3 * slots, max_context=max_context,
+                     kv_cache_bytes=budget, max_tokens_per_forward=16384, sliding_chunk_tokens=64)
     rng = random.Random(seed)
     lengths = [rng.randint(50, 3000) for _ in range(requests)]
     for number, length in enumerate(lengths):
@@ -149,13 +156,17 @@ def run_capacity(loaded: Any, slots: int, requests: int, max_context: int, seed:
         params = SamplingParams(seed=number, max_new_tokens=loaded.config.canvas_length, max_denoising_steps=10_000,
                                 fixed_steps=True)  # nobody finishes: in flight is what admission allows
         engine.add_request(EngineRequest(prompt_token_ids=ids, params=params))
-    peak, still = 0, 0
-    while engine.num_waiting() and still < 3:
-        engine.step()
-        still = still + 1 if engine.num_running() == peak else 0
-        peak = max(peak, engine.num_running())
+    # Admission depends only on the scheduler and the block manager: run their bookkeeping of each step
+    # (plans, writes reported) without the forwards, which would not change who is admitted.
+    peak, still, scheduler = 0, 0, engine.scheduler
+    while scheduler.waiting and still < 3:
+        for work in scheduler.schedule(now=time.monotonic()).encodes:
+            scheduler.kv.after_write(work.request_id, work.token_ids)
+        still = still + 1 if len(scheduler.running) == peak else 0
+        peak = max(peak, len(scheduler.running))
     stats = engine.kv_stats()
-    return {"budget_bytes": budget, "slot_design_requests": slots, "paged_requests_in_flight": peak,
+    return {"budget_bytes": budget, "max_canvases_in_flight": 3 * slots, "sliding_chunk_tokens": 64,
+            "slot_design_requests": slots, "paged_requests_in_flight": peak,
             "ratio": round(peak / slots, 2), "mean_prompt_tokens": round(statistics.fmean(lengths)),
             "full_blocks_used": stats.full_blocks_used, "full_blocks_total": stats.full_blocks_total}
 
