@@ -110,7 +110,9 @@ def test_cache_on_and_off_give_identical_tokens(loaded: LoadedModel, block_size:
     assert cached["gen"] == 0 and cached["gen_again"] == 48  # 50 tokens: the partial last block is re-encoded
     assert cached["diverge"] == 16 // block_size * block_size  # shares 20 tokens: up to the divergent block
     assert cached["chat2"] > 0 and cached["edit_later"] >= 48 and cached["edit_earlier"] >= 32
-    assert cached["continue"] >= 80  # the prompt plus most of the committed canvas
+    # The continuation reuses the prompt's blocks; with 16-position blocks also most of the committed canvas
+    # (with 8, the pool is tighter and LRU has evicted those blocks, released before the prompt's).
+    assert cached["continue"] >= (80 if block_size == 16 else 48)
     assert all(end.stats.cached_prompt_tokens == 0 for end in ends_off.values())
     stats = engine_on.kv_stats()
     assert stats.full_blocks_total == POOL_BLOCKS[block_size]

@@ -162,3 +162,13 @@ def test_launcher_pins_the_card_before_torch_and_passes_options():
     with pytest.raises(SystemExit):
         parse_args(["--gpu", "0", "--cpu"])
     assert isinstance(args, argparse.Namespace)
+
+
+def test_job_usage_reports_cached_prompt_tokens():
+    from engine.types import RequestStats
+    from worker.edit_jobs import usage_of
+
+    stats = RequestStats(prompt_tokens=70, generated_tokens=32, canvases=1, denoising_steps=4, steps_per_canvas=4.0,
+                         queue_seconds=0.0, prefill_seconds=0.1, run_seconds=0.2, cached_prompt_tokens=64)
+    assert usage_of(stats) == {"prompt_tokens": 70, "generated_tokens": 32, "canvases": 1, "denoising_steps": 4,
+                               "steps_per_canvas": 4.0, "cached_prompt_tokens": 64}
