@@ -258,7 +258,7 @@ def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
             results[caching] = prefix_bench.run_session(engine, documents, args.n, args.concurrency, args.steps,
                                                         args.seed)
         else:
-            results[caching] = prefix_bench.run_chat(engine, 64, args.steps, args.seed)
+            results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
         del engine
     keys = ("edits_per_s", "p50_s", "p99_s") if args.mode == "session" else ("prefill_tokens_computed", "ttfc_p50_s")
     print(json.dumps(prefix_bench.compare(args.mode, results[True], results[False], keys)), flush=True)
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="edits for the engine run")
     parser.add_argument("--stack-n", type=int, default=None, help="edits for the stack run (default --n)")
     parser.add_argument("--docs", type=int, default=50)
+    parser.add_argument("--chat-requests", type=int, default=64, help="--mode chat: requests sharing the prompt")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")
