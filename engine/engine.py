@@ -22,6 +22,7 @@ from dgtext.request_rules import (
     check_infill_positions,
     open_ended_canvases,
 )
+from engine.block_manager import PrefixCacheStats
 from engine.runner import CanvasResult, ModelRunner
 from engine.scheduler import Scheduler, SequenceState
 from engine.types import (
@@ -45,8 +46,9 @@ class Engine:
         self.generation_defaults = loaded.generation_defaults
         self._stop_ids = frozenset(self.generation_defaults.stop_token_ids or self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, self.config, self.engine_config)
-        self.scheduler = Scheduler(self.runner.num_slots, self.engine_config.max_canvases_in_flight,
-                                   self.engine_config.max_tokens_per_forward)
+        self.scheduler = Scheduler(self.runner.kv, self.engine_config.max_canvases_in_flight,
+                                   self.engine_config.max_tokens_per_forward, self.config.canvas_length,
+                                   max_encode_row=self.runner.pools.max_encode_row)
         self._sequences: dict[str, SequenceState] = {}
         self._pending_outputs: list[StepOutput] = []  # aborts, reported by the next step()
         self._seed_source = random.SystemRandom()
@@ -73,6 +75,7 @@ class Engine:
         params = resolve_params(req.params, self.generation_defaults, seed)
         infill = self._validated_infill(req)
         limits = self.request_limits
+        leading = 0
         if infill is None:
             num_canvases = open_ended_canvases(params.max_new_tokens, limits.canvas_length)
             check_generate_positions(len(prompt_ids), params.max_new_tokens, limits)
@@ -80,6 +83,10 @@ class Engine:
             num_canvases = len(infill)
             leading = sum(len(canvas.leading_token_ids) for canvas in infill)
             check_infill_positions(len(prompt_ids), leading, num_canvases, limits, field_name="prompt_token_ids")
+        needed = len(prompt_ids) + leading + num_canvases * self.config.canvas_length
+        if not self.runner.kv.fits_at_all(needed):
+            raise ValueError(f"prompt_token_ids: {needed} positions need more KV blocks than the engine's cache "
+                             "holds; shorten the prompt or lower max_new_tokens")
         self._sequences[request_id] = seq = SequenceState(
             request_id=request_id, prompt_ids=prompt_ids, params=params, num_canvases=num_canvases,
             infill=infill, added_at=time.monotonic())
@@ -111,6 +118,10 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def kv_stats(self) -> PrefixCacheStats:
+        """Prefix-cache counters (cumulative) and KV block occupancy (now), for metrics."""
+        return self.runner.kv.stats()
+
     # ----- the step -----
 
     def step(self) -> list[StepOutput]:
@@ -124,6 +135,8 @@ class Engine:
         step_outputs: list[StepOutput] = []
         try:
             result = self.runner.execute(plan, self._sequences)
+            for work in plan.encodes:  # written now: name the completed blocks, release out-of-window ones
+                self.scheduler.kv.after_write(work.request_id, work.token_ids)
             self._collect_outputs(result, step_outputs)
         except Exception as err:  # noqa: BLE001 (whatever failed, only this step's requests fail; the loop goes on)
             # Outputs collected before the failure stand (a request that finished keeps its finish).
@@ -187,9 +200,7 @@ class Engine:
         return kept, ("length" if is_last else None)
 
     def _finish(self, seq: SequenceState, reason: FinishReason, step: int, message: str = "") -> StepOutput:
-        slot = self.scheduler.finish(seq)
-        if slot is not None:
-            self.runner.release_slot(slot)
+        self.scheduler.finish(seq)
         del self._sequences[seq.request_id]
         now = time.monotonic()
         admitted = seq.admitted_at if seq.admitted_at is not None else now
@@ -198,7 +209,8 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids), generated_tokens=seq.generated_tokens, canvases=canvases,
             denoising_steps=seq.total_steps, steps_per_canvas=seq.total_steps / canvases if canvases else 0.0,
             queue_seconds=admitted - seq.added_at,
-            prefill_seconds=(seq.first_canvas_at or now) - admitted, run_seconds=now - admitted)
+            prefill_seconds=(seq.first_canvas_at or now) - admitted, run_seconds=now - admitted,
+            cached_prompt_tokens=seq.cached_prompt_tokens)
         return StepOutput(request_id=seq.request_id, kind="finished", canvas_index=seq.canvas_index, step=step,
                           token_ids=(), text=message, finish_reason=reason, stats=stats)
 
