@@ -4,8 +4,8 @@ versions that agree with pyproject.toml and the Makefile."""
 from __future__ import annotations
 
 import re
-import tomllib
 
+import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 
