@@ -160,11 +160,13 @@ def stack_dir_locked(port: int) -> Iterator[Path]:
 
 
 def start_redis(supervisor: Supervisor, data_dir: Path) -> str:
-    """redis-server on 127.0.0.1 with AOF in `data_dir` (jobs survive a restart); returns its URL."""
+    """redis-server on 127.0.0.1 with AOF in `data_dir`; returns its URL. `appendfsync always`: Redis fsyncs
+    every write before it replies, so a job the API answered 202 for survives even a crash of the host
+    (bench/durability_bench.py measures the cost on submissions; docs/benchmarks.md)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_loopback_port()
     supervisor.start("redis", [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-                               "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                               "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "always",
                                "--save", "", "--maxmemory-policy", "noeviction"], dict(os.environ))
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 15
