@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on disk (pip's constraint file); installing it first keeps pip from
 # pulling a multi-gigabyte CUDA build when the project's `torch>=2.4` is resolved.
 TORCH_SPEC ?= torch==2.13.0
+# `make up PORT=8001` serves the API on another port (default: DGSERVE_API_PORT, else 8000).
+PORT ?=
 
 .PHONY: install up test test-fast lint bench clean
 
@@ -18,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 up: install
-	$(BIN)/dgserve up
+	$(BIN)/dgserve up $(if $(PORT),--port $(PORT))
 
 test: install
 	$(BIN)/python -m pytest -q

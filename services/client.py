@@ -23,6 +23,7 @@ import httpx
 from services.schemas import TERMINAL_EVENTS, TERMINAL_STATUSES, JobAccepted, JobPublic
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+EVENTS_READ_SLICE_SECONDS = 2.0  # longest single read of an event stream when the caller set a timeout
 
 
 class DgserveError(Exception):
@@ -144,28 +145,51 @@ class DgserveClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout:.0f} s")
             time.sleep(poll_interval)
 
-    def events(self, job_id: str, last_event_id: str | None = None, max_reconnects: int = 5) -> Iterator[JobEvent]:
-        """Follow the job's events until a terminal one; reconnects (resuming by id) on dropped connections."""
+    def events(self, job_id: str, last_event_id: str | None = None, max_reconnects: int = 5,
+               timeout: float | None = None) -> Iterator[JobEvent]:
+        """Follow the job's events until a terminal one; reconnects (resuming by id) on dropped connections.
+
+        With `timeout`, raises TimeoutError once that many seconds have passed without a terminal event
+        (an idle stream is read in slices of at most `EVENTS_READ_SLICE_SECONDS`, so the overshoot is small).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         reconnects = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+            read_s = None if deadline is None else max(0.05, min(EVENTS_READ_SLICE_SECONDS, deadline - time.monotonic()))
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                                      timeout=httpx.Timeout(self.http.timeout.connect, read=None)) as response:
+                                      timeout=httpx.Timeout(self.http.timeout.connect, read=read_s)) as response:
                     if not response.is_success:
                         response.read()
                         _raise_for_error(response)
-                    for event in parse_sse(response.iter_lines()):
+                    for event in parse_sse(_lines_before(response.iter_lines(), job_id, deadline, timeout)):
                         last_event_id = event.id
                         yield event
                         if event.is_terminal:
                             return
                 return  # the server closed a stream of a finished job
+            except httpx.ReadTimeout:
+                _check_deadline(job_id, deadline, timeout)  # an idle slice: read on from the last event
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
                 reconnects += 1
                 if reconnects > max_reconnects:
                     raise
                 time.sleep(min(2.0, 0.2 * reconnects))
+            _check_deadline(job_id, deadline, timeout)
+
+
+def _lines_before(lines: Iterator[str], job_id: str, deadline: float | None, timeout: float | None
+                  ) -> Iterator[str]:
+    """`lines`, checking the deadline at each one (keep-alive comments included, which parse_sse hides)."""
+    for line in lines:
+        _check_deadline(job_id, deadline, timeout)
+        yield line
+
+
+def _check_deadline(job_id: str, deadline: float | None, timeout: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"job {job_id} did not finish within {timeout:g} s")
 
 
 class AsyncDgserveClient:

@@ -1,26 +1,39 @@
-"""`dgserve up`: the whole stack on one machine — a loopback Redis, one worker, the API — stopped cleanly
-on Ctrl-C or SIGTERM. Children are separate processes (the API process never imports torch); the
-random default checkpoint is written by a Python subprocess for the same reason.
+"""`dgserve up`: the whole stack on one machine — a loopback Redis, one worker, the API — supervised (a
+child that exits unexpectedly is restarted) and stopped cleanly on Ctrl-C, SIGTERM or SIGHUP (a closed
+terminal); a second signal forces. Children are separate processes (the API process never imports torch);
+the random default checkpoint is written by a Python subprocess for the same reason.
+
+Each stack owns a folder of its own, `<cache dir>/stacks/port-<API port>/` (Redis data, heartbeat file,
+logs), locked while the stack runs: two stacks on one machine never share an append-only file, and a stack
+started again on the same port finds its earlier jobs. Everything but the API binds to 127.0.0.1; the API
+binds to `--host` (loopback by default) and refuses a non-loopback address without API keys.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import ipaddress
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from services.settings import Settings, cache_dir, random_model_dir
+from pydantic import ValidationError
+
+from services.settings import BUNDLED_MODEL_DIR, REPO_ROOT, Settings, cache_dir, random_model_dir
+from services.supervisor import Say, StopSignals, Supervisor
 
 STOP_TIMEOUT_SECONDS = 30.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def say_now(message: str) -> None:
@@ -88,43 +101,6 @@ def ensure_default_model(model: str, say=say_now) -> str:
     return model
 
 
-@dataclass
-class Stack:
-    """Child processes of `dgserve up`, stopped in reverse start order."""
-
-    log_dir: Path
-    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child keeps the descriptor)
-        # New session: Ctrl-C reaches only the launcher, which then stops children in order.
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, start_new_session=True)
-        log.close()
-        self.children.append((name, process))
-        return process
-
-    def exited(self) -> tuple[str, int] | None:
-        for name, process in self.children:
-            if process.poll() is not None:
-                return name, process.returncode
-        return None
-
-    def stop(self, say=say_now) -> None:
-        for name, process in reversed(self.children):
-            if process.poll() is None:
-                say(f"stopping {name} (pid {process.pid})")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    say(f"{name} did not stop within {STOP_TIMEOUT_SECONDS:.0f} s: killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(timeout=10)
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
@@ -133,29 +109,65 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait_for(stack: Stack, url: str, timeout: float, stop: threading.Event) -> bool:
+
+
+def _wait_for(supervisor: Supervisor, url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set() and stack.exited() is None:
+    while time.monotonic() < deadline and not supervisor.signals.stop.is_set() and supervisor.exited() is None:
         if _answers(url):
             return True
         time.sleep(0.25)
     return False
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
-        if sock.connect_ex((host, port)) == 0:
-            raise OSError(f"{host}:{port} is already in use (another dgserve up?); pass --port")
+        return sock.connect_ex((host, port)) == 0
 
 
-def start_redis(stack: Stack, data_dir: Path) -> str:
-    """redis-server on 127.0.0.1 with AOF in `data_dir` (jobs survive a restart); returns its URL."""
+def _check_port_free(host: str, port: int, what: str, remedy: str) -> None:
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if _port_in_use(probe, port):
+        raise OSError(f"{what} port {host}:{port} is already in use (another dgserve up?); {remedy}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def stack_dir_locked(port: int) -> Iterator[Path]:
+    """This stack's own folder (keyed by the API port), held under an exclusive lock while the stack runs."""
+    folder = cache_dir() / "stacks" / f"port-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock: IO[str] = open(folder / "stack.lock", "w")  # noqa: SIM115 (held for the stack's lifetime)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OSError(f"another dgserve up is using {folder}; stop it or pass another --port") from exc
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield folder
+    finally:
+        lock.close()  # closing releases the lock
+
+
+def start_redis(supervisor: Supervisor, data_dir: Path) -> str:
+    """redis-server on 127.0.0.1 with AOF in `data_dir`; returns its URL. `appendfsync always`: Redis fsyncs
+    every write before it replies, so a job the API answered 202 for survives even a crash of the host
+    (bench/durability_bench.py measures the cost on submissions; docs/benchmarks.md)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_loopback_port()
-    stack.start("redis", [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                          "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                          "--maxmemory-policy", "noeviction"], dict(os.environ))
+    supervisor.start("redis", [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+                               "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "always",
+                               "--save", "", "--maxmemory-policy", "noeviction"], dict(os.environ))
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -163,58 +175,125 @@ def start_redis(stack: Stack, data_dir: Path) -> str:
             conn.sendall(b"PING\r\n")
             if conn.recv(16).startswith(b"+PONG"):
                 return url
-        if stack.exited():
+        if supervisor.exited():
             break
         time.sleep(0.1)
-    raise RuntimeError(f"redis-server did not answer PING; see {stack.log_dir / 'redis.log'}")
+    raise RuntimeError(f"redis-server did not answer PING; see {supervisor.log_dir / 'redis.log'}")
 
 
-def run_up(host: str = "127.0.0.1", port: int = 8000, force_cpu: bool = False, say=say_now) -> int:
-    """Start Redis, one worker and the API; block until Ctrl-C/SIGTERM or a child dies. Returns the exit code."""
-    settings = Settings()
-    log_dir = cache_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    stack, stop = Stack(log_dir), threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+@dataclass(frozen=True)
+class UpOptions:
+    """What `dgserve up` was asked for; `port` None means DGSERVE_API_PORT (default 8000)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    force_cpu: bool = False
+    stop_timeout_s: float = STOP_TIMEOUT_SECONDS
+
+
+def worker_metrics_port(explicit: str | None) -> int:
+    """DGSERVE_WORKER_METRICS_PORT when set (it must be free), else a free loopback port, so two stacks
+    never fight over the default 9400 and neither silently goes without metrics."""
+    if not explicit:
+        return free_loopback_port()
+    port = int(explicit)
+    _check_port_free("127.0.0.1", port, "worker metrics", "set DGSERVE_WORKER_METRICS_PORT to a free port or unset it")
+    return port
+
+
+def shutdown_grace_seconds(stop_timeout_s: float) -> float:
+    """The worker's drain time after SIGTERM: half the launcher's stop timeout, so the worker hands unfinished
+    jobs back and Celery exits (a few seconds on a loaded machine) before the launcher would have to kill it."""
+    return round(stop_timeout_s / 2, 1)
+
+
+def model_line(model: str) -> str:
+    """One line saying what the served model is and how to serve another."""
+    if Path(model) == BUNDLED_MODEL_DIR:
+        shown = BUNDLED_MODEL_DIR.relative_to(REPO_ROOT)
+        return (f"  model    {shown}: the small embedded model, trained on this machine's CPU (a demo, not a "
+                "useful code model); serve another with DGSERVE_MODEL=<folder or Hugging Face repo id> dgserve up")
+    return f"  model    {model}   (set DGSERVE_MODEL to serve another)"
+
+
+def run_up(options: UpOptions | None = None, say: Say = say_now) -> int:
+    """Start Redis, one worker and the API; supervise them until a signal. Returns the exit code."""
+    options = options or UpOptions()
+    stop_signals = StopSignals()
+    previous = {sig: signal.signal(sig, stop_signals.handle) for sig in STOP_SIGNALS}
     try:
-        try:
-            _check_port_free(host, port)
-            model = ensure_default_model(settings.model, say)
-            redis_url = start_redis(stack, cache_dir() / "redis")
-        except (RuntimeError, OSError) as exc:  # FileNotFoundError (no redis-server) is an OSError
-            say(f"dgserve up failed: {exc}")
-            return 1
-        env = {**os.environ, "DGSERVE_REDIS_URL": redis_url, "DGSERVE_MODEL": model,
-               "DGSERVE_API_HOST": host, "DGSERVE_API_PORT": str(port)}
-        device = ["--cpu"] if force_cpu or not gpu_available() else ["--gpu", "0"]
-        stack.start("worker", [sys.executable, "-m", "worker", *device, "--model", model], env)
-        stack.start("api", [sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                            "--host", host, "--port", str(port), "--log-level", "warning"], env)
-        base = f"http://{host}:{port}"
-        if not _wait_for(stack, f"{base}/healthz", 60, stop):
-            return _report_failure(stack, stop, say)
-        say(f"dgserve is up\n  API      {base}   (docs {base}/docs, metrics {base}/metrics)\n"
-            f"  Redis    {redis_url}   (data {cache_dir() / 'redis'})\n  worker   {' '.join(device)}  model {model}\n"
-            f"  logs     {log_dir}\nwaiting for the worker to load the model ({base}/readyz) ...")
-        if _wait_for(stack, f"{base}/readyz", 300, stop):
-            say(f"ready: try  dgserve generate \"Hello\" --url {base}    (Ctrl-C stops everything)")
-        while not stop.is_set():
-            if stack.exited() is not None:
-                return _report_failure(stack, stop, say)
-            stop.wait(0.5)
-        return 0
+        settings = Settings()
+        port = options.port if options.port is not None else settings.api_port
+        if not _is_loopback(options.host) and not settings.auth_enabled:
+            raise OSError(f"refusing to publish the API on {options.host} without API keys: set "
+                          "DGSERVE_API_KEYS, or keep the default --host 127.0.0.1")
+        _check_port_free(options.host, port, "API", "pass --port or set DGSERVE_API_PORT")
+        metrics_port = worker_metrics_port(os.environ.get("DGSERVE_WORKER_METRICS_PORT"))
+        with stack_dir_locked(port) as folder:
+            return _run_stack(options, settings, port, metrics_port, folder, stop_signals, say)
+    except ValidationError:
+        raise  # malformed DGSERVE_* settings: the CLI reports them in one line
+    except (RuntimeError, OSError, ValueError) as exc:  # FileNotFoundError (no redis-server) is an OSError
+        say(f"dgserve up failed: {exc}")
+        return 1
     finally:
-        stack.stop(say)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _report_failure(stack: Stack, stop: threading.Event, say) -> int:
-    if stop.is_set():
+def _run_stack(options: UpOptions, settings: Settings, port: int, metrics_port: int, folder: Path,
+               stop_signals: StopSignals, say: Say) -> int:
+    log_dir = folder / "logs"
+    log_dir.mkdir(exist_ok=True)
+    supervisor = Supervisor(log_dir, stop_signals, say)
+    try:
+        model = ensure_default_model(settings.model, say)
+        redis_url = start_redis(supervisor, folder / "redis")
+        env = {**os.environ, "DGSERVE_REDIS_URL": redis_url, "DGSERVE_MODEL": model,
+               "DGSERVE_API_HOST": options.host, "DGSERVE_API_PORT": str(port),
+               "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1", "DGSERVE_WORKER_METRICS_PORT": str(metrics_port),
+               "DGSERVE_WORKER_HEARTBEAT_FILE": str(folder / "worker.heartbeat"),
+               "DGSERVE_WORKER_SHUTDOWN_GRACE_SECONDS": str(shutdown_grace_seconds(options.stop_timeout_s))}
+        device = ["--cpu"] if options.force_cpu or not gpu_available() else ["--gpu", "0"]
+        supervisor.start("worker", [sys.executable, "-m", "worker", *device, "--model", model], env)
+        supervisor.start("api", [sys.executable, "-m", "uvicorn", "--factory",
+                                 "services.api.app:create_app_from_env", "--host", options.host,
+                                 "--port", str(port), "--log-level", "warning"], env)
+        base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{port}"
+        if not _wait_for(supervisor, f"{base}/healthz", 60):
+            return _report_failure(supervisor, say)
+        say(f"dgserve is up\n  API      {base}   (docs {base}/docs, metrics {base}/metrics)\n"
+            f"  Redis    {redis_url}   (data {folder / 'redis'})\n"
+            f"  worker   {' '.join(device)}   (metrics http://127.0.0.1:{metrics_port}/metrics)\n"
+            f"{model_line(model)}\n  logs     {log_dir}\n"
+            f"waiting for the worker to load the model ({base}/readyz) ...")
+        if _wait_for(supervisor, f"{base}/readyz", 300):
+            if not _answers(f"http://127.0.0.1:{metrics_port}/metrics"):
+                say(f"warning: the worker's metrics port {metrics_port} does not answer; see {log_dir / 'worker.log'}")
+            say(f"ready: try  dgserve generate \"Hello\" --url {base}    (Ctrl-C stops everything)")
+        return _supervise(supervisor, say)
+    finally:
+        supervisor.stop(options.stop_timeout_s)
+
+
+def _supervise(supervisor: Supervisor, say: Say) -> int:
+    """Restart children that exit unexpectedly until a signal arrives; 1 if one keeps dying."""
+    while not supervisor.signals.stop.is_set():
+        failing = supervisor.restart_exited()
+        if failing is not None:
+            say(f"{failing.name} keeps exiting (code {failing.process.returncode}); stopping the stack; "
+                f"see {supervisor.log_dir / (failing.name + '.log')}")
+            return 1
+        supervisor.signals.stop.wait(0.5)
+    return 0
+
+
+def _report_failure(supervisor: Supervisor, say: Say) -> int:
+    if supervisor.signals.stop.is_set():
         return 0
-    dead = stack.exited()
+    dead = supervisor.exited()
     if dead is not None:
-        say(f"{dead[0]} exited with code {dead[1]}; see {stack.log_dir / (dead[0] + '.log')}")
+        say(f"{dead.name} exited with code {dead.process.returncode}; see {supervisor.log_dir / (dead.name + '.log')}")
     else:
-        say(f"the API did not come up in time; see {stack.log_dir / 'api.log'}")
+        say(f"the API did not come up in time; see {supervisor.log_dir / 'api.log'}")
     return 1

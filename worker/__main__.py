@@ -57,7 +57,9 @@ def celery_argv(args: argparse.Namespace, concurrency: int, queue: str) -> list[
     hostname = args.hostname or f"dgserve-{device}-{os.getpid()}@{socket.gethostname()}"
     return [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool", "threads",
             "--concurrency", str(concurrency), "--queues", queue, "--hostname", hostname,
-            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+            # Event heartbeats stay on (one small message every 2 s): Flower and `celery events` show a worker
+            # as online only while they arrive. Task events are on in worker.celery_app.
+            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
 
 
 def main(argv: list[str] | None = None) -> None:

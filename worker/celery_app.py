@@ -61,7 +61,7 @@ def celery_config(settings: WorkerSettings) -> dict:
         "visibility_timeout": settings.visibility_timeout_seconds,
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        "worker_send_task_events": True,  # `celery events` / Flower see each task (received, started, done)
         "task_default_queue": settings.queue_name,
         "task_queues": (Queue(settings.queue_name, routing_key=settings.queue_name),),
         "task_routes": {TASK_NAME: {"queue": settings.queue_name}},

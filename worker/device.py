@@ -8,6 +8,7 @@ physical index N.
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -40,11 +41,25 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def gpu_label(device: torch.device) -> str:
-    """The `gpu` metric label: the physical card index from CUDA_VISIBLE_DEVICES, or "cpu"."""
+    """The `gpu` metric label, unique per card across a cluster: "<node>/GPU-<uuid>" on CUDA (every k8s pod
+    runs `--gpu 0`, so an index alone would merge all cards), or "cpu" in CPU mode."""
     if device.type != "cuda":
         return "cpu"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return visible or str(device.index or 0)
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return card_label(node_name(), visible or str(device.index or 0), str(uuid) if uuid else None)
+
+
+def node_name() -> str:
+    """The machine's name: NODE_NAME (the k8s downward API sets it to the node) or the host name."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def card_label(node: str, index: str, uuid: str | None) -> str:
+    """"<node>/GPU-<uuid>" when the driver reports a UUID, else "<node>/<index>"."""
+    if uuid:
+        return f"{node}/{uuid if uuid.startswith('GPU-') else 'GPU-' + uuid}"
+    return f"{node}/{index}"
 
 
 def sample_memory(metrics: WorkerMetrics, device: torch.device) -> None:

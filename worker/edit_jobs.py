@@ -73,6 +73,15 @@ def edit_draft_event(prepared: PreparedEdit, out: StepOutput, tokenizer: EditTok
     }
 
 
+def edit_produced_tokens(prepared: PreparedEdit, out: StepOutput) -> int:
+    """Tokens the model wrote in one committed canvas of an edit: its free positions that hold a token (the
+    fixed text around the spans, and free positions left empty with a pad or stop id, are not counted)."""
+    planned = prepared.plan.canvases[out.canvas_index]
+    empty = prepared.plan.empty_position_ids
+    return sum(1 for fixed, token in zip(planned.is_fixed, out.token_ids, strict=False)
+               if not fixed and token not in empty)
+
+
 def edit_result(
     prepared: PreparedEdit,
     canvas_token_ids: Sequence[Sequence[int]],
@@ -102,7 +111,9 @@ def edit_result(
         "finish_reason": (out.finish_reason if out is not None else None) or "stop",
     }
     if out is not None and out.stats is not None:
-        result["usage"] = usage_of(out.stats)
+        # The engine counts whole committed canvases, fixed positions included; usage counts what the
+        # model wrote (the replacements' tokens), as `dgserve_generated_tokens_total` does per canvas.
+        result["usage"] = {**usage_of(out.stats), "generated_tokens": sum(len(e.token_ids) for e in assembled.edits)}
     return result
 
 

@@ -39,7 +39,7 @@ class JobReporter:
     def canvas(self, ticket: JobTicket, out: StepOutput) -> None:
         ticket.canvas_token_ids.append(out.token_ids)
         ticket.progress = (out.canvas_index, out.step)
-        self.metrics.observe_canvas(ticket.kind, len(out.token_ids), out.step)
+        self.metrics.observe_canvas(ticket.kind, ticket.prepared.produced_tokens(out), out.step)
         data = ticket.prepared.canvas_event(out)
         job_id = ticket.job_id
         self.writer.submit(lambda: self._event_and_progress(job_id, "canvas", data, out.canvas_index, out.step))

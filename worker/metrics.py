@@ -45,7 +45,8 @@ class WorkerMetrics:
         r = self.registry
         by_kind = ("model", "gpu", "kind")
         by_card = ("model", "gpu")
-        self.generated_tokens = Counter("dgserve_generated_tokens", "Tokens committed to job outputs.",
+        self.generated_tokens = Counter("dgserve_generated_tokens", "Tokens the model wrote into job outputs "
+                                        "(edit jobs: the replacements, not the fixed text around them).",
                                         by_kind, registry=r)
         self.denoising_steps = Counter("dgserve_denoising_steps", "Denoising steps run for committed canvases.",
                                        by_kind, registry=r)

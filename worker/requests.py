@@ -15,7 +15,7 @@ from typing import Any
 from dgtext.edits import EditTokenizer
 from engine.types import EngineRequest, SamplingParams, StepOutput
 from services.schemas import EditJobCreate, GenerateJobCreate, parse_job_create
-from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit, usage_of
+from worker.edit_jobs import edit_draft_event, edit_produced_tokens, edit_result, prepare_edit, usage_of
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,15 @@ class PreparedJob:
     """A job ready for the engine: its request, and how to report its drafts and its result.
 
     `draft_event(out)` / `canvas_event(out)` give the data of a `draft` / `canvas` event;
-    `result(canvas_token_ids, finished_out)` gives the stored result (may raise ValueError).
+    `result(canvas_token_ids, finished_out)` gives the stored result (may raise ValueError);
+    `produced_tokens(canvas_out)` counts the tokens the model wrote in a committed canvas (metrics).
     """
 
     request: EngineRequest
     draft_event: Callable[[StepOutput], dict[str, Any]]
     canvas_event: Callable[[StepOutput], dict[str, Any]]
     result: Callable[[Sequence[Sequence[int]], StepOutput], dict[str, Any]]
+    produced_tokens: Callable[[StepOutput], int] = lambda out: len(out.token_ids)  # open-ended: pads stripped
 
 
 def _text_event(out: StepOutput) -> dict[str, Any]:
@@ -70,6 +72,7 @@ def prepare_edit_job(job: EditJobCreate, model: ModelInfo) -> PreparedJob:
         draft_event=lambda out: edit_draft_event(prepared, out, model.tokenizer),
         canvas_event=lambda out: {"canvas": out.canvas_index, "step": out.step},
         result=lambda canvases, out: edit_result(prepared, canvases, out, model.tokenizer),
+        produced_tokens=lambda out: edit_produced_tokens(prepared, out),
     )
 
 

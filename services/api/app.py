@@ -13,6 +13,7 @@ from starlette.types import Scope
 from dgtext.checkpoint_files import CheckpointError
 from services.api import routes_jobs, routes_openai, routes_ops, routes_playground
 from services.api.deps import AppServices
+from services.api.docs_offline import install_offline_docs
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from services.api.openapi_doc import install_exact_openapi
@@ -49,13 +50,14 @@ def create_app(settings: Settings) -> FastAPI:
         services.store.redis.close()
         services.queue.close()
 
-    app = FastAPI(title="dgserve", version="1.0.0", lifespan=lifespan,
+    app = FastAPI(title="dgserve", version="1.0.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Job API for DiffusionGemma-class block-diffusion models: submit generate or "
                               "edit jobs, follow their events, fetch results.")
     app.state.services = services
     app.state.metrics = metrics
     app.state.async_redis = async_redis
     install_error_handlers(app)
+    install_offline_docs(app)  # /docs and /redoc with bundled assets: no CDN
     install_exact_openapi(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)

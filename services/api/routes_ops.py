@@ -21,6 +21,20 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/readyz/read", summary="Readiness to serve reads and queue submissions: Redis answers",
+            responses={503: {"description": "Redis unreachable"}})
+def readyz_read(services: ServicesDep) -> JSONResponse:
+    """200 when this API can read jobs and queue new ones, whether or not a worker is up (the Kubernetes
+    readinessProbe: with workers down, finished jobs stay readable and submissions still queue).
+    `/readyz` answers the other question, "can jobs run now"."""
+    try:
+        services.store.redis.ping()
+    except redis.RedisError as exc:
+        return JSONResponse({"ready": False, "redis": False, "reason": f"redis unreachable: {type(exc).__name__}"},
+                            status_code=503)
+    return JSONResponse({"ready": True, "redis": True})
+
+
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}},
             summary="Readiness: Redis answers and at least one worker heartbeat is fresh")
 def readyz(services: ServicesDep) -> JSONResponse:
