@@ -57,6 +57,9 @@ class RequestLimits:
                              reason="prompt_too_long")
 
     def _check_prompt(self, request: GenerateJobCreate) -> None:
+        if request.prompt_token_ids is not None:
+            self._check_token_ids(request.prompt_token_ids)
+            return
         field = "prompt" if request.prompt is not None else "messages"
         messages = None if request.messages is None else [m.model_dump() for m in request.messages]
         try:
@@ -65,6 +68,15 @@ class RequestLimits:
             raise LimitExceeded(field, str(exc)) from exc
         if count > self.settings.max_prompt_tokens:
             raise self._too_long(field, "the prompt" if field == "prompt" else "the rendered chat", count)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        vocab_size = self.tokenizer().vocab_size
+        for index, token in enumerate(ids):
+            if token >= vocab_size:
+                raise LimitExceeded(f"prompt_token_ids[{index}]", f"token id {token} is outside the model's "
+                                    f"vocabulary (ids 0..{vocab_size - 1})")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise self._too_long("prompt_token_ids", "the prompt", len(ids))
 
     def _check_edit(self, request: EditJobCreate) -> None:
         max_chars = self.settings.max_document_chars

@@ -20,8 +20,9 @@ from typing import Any
 
 from dgtext.edit_result import assemble_edit_result, draft_replacements
 from dgtext.edits import EditPlan, EditSpec, EditTokenizer, plan_edits, resolve_edits
-from engine.types import EngineRequest, InfillCanvas, RequestStats, SamplingParams, StepOutput
+from engine.types import EngineRequest, InfillCanvas, RequestStats, StepOutput
 from services.schemas import EditJobCreate
+from worker.sampling import sampling_params_of
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def prepare_edit(
     if not plan.canvases:
         raise ValueError("edits: every edit has a zero-token budget, so there is nothing for the model to write")
     canvases = tuple(InfillCanvas(c.leading_token_ids, c.token_ids, c.is_fixed) for c in plan.canvases)
-    params = SamplingParams(**job.sampling_params())
+    params = sampling_params_of(job.sampling_params())
     request = EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases)
     return PreparedEdit(request=request, plan=plan)
 
