@@ -11,13 +11,14 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from dgtext.checkpoint_files import CheckpointError
-from services.api import routes_jobs, routes_openai, routes_ops
+from services.api import routes_fim, routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.job_queue import JobQueue
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from services.jobs import JobStore
 from services.metrics import ApiMetrics
+from services.openai.errors import OpenAIErrorShapeMiddleware
 from services.prompt_limits import RequestLimits
 from services.settings import Settings
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_fim.router)
 
     def count_oversized(scope: Scope) -> None:
         if scope.get("path") in SUBMIT_PATHS:
@@ -62,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # Last added runs first: metrics see every answer, including the 413s of the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=count_oversized)
+    app.add_middleware(OpenAIErrorShapeMiddleware)  # OpenAI paths answer in OpenAI's error shape
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

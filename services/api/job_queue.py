@@ -12,6 +12,13 @@ RUN_JOB_TASK = "dgserve.run_job"
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 1.0}
 
 
+def batch_queue_name(queue_name: str) -> str:
+    """The batch-line queue of a model queue. Workers consume both with kombu's `sorted` queue order, so
+    every poll (one BRPOP over both lists, which Redis serves in key order) takes an interactive message
+    first: this name must sort after the interactive one, which a suffix guarantees."""
+    return f"{queue_name}.batch"
+
+
 class JobQueue:
     """Sends job ids to the model queue over the same Redis broker the workers consume."""
 
@@ -29,9 +36,11 @@ class JobQueue:
             broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         )
 
-    def submit(self, job_id: str) -> None:
-        """Publish one `dgserve.run_job` message carrying only the job id (raises on broker errors)."""
-        self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=self.queue_name, routing_key=self.queue_name,
+    def submit(self, job_id: str, batch: bool = False) -> None:
+        """Publish one `dgserve.run_job` message carrying only the job id (raises on broker errors); batch
+        lines go to the model's batch queue, which workers read only when the interactive one is empty."""
+        queue = batch_queue_name(self.queue_name) if batch else self.queue_name
+        self.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue,
                               retry=True, retry_policy=PUBLISH_RETRY_POLICY)
 
     def close(self) -> None:
