@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from dgtext.checkpoint_files import CheckpointError
-from services.api import routes_fim, routes_jobs, routes_openai, routes_ops
+from services.api import routes_batches, routes_files, routes_fim, routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.job_queue import JobQueue
@@ -57,13 +57,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_fim.router)
+    app.include_router(routes_files.router)
+    app.include_router(routes_batches.router)
 
     def count_oversized(scope: Scope) -> None:
         if scope.get("path") in SUBMIT_PATHS:
             metrics.job_rejected("too_large")
 
     # Last added runs first: metrics see every answer, including the 413s of the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=count_oversized)
+    upload_limit = (settings.max_batch_file_bytes + 64 * 1024, "max_batch_file_bytes")  # + multipart framing
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=count_oversized,
+                       path_limits={"/v1/files": upload_limit})
     app.add_middleware(OpenAIErrorShapeMiddleware)  # OpenAI paths answer in OpenAI's error shape
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -15,11 +15,14 @@ parameters: OpenAI answers these with 400, so dgserve's 422 `invalid_request` be
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import redis
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+logger = logging.getLogger(__name__)
 OPENAI_PATH_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/fim/", "/v1/files",
                         "/v1/batches")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -98,7 +101,8 @@ class OpenAIErrorShapeMiddleware:
                 if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(b"application/json"):
                     held.update(start=message, body=b"")
                     return
-            elif message["type"] == "http.response.body" and held:
+                held["sent_start"] = True
+            elif message["type"] == "http.response.body" and "start" in held:
                 held["body"] += message.get("body", b"")
                 if message.get("more_body"):
                     return
@@ -106,7 +110,26 @@ class OpenAIErrorShapeMiddleware:
                 return
             await send(message)
 
-        await self.app(scope, receive, rewrite)
+        try:
+            await self.app(scope, receive, rewrite)
+        except Exception as exc:  # unhandled: answer in OpenAI's shape if nothing was sent yet
+            if held.get("sent_start"):
+                raise
+            logger.exception("unhandled error on %s", scope.get("path"))
+            await _send_unhandled(send, exc)
+
+
+async def _send_unhandled(send: Send, exc: Exception) -> None:
+    """500, or 503 + Retry-After when Redis (job store and broker) is unreachable."""
+    unavailable = isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+    headers = [(b"content-type", b"application/json")]
+    if unavailable:
+        headers.append((b"retry-after", b"5"))
+        body = openai_error(503, "the job store is unavailable; retry later", code="unavailable")
+    else:
+        body = openai_error(500, "internal server error", code="internal_error")
+    start = {"type": "http.response.start", "status": 503 if unavailable else 500, "headers": headers}
+    await _send_translated(send, start, json.dumps(body).encode())
 
 
 async def _send_translated(send: Send, start: Message, raw: bytes) -> None:

@@ -160,7 +160,8 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
             if getattr(message, extra) is not None:
                 raise FieldValueError(f"{field}.{extra}", "not supported: the chat template cannot render it")
         role = "system" if message.role == "developer" else message.role
-        converted.append(ChatMessage(role=role, content=_text_of(message.content, f"{field}.content")))
+        converted.append(ChatMessage.model_validate({"role": role,
+                                                     "content": _text_of(message.content, f"{field}.content")}))
     return converted
 
 

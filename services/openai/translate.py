@@ -73,8 +73,8 @@ def _fim_job(prompt: str, suffix: str, options: dict[str, Any], max_tokens: int 
     around the insertion is the edit path's byte-identical outside text. Stop strings cut the middle in the
     API (edit jobs take none)."""
     options = {name: value for name, value in options.items() if name != "stop"}
-    return EditJobCreate(document=prompt + suffix, edits=[{"start": len(prompt), "end": len(prompt)}],
-                         max_new_tokens=max_tokens, **options)
+    return EditJobCreate.model_validate({"document": prompt + suffix, "max_new_tokens": max_tokens, **options,
+                                         "edits": [{"start": len(prompt), "end": len(prompt)}]})
 
 
 def plan_completion(body: CompletionCreate, decode: Callable[[Sequence[int]], str]) -> Plan:
