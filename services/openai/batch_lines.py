@@ -46,6 +46,16 @@ class LineError(Exception):
                                                                     "field": param}})
 
 
+def _custom_id_of(raw: str) -> str | None:
+    """The line's custom_id if it has a usable one (error lines are keyed by it too)."""
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        return None
+    custom_id = line.get("custom_id") if isinstance(line, dict) else None
+    return custom_id if isinstance(custom_id, str) else None
+
+
 def _parse(raw: str, number: int, endpoint_path: str, seen: set[str]) -> tuple[str, dict[str, Any]]:
     try:
         line = json.loads(raw)
@@ -106,7 +116,7 @@ def submit_lines(services: AppServices, owner: str, batch_id: str, endpoint_path
     for number, raw in enumerate(content.splitlines(), start=1):
         if not raw.strip():
             continue
-        custom_id = None
+        custom_id = _custom_id_of(raw)
         try:
             custom_id, body = _parse(raw, number, endpoint_path, seen)
             plan = plan_line(services, endpoint_path, body)
