@@ -52,6 +52,12 @@ def _jsonl(client: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
     return by_id
 
 
+def _sync_chat(client: openai.OpenAI, body: dict[str, Any]) -> Any:
+    """The synchronous route with the same body: dgserve's own fields go in `extra_body`, as users send them."""
+    extra = {name: body.pop(name) for name in ("max_denoising_steps",) if name in body}
+    return client.chat.completions.create(**body, extra_body=extra)
+
+
 BAD_LINES = {
     "bad-penalty": _chat(0, presence_penalty=1.0),
     "bad-image": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -80,13 +86,13 @@ def test_batch_of_60_lines_with_bad_lines(client: openai.OpenAI, stack: Stack):
         assert response["status_code"] == 200 and response["body"]["object"] == "chat.completion"
         assert response["body"]["choices"][0]["finish_reason"] in ("stop", "length")
     for custom_id in ("req-3", "req-40"):  # a line's answer is what the synchronous route answers
-        sync = client.chat.completions.create(model=stack.settings().model_name, **good[custom_id])
+        sync = _sync_chat(client, {"model": stack.settings().model_name, **good[custom_id]})
         assert outputs[custom_id]["response"]["body"]["choices"][0]["message"]["content"] == \
             sync.choices[0].message.content
     for custom_id, body in BAD_LINES.items():  # the same error as the synchronous route
         error = errors[custom_id]["response"]
         with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(**{"model": stack.settings().model_name, **body})
+            _sync_chat(client, {"model": stack.settings().model_name, **body})
         assert error["status_code"] == caught.value.status_code and error["body"]["error"] == caught.value.body
     assert errors["wrong-url"]["response"]["body"]["error"]["param"] == "url"
     assert errors["req-0"]["response"]["body"]["error"]["param"] == "custom_id"  # the duplicate's entry
