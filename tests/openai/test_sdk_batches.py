@@ -81,7 +81,7 @@ def test_batch_of_60_lines_with_bad_lines(client: openai.OpenAI, stack: Stack):
     assert done.request_counts.completed == 56 and done.request_counts.failed == len(BAD_LINES) + 3
     outputs, errors = _jsonl(client, done.output_file_id), _jsonl(client, done.error_file_id)
     assert set(outputs) == set(good)
-    for custom_id, body in good.items():
+    for custom_id in good:
         response = outputs[custom_id]["response"]
         assert response["status_code"] == 200 and response["body"]["object"] == "chat.completion"
         assert response["body"]["choices"][0]["finish_reason"] in ("stop", "length")
