@@ -65,11 +65,36 @@ def _prompt_token_count(job: GenerateJobCreate, tokenizer: Any) -> int:
     return len(tokenizer.encode_prompt(job.prompt, messages))
 
 
+def _pair(alternative: Any) -> tuple[int, float]:
+    if hasattr(alternative, "token_id"):
+        return int(alternative.token_id), float(alternative.logprob)
+    token_id, logprob = alternative
+    return int(token_id), float(logprob)
+
+
+def logprob_entries(out: StepOutput, decode: Callable[[Sequence[int]], str]) -> list[dict[str, Any]]:
+    """The committed canvas's per-token log-probabilities (`out.logprobs`, under the final denoising step's
+    distribution) as stored in a result: `{"token_id", "token", "logprob", "top": [same, ...]}` per token."""
+    entries = []
+    for entry in getattr(out, "logprobs", None) or ():
+        top = [_pair(alternative) for alternative in entry.top]
+        entries.append({"token_id": int(entry.token_id), "token": decode([entry.token_id]),
+                        "logprob": float(entry.logprob),
+                        "top": [{"token_id": t, "token": decode([t]), "logprob": lp} for t, lp in top]})
+    return entries
+
+
 def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
     """A generate job: prompt, chat messages or token ids, sampler options (unset ones left to the model's
     defaults) and stop strings (the text is cut before the first one and the request ends there)."""
     request = _engine_request(job, sampling_params_of(job.sampling_params()))
     decode = model.tokenizer.decode
+    logprobs: list[dict[str, Any]] = []  # per committed token, collected canvas by canvas (one attempt)
+
+    def canvas_event(out: StepOutput) -> dict[str, Any]:
+        if job.logprobs is not None:
+            logprobs.extend(logprob_entries(out, decode))
+        return _text_event(out)
 
     def result(canvas_token_ids: Sequence[Sequence[int]], out: StepOutput) -> dict[str, Any]:
         # Decode all ids at once: a multi-byte character may straddle two canvases.
@@ -83,14 +108,17 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
             usage = {"prompt_tokens": _prompt_token_count(job, model.tokenizer), "generated_tokens": len(all_ids),
                      "canvases": len(canvas_token_ids)}
         reason = "stop" if stopped else out.finish_reason or "stop"
-        return {"text": text, "finish_reason": reason, "usage": usage, "token_ids": all_ids}
+        result = {"text": text, "finish_reason": reason, "usage": usage, "token_ids": all_ids}
+        if job.logprobs is not None:
+            result["logprobs"] = logprobs[:len(all_ids)]
+        return result
 
     def stop_reached(canvas_token_ids: Sequence[Sequence[int]]) -> bool:
         if not job.stop:
             return False
         return cut_at_stop(decode([t for canvas in canvas_token_ids for t in canvas]), job.stop)[1]
 
-    return PreparedJob(request=request, draft_event=_text_event, canvas_event=_text_event, result=result,
+    return PreparedJob(request=request, draft_event=_text_event, canvas_event=canvas_event, result=result,
                        stop_reached=stop_reached)
 
 

@@ -96,7 +96,7 @@ def test_batch_of_60_lines_with_bad_lines(client: openai.OpenAI, stack: Stack):
         assert error["status_code"] == caught.value.status_code and error["body"]["error"] == caught.value.body
     assert errors["wrong-url"]["response"]["body"]["error"]["param"] == "url"
     assert errors["req-0"]["response"]["body"]["error"]["param"] == "custom_id"  # the duplicate's entry
-    assert len(errors) == len(BAD_LINES) + 2  # + the unparsable line, keyed by None
+    assert len(errors) == len(BAD_LINES) + 3 and None in errors  # + duplicate, wrong url, unparsable (no id)
     listed = client.batches.list(limit=5)
     assert batch.id in [b.id for b in listed.data]
 
