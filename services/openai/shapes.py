@@ -28,10 +28,16 @@ def choice_text(result: dict[str, Any], stops: Sequence[str]) -> tuple[str, str]
     return text, reason
 
 
+def _completion_tokens(result: dict[str, Any]) -> int:
+    if result.get("edits"):  # FIM: the middle's tokens (the canvas also holds the fixed suffix around it)
+        return sum(int(edit.get("tokens", 0)) for edit in result["edits"])
+    return int((result.get("usage") or {}).get("generated_tokens", 0))
+
+
 def usage_of(results: Sequence[dict[str, Any]], choices: Sequence[PlannedChoice]) -> dict[str, int]:
     prompt = sum(int((r.get("usage") or {}).get("prompt_tokens", 0))
                  for r, c in zip(results, choices, strict=True) if c.counts_prompt)
-    completion = sum(int((r.get("usage") or {}).get("generated_tokens", 0)) for r in results)
+    completion = sum(_completion_tokens(result) for result in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -28,7 +28,8 @@ def test_fim_runs_as_an_edit_job_with_the_suffix_kept(client: openai.OpenAI, sta
     assert job["kind"] == "edit" and job["status"] == "succeeded"
     document = job["result"]["document"]
     assert document == PREFIX + middle + SUFFIX  # both sides byte-identical around the generated middle
-    assert answer["usage"]["completion_tokens"] >= 0 and answer["usage"]["prompt_tokens"] > 0
+    assert answer["usage"]["completion_tokens"] == job["result"]["edits"][0]["tokens"] <= 6
+    assert answer["usage"]["prompt_tokens"] > 0
     # The same insertion submitted as an edit job gives the same middle: FIM is the edit path.
     with stack.client() as http:
         edit_id = submit(http, {"kind": "edit", "document": PREFIX + SUFFIX, "max_new_tokens": 6, "seed": 3,
