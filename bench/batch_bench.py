@@ -1,7 +1,7 @@
 """Batch API benchmark: N lines through the Batch API vs the same requests submitted one by one as jobs, and
 the latency of interactive requests submitted while the batch runs.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/batch_bench.py --lines 1000 --max-tokens 32 --concurrency 16
+    OMP_NUM_THREADS=1 .venv/bin/python bench/batch_bench.py --lines 1000 --max-tokens 32 --steps 8 --concurrency 16
 
 One stack (loopback redis-server, one `python -m worker --cpu`, the API under uvicorn; `LocalStack` of
 bench/service_bench.py) on the embedded model, phases in one run:
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import io
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -38,8 +39,10 @@ from service_bench import LocalStack, percentile  # noqa: E402
 DEFAULT_MODEL = REPO_ROOT / "models" / "dgtiny"
 
 
-def line_bodies(count: int, max_tokens: int) -> list[dict]:
-    return [{"prompt": f"def function_{i}(", "max_tokens": max_tokens, "seed": 50_000 + i} for i in range(count)]
+def line_bodies(count: int, max_tokens: int, steps: int | None) -> list[dict]:
+    knobs = {} if steps is None else {"max_denoising_steps": steps}
+    return [{"prompt": f"def function_{i}(", "max_tokens": max_tokens, "seed": 50_000 + i, **knobs}
+            for i in range(count)]
 
 
 async def run_jobs(api_url: str, bodies: list[dict], in_flight: int = 32) -> tuple[float, int]:
@@ -48,7 +51,8 @@ async def run_jobs(api_url: str, bodies: list[dict], in_flight: int = 32) -> tup
     async with httpx.AsyncClient(base_url=api_url, timeout=600) as client:
         async def one(body: dict) -> int:
             async with limit:
-                job = {"prompt": body["prompt"], "max_new_tokens": body["max_tokens"], "seed": body["seed"]}
+                job = {**body, "max_new_tokens": body["max_tokens"]}
+                del job["max_tokens"]
                 response = await client.post("/v1/jobs", json=job)
                 response.raise_for_status()
                 job_id = response.json()["id"]
@@ -58,7 +62,7 @@ async def run_jobs(api_url: str, bodies: list[dict], in_flight: int = 32) -> tup
                         return int(view["result"]["usage"]["generated_tokens"])
                     if view["status"] in ("failed", "cancelled", "expired"):
                         raise RuntimeError(f"job {job_id} ended {view['status']}: {view.get('error')}")
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)  # the batch is polled as often: same client load on the API
 
         started = time.perf_counter()
         tokens = await asyncio.gather(*(one(body) for body in bodies))
@@ -127,12 +131,14 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--lines", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="max_denoising_steps per canvas (model default)")
     parser.add_argument("--concurrency", type=int, default=16, help="worker slots (canvases in flight)")
     parser.add_argument("--probes", type=int, default=5, help="interactive requests on the idle stack")
     parser.add_argument("--probe-every", type=float, default=1.0)
     parser.add_argument("--out", default="batch_bench.json")
     args = parser.parse_args()
-    bodies = line_bodies(args.lines, args.max_tokens)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # `finally` stops the stack on SIGTERM too
+    bodies = line_bodies(args.lines, args.max_tokens, args.steps)
     log_dir = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     stack = LocalStack(args.model, args.concurrency, log_dir)
     try:
@@ -149,7 +155,7 @@ def main() -> None:
     finally:
         stack.stop()
     results = {
-        "lines": args.lines, "max_tokens": args.max_tokens, "concurrency": args.concurrency, "model": args.model,
+        "lines": args.lines, "max_tokens": args.max_tokens, "steps": args.steps, "concurrency": args.concurrency, "model": args.model,
         "jobs": {"wall_s": jobs_wall, "tokens": jobs_tokens, "lines_per_s": args.lines / jobs_wall,
                  "tokens_per_s": jobs_tokens / jobs_wall},
         "batch": {"wall_s": batch_wall, "tokens": batch_tokens, "lines_per_s": args.lines / batch_wall,
