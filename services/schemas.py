@@ -78,7 +78,7 @@ class SamplingOptions(DiffusionKnobs):
     stream_drafts: bool = Field(default=False, description="emit a `draft` event after every denoising step")
     temperature: float | None = Field(default=None, ge=0, le=100, description=(
         "0 = greedy argmax; otherwise multiplies the diffusion temperature schedule (t_max → t_min)"))
-    top_k: int | None = Field(default=None, ge=1, le=1_000_000, description="sample among the k likeliest ids")
+    top_k: int | None = Field(default=None, ge=1, le=1024, description="sample among the k likeliest ids")
     top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus: smallest set with this mass")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description=(
         "return each committed token's log-probability and this many top alternatives"))

@@ -45,7 +45,7 @@ class OpenAIRequest(DiffusionKnobs):
     temperature: float | None = Field(default=None, ge=0, le=2, description=(
         "0 = greedy argmax; else multiplies every step of the diffusion temperature schedule"))
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1, le=1_000_000, description="dgserve extension (extra_body)")
+    top_k: int | None = Field(default=None, ge=1, le=1024, description="dgserve extension (extra_body), at most 1024")
     stop: str | list[str] | None = Field(default=None, description="up to 16 strings; the text ends before the first")
     user: str | None = Field(default=None, max_length=256, description="end-user id; accepted, used for nothing")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="only 0 is accepted")
