@@ -35,7 +35,9 @@ def test_completion_logprobs(client: openai.OpenAI, stack: Stack):
                                        logprobs=3, extra_body=SHORT)
     choice = answer.choices[0]
     logprobs = choice.logprobs
-    assert "".join(logprobs.tokens) == choice.text
+    assert len(logprobs.tokens) == answer.usage.completion_tokens  # one entry per committed token
+    if "\ufffd" not in "".join(logprobs.tokens):  # a byte of a split character decodes alone as U+FFFD
+        assert "".join(logprobs.tokens) == choice.text
     assert len(logprobs.token_logprobs) == len(logprobs.tokens) == len(logprobs.top_logprobs) > 0
     assert all(value <= 0 for value in logprobs.token_logprobs)
     for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
@@ -48,6 +50,6 @@ def test_chat_logprobs(client: openai.OpenAI, stack: Stack):
                                             messages=[{"role": "user", "content": "hi"}], logprobs=True,
                                             top_logprobs=2, extra_body=SHORT)
     content = answer.choices[0].logprobs.content
-    assert "".join(entry.token for entry in content) == answer.choices[0].message.content
+    assert len(content) == answer.usage.completion_tokens
     assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
     assert content[0].bytes == list(content[0].token.encode())
