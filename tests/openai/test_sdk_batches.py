@@ -12,8 +12,10 @@ from typing import Any
 import openai
 import pytest
 
+from services.api.app import create_app
 from tests.integration.conftest import Stack
-from tests.openai.conftest import KEYS, KeyedApi
+from tests.openai.conftest import KEYS, KeyedApi, sdk
+from tests.support.api_server import serve_in_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 FINAL = {"completed", "failed", "cancelled", "expired"}
@@ -170,3 +172,22 @@ def test_interactive_requests_go_ahead_of_batch_lines(client: openai.OpenAI, sta
     assert counts.completed < 40, (waited, counts)  # served long before the batch's queued lines
     client.batches.cancel(batch.id)
     _wait(client, batch.id, FINAL)
+
+
+def test_file_and_batch_refusals(client: openai.OpenAI, stack: Stack):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    assert caught.value.body["param"] == "purpose"
+    file_id = _upload(client, [_line("a", _chat(1))])
+    for arguments, param in (({"endpoint": "/v1/embeddings"}, "endpoint"),
+                             ({"completion_window": "soon"}, "completion_window"),
+                             ({"input_file_id": "file-missing"}, "file_id")):
+        call = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h", **arguments}
+        with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as caught:
+            client.batches.create(**call)
+        assert caught.value.body["param"] == param
+    small = stack.settings(queue_name="dgemma.itest", max_batch_file_bytes=1024)
+    with serve_in_thread(create_app(small)) as url, sdk(url) as limited:
+        with pytest.raises(openai.APIStatusError) as caught:
+            limited.files.create(file=("big.jsonl", io.BytesIO(b"x" * 5000)), purpose="batch")
+        assert caught.value.status_code == 413 and "max_batch_file_bytes" in caught.value.body["message"]

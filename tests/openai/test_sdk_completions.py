@@ -158,3 +158,17 @@ def test_openapi_lists_statuses_and_stream_content(stack: Stack):
     assert "text/event-stream" in chat["200"]["content"]
     assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("OpenAIErrorBody")
     assert "/v1/fim/completions" in document["paths"] and "/v1/batches/{batch_id}/cancel" in document["paths"]
+
+
+def test_stream_n_choices_and_echo(client: openai.OpenAI, stack: Stack):
+    model = _model(stack)
+    plain = client.completions.create(model=model, prompt="print(", max_tokens=8, n=2, seed=30, echo=True,
+                                      extra_body=SHORT)
+    stream = client.completions.create(model=model, prompt="print(", max_tokens=8, n=2, seed=30, echo=True,
+                                       stream=True, extra_body=SHORT)
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == {0: plain.choices[0].text, 1: plain.choices[1].text}
+    assert texts[0].startswith("print(") and texts[1].startswith("print(")
