@@ -91,6 +91,7 @@ class RequestStats:
     queue_seconds: float
     prefill_seconds: float
     run_seconds: float
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied (not encoded)
 
 
 @dataclass(frozen=True)
@@ -269,9 +270,12 @@ class EngineConfig:
     max_canvases_in_flight: canvases denoised together in one decoder forward (also bounds running requests).
     max_tokens_per_forward: padded tokens in one encoder forward (prefill chunks + commits + infill leading
         text), i.e. rows x the widest row, since rows are padded to the widest (engine/scheduler.py).
-    kv_cache_bytes: byte budget for the KV cache; None -> kv_cache_memory_fraction of free device memory
-        (CUDA) or 1 GiB (CPU). The number of slots is budget // bytes_per_slot, capped at max_canvases_in_flight.
-    max_context: the longest sequence (prompt + generated canvases) one slot holds.
+    kv_cache_bytes: byte budget for the paged KV cache; None -> kv_cache_memory_fraction of free device memory
+        (CUDA) or 1 GiB (CPU). It is split into blocks once at start (engine/runner.py, `plan_kv_pools`).
+    max_context: the longest sequence (prompt + generated canvases) one request holds.
+    block_size: positions per KV block (a power of two).
+    enable_prefix_caching: reuse the KV of cached leading blocks across requests (off: every request encodes
+        its whole prompt; tokens are the same either way).
     """
 
     max_canvases_in_flight: int = 16
@@ -281,12 +285,17 @@ class EngineConfig:
     max_context: int = 4096
     vocab_chunk_size: int = 4096  # sampler: vocabulary read in chunks of this many ids (bounds temporaries)
     compile_sampler: bool | None = None  # torch.compile the sampler's vocabulary scan; None -> only on CUDA
+    block_size: int = 16
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size"):
+        for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size",
+                     "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"EngineConfig.kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
