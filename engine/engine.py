@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from engine.block_manager import PrefixCacheStats
 from engine.runner import CanvasResult, ModelRunner
 from engine.scheduler import Scheduler, SequenceState
 from engine.types import (
@@ -40,8 +41,9 @@ class Engine:
         self.generation_defaults = loaded.generation_defaults
         self._stop_ids = frozenset(self.generation_defaults.stop_token_ids or self.config.eos_token_ids)
         self.runner = ModelRunner(self.model, self.config, self.engine_config)
-        self.scheduler = Scheduler(self.runner.num_slots, self.engine_config.max_canvases_in_flight,
-                                   self.engine_config.max_tokens_per_forward)
+        self.scheduler = Scheduler(self.runner.kv, self.engine_config.max_canvases_in_flight,
+                                   self.engine_config.max_tokens_per_forward, self.config.canvas_length,
+                                   max_encode_row=self.runner.pools.max_encode_row)
         self._sequences: dict[str, SequenceState] = {}
         self._pending_outputs: list[StepOutput] = []  # aborts, reported by the next step()
         self._seed_source = random.SystemRandom()
@@ -64,7 +66,9 @@ class Engine:
         if request_id in self._sequences:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._prompt_ids(req)
-        seed = req.params.seed if req.params.seed is not None else self._seed_source.getrandbits(63)
+        seed = req.params.seed
+        if seed is None:  # greedy requests are reproducible without a seed: the noise comes from seed 0
+            seed = 0 if req.params.temperature == 0 else self._seed_source.getrandbits(63)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         params = resolve_params(req.params, self.generation_defaults, seed)
@@ -79,6 +83,9 @@ class Engine:
                 f"prompt too long: {len(prompt_ids)} prompt tokens + {leading} infill tokens + {num_canvases} "
                 f"canvas(es) of {length} = {needed} positions, over the engine's max_context of {limit}; "
                 "shorten the prompt or lower max_new_tokens")
+        if not self.runner.kv.fits_at_all(needed):
+            raise ValueError(f"prompt too long: {needed} positions need more KV blocks than the engine's cache "
+                             "holds; shorten the prompt or lower max_new_tokens")
         self._sequences[request_id] = seq = SequenceState(
             request_id=request_id, prompt_ids=prompt_ids, params=params, num_canvases=num_canvases,
             infill=infill, added_at=time.monotonic())
@@ -101,6 +108,10 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def kv_stats(self) -> PrefixCacheStats:
+        """Prefix-cache counters (cumulative) and KV block occupancy (now), for metrics."""
+        return self.runner.kv.stats()
+
     # ----- the step -----
 
     def step(self) -> list[StepOutput]:
@@ -118,6 +129,8 @@ class Engine:
                 outputs.append(self._finish(self._sequences[request_id], "error", 0, message=str(err)))
             self.last_step_stats = StepStats()
             return outputs
+        for work in plan.encodes:  # written now: name the completed blocks, release out-of-window ones
+            self.scheduler.kv.after_write(work.request_id, work.token_ids)
         now = time.monotonic()
         committed_before = sum(len(o.token_ids) for o in outputs if o.kind == "canvas")
         for canvas in result.canvases:
@@ -143,8 +156,12 @@ class Engine:
             return outputs
         kept, reason = self._committed_ids(seq, canvas.argmax_ids)
         seq.generated_tokens += len(kept)
+        logprobs = None
+        if seq.params.logprobs is not None:  # `kept` is a prefix of the canvas: its first len(kept) positions
+            logprobs = tuple(self.runner.committed_logprobs(work.slot, len(kept), seq.params.logprobs))
         outputs.append(StepOutput(request_id=seq.request_id, kind="canvas", canvas_index=work.canvas_index,
-                                  step=work.step, token_ids=tuple(kept), text=self.tokenizer.decode(kept)))
+                                  step=work.step, token_ids=tuple(kept), text=self.tokenizer.decode(kept),
+                                  logprobs=logprobs))
         if reason is not None:
             outputs.append(self._finish(seq, reason, work.step))
         else:
@@ -167,9 +184,7 @@ class Engine:
         return kept, ("length" if is_last else None)
 
     def _finish(self, seq: SequenceState, reason: FinishReason, step: int, message: str = "") -> StepOutput:
-        slot = self.scheduler.finish(seq)
-        if slot is not None:
-            self.runner.release_slot(slot)
+        self.scheduler.finish(seq)
         del self._sequences[seq.request_id]
         now = time.monotonic()
         admitted = seq.admitted_at if seq.admitted_at is not None else now
@@ -178,7 +193,8 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids), generated_tokens=seq.generated_tokens, canvases=canvases,
             denoising_steps=seq.total_steps, steps_per_canvas=seq.total_steps / canvases if canvases else 0.0,
             queue_seconds=admitted - seq.added_at,
-            prefill_seconds=(seq.first_canvas_at or now) - admitted, run_seconds=now - admitted)
+            prefill_seconds=(seq.first_canvas_at or now) - admitted, run_seconds=now - admitted,
+            cached_prompt_tokens=seq.cached_prompt_tokens)
         return StepOutput(request_id=seq.request_id, kind="finished", canvas_index=seq.canvas_index, step=step,
                           token_ids=(), text=message, finish_reason=reason, stats=stats)
 

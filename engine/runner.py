@@ -1,12 +1,13 @@
 """Model runner: a StepPlan -> padded tensors -> one encoder forward -> one decoder forward -> the sampler.
 
 # B canvases in the decoder forward, R rows in the encoder forward, T longest encode row, C canvas length,
-# V vocab, D hidden, N KV slots
+# V vocab, D hidden, N canvas-state rows (max canvases in flight), Nf / Ns block-table widths
 
-The runner owns all device memory: the KV cache (sized once from a byte budget) and the per-slot canvas
-state the sampler carries between steps (current canvas ids, previous argmax, stable-step counter,
-self-conditioning embedding, infill clamps). State is indexed by KV slot, so canvases can join and leave
-the batch at any step. A step makes at most one device-to-host read: the argmax of every canvas in the
+The runner owns all device memory: the paged KV cache (its block pools sized once from a byte budget, see
+`plan_kv_pools`) and the per-slot canvas state the sampler carries between steps (current canvas ids,
+previous argmax, stable-step counter, self-conditioning embedding, infill clamps). State is indexed by slot
+(a canvas-state row), so canvases can join and leave the batch at any step. Block tables are built on the
+host from the block manager's lists (`engine/block_manager.py`) and copied with the step's other inputs. A step makes at most one device-to-host read: the argmax of every canvas in the
 decoder batch packed with its converged flag.
 """
 
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from engine import rng
-from engine.config import ModelConfig
-from engine.kv_cache import KVCache
+from engine.block_manager import BlockManager
+from engine.config import FULL, SLIDING, ModelConfig
+from engine.kv_cache import BlockTables, PagedKVCache, blocks_for
 from engine.model.transformer import DiffusionGemmaModel
 from engine.sampler import (
     CanvasState,
@@ -31,7 +33,7 @@ from engine.sampler import (
     temperature_at,
 )
 from engine.scheduler import DenoiseWork, EncodeWork, SequenceState, StepPlan
-from engine.types import EngineConfig
+from engine.types import MAX_LOGPROBS, EngineConfig, TokenLogprob
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30  # without a budget on CPU: 1 GiB of host memory for the cache
 
@@ -61,22 +63,63 @@ def kv_budget_bytes(engine_config: EngineConfig, device: torch.device) -> int:
     return _CPU_DEFAULT_KV_BYTES
 
 
+@dataclass(frozen=True)
+class KVPoolSizes:
+    """How one byte budget splits into blocks (see `plan_kv_pools`)."""
+
+    full_blocks: int
+    sliding_blocks: int
+    max_encode_row: int  # longest encode chunk of one row (the sliding reservation covers one)
+    sliding_per_request: int  # sliding blocks one running request can hold at once
+
+
+def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype, budget: int) -> KVPoolSizes:
+    """Split `budget` bytes into the sliding pool and the full pool.
+
+    A running request holds at most `sliding_per_request` sliding blocks: the window before its context end
+    plus one encode chunk of at most `max_encode_row` tokens. The sliding pool holds that for every request
+    in flight, twice when the budget allows (the second half keeps prefix tails cached); the rest of the
+    budget is the full pool, capped at four `max_context` requests per canvas in flight (more would only
+    serve the prefix cache; the cap keeps a default budget from reserving memory a small model never uses).
+    """
+    bs, running = engine_config.block_size, engine_config.max_canvases_in_flight
+    block_bytes = PagedKVCache.block_bytes(config, bs, dtype)
+    has_sliding = SLIDING in config.layer_types
+    max_encode_row = max(256, config.sliding_window) if has_sliding else engine_config.max_tokens_per_forward
+    per_request = (PagedKVCache.sliding_read_blocks(config.sliding_window, bs) + blocks_for(max_encode_row, bs) + 1
+                   if has_sliding else 0)
+    sliding_blocks = 2 * running * per_request
+    if sliding_blocks * block_bytes[SLIDING] > budget // 2:
+        sliding_blocks = running * per_request
+    context_blocks = blocks_for(engine_config.max_context, bs)
+    cap = 4 * running * context_blocks
+    remaining = budget - sliding_blocks * block_bytes[SLIDING]
+    full_blocks = min(cap, remaining // block_bytes[FULL]) if block_bytes[FULL] else cap
+    if remaining < 0 or full_blocks < context_blocks:
+        need = context_blocks * block_bytes[FULL] + running * per_request * block_bytes[SLIDING]
+        raise ValueError(f"a KV budget of {budget} bytes holds no request: one request of max_context "
+                         f"{engine_config.max_context} with {running} in flight needs {need} bytes; raise "
+                         "kv_cache_bytes or lower max_context")
+    return KVPoolSizes(full_blocks=full_blocks, sliding_blocks=sliding_blocks, max_encode_row=max_encode_row,
+                       sliding_per_request=per_request)
+
+
 class ModelRunner:
-    """Runs plans on one model; holds the KV cache and the per-slot sampler state."""
+    """Runs plans on one model; holds the paged KV cache, the block manager and the per-slot sampler state."""
 
     def __init__(self, model: DiffusionGemmaModel, config: ModelConfig, engine_config: EngineConfig) -> None:
         weight = model.embed_tokens.weight
         self.model, self.config, self.engine_config = model, config, engine_config
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
-        per_slot = KVCache.bytes_per_slot(config, engine_config.max_context, self.dtype)
-        budget = kv_budget_bytes(engine_config, self.device)
-        self.num_slots = min(budget // per_slot, engine_config.max_canvases_in_flight)
-        if self.num_slots < 1:
-            raise ValueError(f"a KV budget of {budget} bytes holds no request: one slot of max_context "
-                             f"{engine_config.max_context} needs {per_slot} bytes; raise kv_cache_bytes or lower "
-                             "max_context")
-        self.cache = KVCache(config, self.num_slots, engine_config.max_context, self.device, self.dtype)
+        self.pools = plan_kv_pools(config, engine_config, self.dtype, kv_budget_bytes(engine_config, self.device))
+        self.num_slots = engine_config.max_canvases_in_flight
+        self.block_size = engine_config.block_size
+        self.cache = PagedKVCache(config, self.pools.full_blocks, self.pools.sliding_blocks, self.block_size,
+                                  self.device, self.dtype, max_context=engine_config.max_context)
+        self.kv = BlockManager(self.pools.full_blocks, self.pools.sliding_blocks, self.block_size,
+                               config.sliding_window, SLIDING in config.layer_types,
+                               engine_config.enable_prefix_caching, salt=f"{config!r}|{self.dtype}|{self.block_size}")
         slots, length = self.num_slots, config.canvas_length
         self.canvas_ids = torch.zeros(slots, length, dtype=torch.int64, device=self.device)
         self.prev_argmax = torch.full((slots, length), -1, dtype=torch.int64, device=self.device)
@@ -85,13 +128,35 @@ class ModelRunner:
         self.fixed_ids = torch.zeros(slots, length, dtype=torch.int64, device=self.device)
         self.sc_embeds = torch.zeros(slots, length, config.hidden_size, dtype=self.dtype, device=self.device)
         self._canvas_offsets = torch.arange(length, dtype=torch.int64, device=self.device)
+        # The last step's log-probabilities per slot, read on the host only when a canvas commits.
+        self.logprob_selected = torch.zeros(slots, length, dtype=torch.float32, device=self.device)
+        self.logprob_top_ids = torch.zeros(slots, length, MAX_LOGPROBS, dtype=torch.int64, device=self.device)
+        self.logprob_top = torch.zeros(slots, length, MAX_LOGPROBS, dtype=torch.float32, device=self.device)
         compile_sampler = engine_config.compile_sampler
         if compile_sampler is None:
             compile_sampler = self.device.type == "cuda"
         self.chunk_kernels = CompiledWithFallback() if compile_sampler else ChunkKernels()
 
-    def release_slot(self, slot: int) -> None:
-        self.cache.reset_slot(slot)
+    def block_tables(self, request_ids: list[str], context_ends: list[int], write_ends: list[int]) -> BlockTables:
+        """Tables for rows whose cached context ends at `context_ends` and whose forward writes up to (not
+        including) `write_ends` (= context_ends for a decoder forward). Host lists -> one copy each; the full
+        table covers every position read or written, the sliding table the window plus the writes."""
+        bs, kv = self.block_size, self.kv
+        full_scratch, sliding_scratch = self.cache.scratch[FULL], self.cache.scratch[SLIDING]
+        full_width = max(blocks_for(end, bs) for end in write_ends)
+        read_blocks = PagedKVCache.sliding_read_blocks(self.config.sliding_window, bs)
+        firsts = [kv.window_start_block(end) for end in context_ends]
+        sliding_width = max(max(blocks_for(w, bs) - f, read_blocks) for w, f in zip(write_ends, firsts, strict=True))
+        full_rows, sliding_rows = [], []
+        for request_id, first in zip(request_ids, firsts, strict=True):
+            state = kv.requests[request_id]
+            full = state.full[:full_width]
+            full_rows.append(full + [full_scratch] * (full_width - len(full)))
+            sliding_rows.append([state.sliding.get(first + j, sliding_scratch) for j in range(sliding_width)])
+        def longs(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        return BlockTables(full=longs(full_rows), sliding=longs(sliding_rows), sliding_first=longs(firsts))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sequences: dict[str, SequenceState]) -> RunResult:
@@ -115,10 +180,10 @@ class ModelRunner:
         valid = [[True] * len(work.token_ids) + [False] * (width - len(work.token_ids)) for work in encodes]
         starts = [work.start_position for work in encodes]
         positions = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
-        self.model.encode(
-            torch.tensor(ids, device=self.device), positions, torch.tensor(valid, device=self.device), self.cache,
-            torch.tensor([work.slot for work in encodes], device=self.device), context_bound=max(starts),
-        )
+        tables = self.block_tables([work.request_id for work in encodes], starts,
+                                   [work.start_position + len(work.token_ids) for work in encodes])
+        self.model.encode(torch.tensor(ids, device=self.device), positions, torch.tensor(valid, device=self.device),
+                          self.cache, tables, context_bound=max(starts))
 
     def _start_canvases(self, works: list[DenoiseWork], sequences: dict[str, SequenceState]) -> None:
         """Fresh canvases: uniform noise (clamped where infill fixes ids), no history, no self-conditioning."""
@@ -149,7 +214,9 @@ class ModelRunner:
                         ) -> SamplerInputs:
         params = [sequences[work.request_id].params for work in works]
         pairs = list(zip(works, params, strict=True))
-        temps = [temperature_at(w.step, p.max_denoising_steps, p.t_min, p.t_max) for w, p in pairs]
+        # A greedy request (temperature 0) keeps the schedule's temperature for everything but the draw.
+        temps = [temperature_at(w.step, p.max_denoising_steps, p.t_min, p.t_max) * (p.temperature or 1.0)
+                 for w, p in pairs]
         sample = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_SAMPLE) for w, p in pairs]
         renoise = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_RENOISE) for w, p in pairs]
 
@@ -167,15 +234,11 @@ class ModelRunner:
             may_stop_early=torch.tensor([not p.fixed_steps for p in params], device=self.device),
             sample_keys=longs(sample),
             renoise_keys=longs(renoise),
+            greedy=(torch.tensor([p.temperature == 0 for p in params], device=self.device)
+                    if any(p.temperature == 0 for p in params) else None),
+            top_k=longs([p.top_k for p in params]) if any(p.truncates_draw for p in params) else None,
+            top_p=floats([p.top_p for p in params]) if any(p.truncates_draw for p in params) else None,
         )
-
-    def _round_to_model_dtype_(self, z: torch.Tensor) -> None:
-        if self.dtype == z.dtype:
-            return
-        chunk = self.engine_config.vocab_chunk_size
-        for start in range(0, z.shape[-1], chunk):
-            part = z[..., start:start + chunk]
-            part.copy_(part.to(self.dtype))
 
     def _denoise(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]) -> list[CanvasResult]:
         slots = torch.tensor([work.slot for work in works], device=self.device)
@@ -183,19 +246,25 @@ class ModelRunner:
         starts = torch.tensor(starts_host, device=self.device)
         positions = starts.unsqueeze(1) + self._canvas_offsets  # [B, C]
         any_sc = any(not work.starts_canvas for work in works)
-        logits = self.model.denoise(self.canvas_ids[slots], positions, self.cache, slots, starts,
+        tables = self.block_tables([work.request_id for work in works], starts_host, starts_host)
+        logits = self.model.denoise(self.canvas_ids[slots], positions, self.cache, tables, starts,
                                     self.sc_embeds[slots] if any_sc else None,
                                     context_bound=max(starts_host))  # fp32 [B, C, V]
         state = CanvasState(canvas_ids=self.canvas_ids[slots], prev_argmax=self.prev_argmax[slots],
                             stable_steps=self.stable_steps[slots], is_fixed=self.is_fixed[slots],
                             fixed_ids=self.fixed_ids[slots])
-        out = denoise_step(logits, state, self._sampler_inputs(works, sequences),
-                           self.engine_config.vocab_chunk_size, self.chunk_kernels)
-        # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, rounded to
-        # the model dtype as the reference does (in place, chunk by chunk: no second [B, C, V] tensor).
-        self._round_to_model_dtype_(logits)
-        self.sc_embeds[slots] = self.model.self_conditioning_embeds(logits)
+        inputs = self._sampler_inputs(works, sequences)
+        wants_logprobs = any(sequences[work.request_id].params.logprobs is not None for work in works)
+        chunk = self.engine_config.vocab_chunk_size
+        out = denoise_step(logits, state, inputs, chunk, self.chunk_kernels,
+                           logprobs_top=MAX_LOGPROBS if wants_logprobs else None, round_to=self.dtype)
+        self.sc_embeds[slots] = self.model.self_conditioning_from_logits(logits, inputs.temperature,
+                                                                         out.sc_log_norm, chunk)
         del logits
+        if out.logprobs is not None:
+            self.logprob_selected[slots] = out.logprobs.selected
+            self.logprob_top_ids[slots] = out.logprobs.top_ids
+            self.logprob_top[slots] = out.logprobs.top_logprobs
         self.canvas_ids[slots] = out.next_canvas
         self.prev_argmax[slots] = out.argmax
         self.stable_steps[slots] = out.stable_steps
@@ -203,3 +272,13 @@ class ModelRunner:
         rows = packed.tolist()
         return [CanvasResult(work=work, argmax_ids=row[:-1], converged=bool(row[-1]))
                 for work, row in zip(works, rows, strict=True)]
+
+    def committed_logprobs(self, slot: int, count: int, top: int) -> list[TokenLogprob]:
+        """The first `count` positions' log-probabilities of the canvas `slot` denoised in the last step (with
+        `top` alternatives each): a host read, made only when a canvas that asked for them commits."""
+        selected = self.logprob_selected[slot, :count].tolist()
+        top_ids = self.logprob_top_ids[slot, :count, :top].tolist()
+        top_values = self.logprob_top[slot, :count, :top].tolist()
+        ids = self.prev_argmax[slot, :count].tolist()  # the committed ids: this step's argmax
+        return [TokenLogprob(token_id=token, logprob=value, top=tuple(zip(alt_ids, alt_values, strict=True)))
+                for token, value, alt_ids, alt_values in zip(ids, selected, top_ids, top_values, strict=True)]

@@ -6,10 +6,15 @@ A request moves WAITING -> ENCODING -> DENOISING -> (ENCODING -> DENOISING)* -> 
 - DENOISING: its canvas runs one decoder step per engine step until the sampler stops it.
 
 `Scheduler.schedule()` builds the next `StepPlan` under three budgets: `max_tokens_per_forward` (padded tokens
-in the one encoder forward: rows x the widest row, see `Scheduler._encode_width`), `max_canvases_in_flight` and the number of KV slots (both bound the running requests;
-each running request has at most one canvas). A request whose encoding completes in a step also denoises its
-first canvas step in that same step, so a commit and the next canvas share one engine step. Requests added
-while others are mid-canvas are admitted at the next `schedule()`.
+in the one encoder forward: rows x the widest row, see `Scheduler._encode_width`), `max_canvases_in_flight`
+(running requests; each has at most one canvas, and one row of the runner's canvas state, its "slot") and
+the KV blocks (`engine/block_manager.py`): a request is admitted only when the full-layer pool can hold every
+position it will ever write (free blocks plus cached blocks eviction can take), after reusing its longest
+cached prefix, so it never runs out of blocks mid-canvas. Admission is FIFO: a request that does not fit
+waits, and so do the ones behind it. A request whose encoding completes in a step also denoises its first
+canvas step in that same step, so a commit and the next canvas share one engine step; a request whose
+whole prompt is cached starts denoising in the step that admits it. Requests added while others are
+mid-canvas are admitted at the next `schedule()`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.block_manager import BlockManager
 from engine.types import InfillCanvas, ResolvedParams
 
 
@@ -49,10 +55,16 @@ class SequenceState:
     generated_tokens: int = 0
     admitted_at: float | None = None
     first_canvas_at: float | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def __post_init__(self) -> None:
         leading = self.infill[0].leading_token_ids if self.infill else ()
         self.pending_encode = [*self.prompt_ids, *leading]
+
+    def total_positions(self, canvas_length: int) -> int:
+        """Every position the request will write or denoise: prompt, infill leading text, all canvases."""
+        leading = sum(len(canvas.leading_token_ids) for canvas in self.infill or ())
+        return len(self.prompt_ids) + leading + self.num_canvases * canvas_length
 
 
 @dataclass(frozen=True)
@@ -105,15 +117,20 @@ class StepPlan:
 
 
 class Scheduler:
-    """FIFO admission over waiting/running queues; owns the free KV slots (plain ints)."""
+    """FIFO admission over waiting/running queues; owns the canvas-state rows ("slots", plain ints) and,
+    through `kv`, the KV blocks."""
 
-    def __init__(self, num_slots: int, max_canvases_in_flight: int, max_tokens_per_forward: int) -> None:
-        if num_slots <= 0 or max_canvases_in_flight <= 0 or max_tokens_per_forward <= 0:
-            raise ValueError("Scheduler needs at least one KV slot, one canvas in flight and one token per "
-                             f"forward (got {num_slots}, {max_canvases_in_flight}, {max_tokens_per_forward})")
-        self.max_running = min(num_slots, max_canvases_in_flight)
+    def __init__(self, kv: BlockManager, max_canvases_in_flight: int, max_tokens_per_forward: int,
+                 canvas_length: int, max_encode_row: int | None = None) -> None:
+        if max_canvases_in_flight <= 0 or max_tokens_per_forward <= 0 or canvas_length <= 0:
+            raise ValueError("Scheduler needs at least one canvas in flight, one token per forward and a canvas "
+                             f"(got {max_canvases_in_flight}, {max_tokens_per_forward}, {canvas_length})")
+        self.kv, self.canvas_length = kv, canvas_length
+        self.max_running = max_canvases_in_flight
         self.max_tokens_per_forward = max_tokens_per_forward
-        self.free_slots: deque[int] = deque(range(num_slots))
+        # Longest encode chunk of one row: the sliding pool is sized for a window plus one such chunk.
+        self.max_encode_row = min(max_encode_row or max_tokens_per_forward, max_tokens_per_forward)
+        self.free_slots: deque[int] = deque(range(max_canvases_in_flight))
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
 
@@ -124,7 +141,8 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         """Plan the next step and advance the plan's bookkeeping (cached positions, canvas steps).
 
-        The caller must run the returned plan: encode chunks are counted as cached once planned.
+        The caller must run the returned plan: encode chunks are counted as cached once planned (and must
+        report them to `kv.after_write` once written).
         """
         encoding = [seq for seq in self.running if seq.phase is Phase.ENCODING]
         room = min(self.max_running - len(self.running), len(self.free_slots))
@@ -137,15 +155,30 @@ class Scheduler:
             self._take_encode_chunk(seq, width, encodes)
         admitted: list[str] = []
         while self.waiting and len(encodes) < max_rows and len(self.running) < self.max_running and self.free_slots:
+            if not self._admit(self.waiting[0], now):
+                break  # FIFO: the head waits for blocks, and so does everyone behind it
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.popleft()
-            seq.phase = Phase.ENCODING
-            seq.admitted_at = now
-            self.running.append(seq)
             admitted.append(seq.request_id)
-            self._take_encode_chunk(seq, width, encodes)
+            if seq.pending_encode:
+                self._take_encode_chunk(seq, width, encodes)
         denoises = [self._next_denoise_step(seq) for seq in self.running if seq.phase is Phase.DENOISING]
         return StepPlan(encodes=tuple(encodes), denoises=tuple(denoises), admitted=tuple(admitted))
+
+    def _admit(self, seq: SequenceState, now: float) -> bool:
+        """Reserve the request's KV blocks (reusing its cached prefix) and a canvas-state row."""
+        cached = self.kv.try_admit(seq.request_id, seq.pending_encode, seq.total_positions(self.canvas_length))
+        if cached is None:
+            return False
+        seq.slot = self.free_slots.popleft()
+        seq.phase = Phase.ENCODING
+        seq.admitted_at = now
+        seq.cached_prompt_tokens = min(cached, len(seq.prompt_ids))
+        seq.num_cached = cached
+        del seq.pending_encode[:cached]
+        if not seq.pending_encode:  # the whole prompt was cached: the first canvas starts now
+            self._start_denoising(seq)
+        self.running.append(seq)
+        return True
 
     def continue_with_next_canvas(self, seq: SequenceState, committed_ids: list[int]) -> None:
         """After a canvas stops and the request goes on: its ids (and the next infill leading text) must be
@@ -165,6 +198,7 @@ class Scheduler:
         slot, seq.slot = seq.slot, None
         if slot is not None:
             self.free_slots.append(slot)
+        self.kv.free(seq.request_id)
         return slot
 
     def _encode_width(self, needs: list[int]) -> int:
@@ -178,22 +212,26 @@ class Scheduler:
         max_running` (a short commit must not slice a long prompt into tiny forwards; every running
         request still fits at that width), and never exceeds the longest need or the budget."""
         floor = max(1, self.max_tokens_per_forward // self.max_running)
-        longest = min(max(needs), self.max_tokens_per_forward)
+        longest = min(max(needs), self.max_encode_row)
         return max(1, min(longest, max(min(needs), floor)))
 
-    @staticmethod
-    def _take_encode_chunk(seq: SequenceState, budget: int, encodes: list[EncodeWork]) -> None:
+    def _take_encode_chunk(self, seq: SequenceState, budget: int, encodes: list[EncodeWork]) -> None:
         if seq.slot is None:
             raise RuntimeError(f"request {seq.request_id} is encoding without a KV slot")
         chunk = seq.pending_encode[:budget]
+        self.kv.prepare_write(seq.request_id, seq.num_cached, len(chunk))
         encodes.append(EncodeWork(request_id=seq.request_id, slot=seq.slot, token_ids=tuple(chunk),
                                   start_position=seq.num_cached, is_prefill=seq.canvas_index == 0))
         seq.num_cached += len(chunk)
         del seq.pending_encode[:len(chunk)]
         if not seq.pending_encode:
-            seq.phase = Phase.DENOISING
-            seq.canvas_step = 0
-            seq.canvas_start = seq.num_cached
+            Scheduler._start_denoising(seq)
+
+    @staticmethod
+    def _start_denoising(seq: SequenceState) -> None:
+        seq.phase = Phase.DENOISING
+        seq.canvas_step = 0
+        seq.canvas_start = seq.num_cached
 
     @staticmethod
     def _next_denoise_step(seq: SequenceState) -> DenoiseWork:

@@ -26,9 +26,32 @@ class SamplingParams:
     t_max: float | None = None
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
-    seed: int | None = None  # same seed -> same tokens whatever the batch
+    seed: int | None = None  # same seed -> the same random draws whatever the batch (see engine/rng.py)
     stream_drafts: bool = False
     fixed_steps: bool = False  # benchmarks: never stop a canvas early
+    # Per-request draw knobs (engine/sampler.py, "Per-request knobs", has the exact rules):
+    temperature: float | None = None  # None -> 1.0; multiplies the t_min..t_max schedule; 0 -> greedy draw
+    top_k: int | None = None  # None or 0 -> off; else draw among the k most likely ids (k <= MAX_TOP_K)
+    top_p: float | None = None  # None or 1.0 -> off; else draw from the nucleus of mass top_p (0 < top_p <= 1)
+    logprobs: int | None = None  # None -> off; n in 0..MAX_LOGPROBS: canvas outputs carry TokenLogprob entries
+
+
+MAX_TOP_K = 1024  # top_k / top_p act on this many most likely ids per position (engine/sampler.py)
+MAX_LOGPROBS = 20  # the most alternatives a TokenLogprob carries (the OpenAI API's own limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One committed token's log-probability and its top alternatives.
+
+    Log-probabilities are log_softmax of the final denoising step's logits of the token's position, after the
+    softcap and at temperature 1 (neither the diffusion temperature nor top_k/top_p applies): what the model
+    predicted when the canvas was committed. `top` holds the n most likely (token_id, logprob), best first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,7 @@ class RequestStats:
     queue_seconds: float
     prefill_seconds: float
     run_seconds: float
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV the prefix cache supplied (not encoded)
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,7 @@ class StepOutput:
     text: str
     finish_reason: FinishReason | None = None
     stats: RequestStats | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # canvas outputs of a request with logprobs: one per id
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,15 @@ class ResolvedParams:
     seed: int
     stream_drafts: bool
     fixed_steps: bool
+    temperature: float = 1.0  # 0 = greedy draw
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    logprobs: int | None = None  # None = off
+
+    @property
+    def truncates_draw(self) -> bool:
+        """Whether top_k or top_p restricts this request's draw."""
+        return self.top_k > 0 or self.top_p < 1.0
 
 
 def resolve_params(params: SamplingParams, defaults: GenerationDefaults, seed: int) -> ResolvedParams:
@@ -177,9 +211,32 @@ def resolve_params(params: SamplingParams, defaults: GenerationDefaults, seed: i
         entropy_bound=pick("entropy_bound"), t_min=pick("t_min"), t_max=pick("t_max"),
         confidence_threshold=pick("confidence_threshold"), stability_threshold=pick("stability_threshold"),
         seed=seed, stream_drafts=bool(params.stream_drafts), fixed_steps=bool(params.fixed_steps),
+        **_validated_draw_knobs(params),
     )
     _validate_resolved(resolved)
     return resolved
+
+
+def _validated_draw_knobs(params: SamplingParams) -> dict[str, Any]:
+    """temperature, top_k, top_p and logprobs with their off values filled in; ValueError naming the field."""
+    def is_number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    def is_int(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int)
+
+    temperature = 1.0 if params.temperature is None else params.temperature
+    if not is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {params.temperature!r}")
+    top_k = 0 if params.top_k is None else params.top_k
+    if not is_int(top_k) or not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be an integer in 0..{MAX_TOP_K} (0 = off), got {params.top_k!r}")
+    top_p = 1.0 if params.top_p is None else params.top_p
+    if not is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {params.top_p!r}")
+    if params.logprobs is not None and (not is_int(params.logprobs) or not 0 <= params.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} or None, got {params.logprobs!r}")
+    return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p), "logprobs": params.logprobs}
 
 
 def _validate_resolved(p: ResolvedParams) -> None:
@@ -213,9 +270,12 @@ class EngineConfig:
     max_canvases_in_flight: canvases denoised together in one decoder forward (also bounds running requests).
     max_tokens_per_forward: padded tokens in one encoder forward (prefill chunks + commits + infill leading
         text), i.e. rows x the widest row, since rows are padded to the widest (engine/scheduler.py).
-    kv_cache_bytes: byte budget for the KV cache; None -> kv_cache_memory_fraction of free device memory
-        (CUDA) or 1 GiB (CPU). The number of slots is budget // bytes_per_slot, capped at max_canvases_in_flight.
-    max_context: the longest sequence (prompt + generated canvases) one slot holds.
+    kv_cache_bytes: byte budget for the paged KV cache; None -> kv_cache_memory_fraction of free device memory
+        (CUDA) or 1 GiB (CPU). It is split into blocks once at start (engine/runner.py, `plan_kv_pools`).
+    max_context: the longest sequence (prompt + generated canvases) one request holds.
+    block_size: positions per KV block (a power of two).
+    enable_prefix_caching: reuse the KV of cached leading blocks across requests (off: every request encodes
+        its whole prompt; tokens are the same either way).
     """
 
     max_canvases_in_flight: int = 16
@@ -225,12 +285,17 @@ class EngineConfig:
     max_context: int = 4096
     vocab_chunk_size: int = 4096  # sampler: vocabulary read in chunks of this many ids (bounds temporaries)
     compile_sampler: bool | None = None  # torch.compile the sampler's vocabulary scan; None -> only on CUDA
+    block_size: int = 16
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size"):
+        for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size",
+                     "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"EngineConfig.kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if not 0 < self.kv_cache_memory_fraction <= 1:

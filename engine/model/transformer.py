@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FULL, SLIDING, ModelConfig
-from ..kv_cache import KVCache
+from ..kv_cache import BlockTables, PagedKVCache
 from .layer import TransformerLayer
 from .norms import RMSNorm
 from .rope import inverse_frequencies, rope_cos_sin
@@ -37,51 +37,52 @@ class DiffusionGemmaModel(nn.Module):
 
     # ----- public API (docs/architecture.md, "Model") -----
 
-    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor, cache: KVCache,
-               slots: torch.Tensor, return_logits: bool = False, context_bound: int | None = None
-               ) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
+               cache: PagedKVCache, slots: torch.Tensor | BlockTables, return_logits: bool = False,
+               context_bound: int | None = None) -> torch.Tensor:
         """Encoder mode over input_ids [B, T] at `positions` [B, T] (increasing within a row); rows are padded
-        on the right (`token_valid` False). Each row attends causally to its slot's cached tokens at positions
-        below the row's first position and to its own new tokens; sliding layers see the last `window`
-        positions including the query. The valid tokens' K/V are written into the cache; padding writes
-        nothing. `context_bound` (host int, default cache.max_context) must be >= every row's first
-        position: full layers read only that many cached positions. Returns fp32 softcapped logits
-        [B, T, V] if `return_logits`, else the final hidden states [B, T, D] before the final norm (training
-        applies `logits` to the positions it scores only; serving ignores them)."""
+        on the right (`token_valid` False). `slots` addresses the cache: slot ids [B] for a slot-addressed
+        `KVCache`, the rows' `BlockTables` for the paged cache. Each row attends causally to its cached
+        tokens at positions below the row's first position and to its own new tokens; sliding layers see
+        the last `window` positions including the query. The valid tokens' K/V are written into the cache;
+        padding writes nothing visible. `context_bound` (host int, default cache.max_context) must be >=
+        every row's first position: layers read only the blocks holding that many positions. Returns fp32
+        softcapped logits [B, T, V] if `return_logits`, else the final hidden states [B, T, D] before the
+        final norm (training applies `logits` to the positions it scores only; serving ignores them)."""
         bound = self._check_inputs(input_ids, positions, cache, slots, context_bound)
         if token_valid.shape != input_ids.shape:
             raise ValueError(f"token_valid shape {tuple(token_valid.shape)} != input_ids shape {tuple(input_ids.shape)}")
         h = self.embed(input_ids)
         rope = self._rope_tables(positions, h.dtype)
-        masks = self._fold_masks_for_gqa(self._encoder_masks(positions, token_valid, cache.ring_positions_of(slots),
-                                                             bound))
-        full_index, ring_index = cache.write_indices(positions, token_valid)
+        index = cache.forward_index(cache.tables(slots, positions[:, 0]), positions, token_valid, bound)
+        masks = self._fold_masks_for_gqa(self._encoder_masks(positions, token_valid, index.key_positions))
         for layer_idx, layer in enumerate(self.layers):
             layer_type = self.config.layer_types[layer_idx]
-            past_k, past_v = cache.read(layer_idx, slots, bound)
+            past_k, past_v = cache.read(layer_idx, index.read[layer_type])
             h, k, v = layer(h, *rope[layer_type], past_k, past_v, masks[layer_type])
-            cache.write(layer_idx, slots, full_index if layer_type == FULL else ring_index, k, v)
-        cache.write_ring_positions(slots, ring_index, positions)
+            cache.write(layer_idx, index.write[layer_type], k, v)
         return self.logits(h) if return_logits else h
 
-    def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                context_lens: torch.Tensor, sc_embeds: torch.Tensor | None, context_bound: int | None = None
-                ) -> torch.Tensor:
+    def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
+                slots: torch.Tensor | BlockTables, context_lens: torch.Tensor, sc_embeds: torch.Tensor | None,
+                context_bound: int | None = None) -> torch.Tensor:
         """Decoder mode over canvas_ids [B, C] at `positions` [B, C]: every canvas token sees the whole canvas
-        and the slot's cached positions < context_lens [B] (sliding layers: only the last `window - 1` of
-        them, as the reference's dynamic cache keeps). Never writes the cache. `sc_embeds` [B, C, D] is the
-        self-conditioning soft embedding (None or zeros = no signal). `context_bound` (host int, default
-        cache.max_context) must be >= max(context_lens). Returns fp32 softcapped logits [B, C, V]."""
+        and the row's cached positions < context_lens [B] (sliding layers: only the last `window - 1` of
+        them, as the reference's dynamic cache keeps). Never writes the cache. `slots` as in `encode`.
+        `sc_embeds` [B, C, D] is the self-conditioning soft embedding (None or zeros = no signal).
+        `context_bound` (host int, default cache.max_context) must be >= max(context_lens). Returns fp32
+        softcapped logits [B, C, V]."""
         bound = self._check_inputs(canvas_ids, positions, cache, slots, context_bound)
         if sc_embeds is not None and sc_embeds.shape != (*canvas_ids.shape, self.config.hidden_size):
             raise ValueError(f"sc_embeds shape {tuple(sc_embeds.shape)} must be "
                              f"{(*canvas_ids.shape, self.config.hidden_size)}")
         h = self.self_conditioning(self.embed(canvas_ids), sc_embeds)
         rope = self._rope_tables(positions, h.dtype)
-        masks = self._decoder_masks(context_lens, cache.ring_positions_of(slots), bound, canvas_ids.shape[1])
+        index = cache.forward_index(cache.tables(slots, context_lens), positions, None, bound)
+        masks = self._decoder_masks(context_lens, index.key_positions, canvas_ids.shape[1])
         for layer_idx, layer in enumerate(self.layers):
             layer_type = self.config.layer_types[layer_idx]
-            past_k, past_v = cache.read(layer_idx, slots, bound)
+            past_k, past_v = cache.read(layer_idx, index.read[layer_type])
             h, _, _ = layer(h, *rope[layer_type], past_k, past_v, masks[layer_type])
         return self.logits(h)
 
@@ -102,6 +103,24 @@ class DiffusionGemmaModel(nn.Module):
         for start in range(0, vocab, VOCAB_CHUNK):
             probs = torch.exp(sc_logits[..., start:start + VOCAB_CHUNK].float() - log_norm).to(weight.dtype)
             soft += (probs @ weight[start:start + VOCAB_CHUNK]).float()
+        return soft.to(weight.dtype) * self._embed_scale(weight.dtype)
+
+    def self_conditioning_from_logits(self, logits: torch.Tensor, temperature: torch.Tensor, log_norm: torch.Tensor,
+                                      vocab_chunk: int) -> torch.Tensor:
+        """The serving path of `self_conditioning_embeds`: softmax(z) @ E * sqrt(D) -> [B, C, D] in the model
+        dtype, where z = logits [B, C, V] * (1 / temperature [B]) rounded to the model dtype (as the reference feeds
+        its scaled logits back) and log_norm [B, C] = log sum exp(z), which the sampler's statistics pass
+        already computed (`SamplerOutput.sc_log_norm`). Reads the logits once, in chunks of `vocab_chunk` ids:
+        z and the probabilities exist only per chunk, and the logits are never written."""
+        weight = self.embed_tokens.weight
+        inv_t, norm = (1.0 / temperature).view(-1, 1, 1), log_norm.unsqueeze(-1)
+        soft = torch.zeros(*logits.shape[:-1], weight.shape[1], device=weight.device, dtype=torch.float32)
+        for start in range(0, weight.shape[0], vocab_chunk):
+            z = logits[..., start:start + vocab_chunk].float() * inv_t
+            if weight.dtype != torch.float32:
+                z = z.to(weight.dtype).float()
+            probs = z.sub_(norm).exp_().to(weight.dtype)
+            soft += (probs @ weight[start:start + vocab_chunk]).float()
         return soft.to(weight.dtype) * self._embed_scale(weight.dtype)
 
     # ----- building blocks -----
@@ -134,13 +153,15 @@ class DiffusionGemmaModel(nn.Module):
         # Rounded on the host CPU: no device work, no sync.
         return float(torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32).to(dtype))
 
-    def _check_inputs(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                      context_bound: int | None) -> int:
+    def _check_inputs(self, ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
+                      slots: torch.Tensor | BlockTables, context_bound: int | None) -> int:
         if ids.dim() != 2 or positions.shape != ids.shape:
             raise ValueError(f"ids must be [B, T] and positions the same shape; got {tuple(ids.shape)} and "
                              f"{tuple(positions.shape)}")
-        if slots.shape != (ids.shape[0],):
-            raise ValueError(f"slots must be [B] = [{ids.shape[0]}], got {tuple(slots.shape)}")
+        rows = slots.rows if isinstance(slots, BlockTables) else (slots.shape[0] if slots.dim() == 1 else -1)
+        if rows != ids.shape[0]:
+            raise ValueError(f"slots (or block tables) must have one row per input row = {ids.shape[0]}, got "
+                             f"{tuple(slots.full.shape if isinstance(slots, BlockTables) else slots.shape)}")
         bound = cache.max_context if context_bound is None else context_bound
         if not 0 <= bound <= cache.max_context:
             raise ValueError(f"context_bound {bound} must be within 0..cache.max_context ({cache.max_context})")
@@ -155,9 +176,10 @@ class DiffusionGemmaModel(nn.Module):
         }
         return {kind: rope_cos_sin(positions, inv_freq[kind], dtype) for kind in set(cfg.layer_types)}
 
-    def _encoder_masks(self, positions: torch.Tensor, token_valid: torch.Tensor, ring_positions: torch.Tensor,
-                       bound: int) -> dict[str, torch.Tensor]:
-        """Bool masks [B, 1, T, past + T] per layer type (True = attend)."""
+    def _encoder_masks(self, positions: torch.Tensor, token_valid: torch.Tensor,
+                       key_positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bool masks [B, 1, T, past + T] per layer type present (True = attend); `key_positions` [B or 1, S]
+        are the absolute positions of the gathered past keys."""
         window, t = self.config.sliding_window, positions.shape[1]
         query = positions[:, None, :, None]                                   # [B, 1, T, 1]
         context_start = positions[:, None, :1, None]                          # [B, 1, 1, 1]
@@ -165,18 +187,20 @@ class DiffusionGemmaModel(nn.Module):
         # The diagonal keeps padded query rows from being fully masked (SDPA would return NaN there).
         diagonal = torch.eye(t, dtype=torch.bool, device=positions.device)
         new_ok = (token_valid[:, None, None, :] & (new_key <= query)) | diagonal
-        full_past = torch.arange(bound, device=positions.device)[None, None, None, :] < context_start
-        ring = ring_positions[:, None, None, :]                               # [B, 1, 1, W]
-        sliding_past = (ring >= 0) & (ring < context_start) & (ring > query - window)
-        shape = (positions.shape[0], 1, t, bound)
-        return {
-            FULL: torch.cat((full_past.expand(shape), new_ok), dim=-1),
-            SLIDING: torch.cat((sliding_past, new_ok & (new_key > query - window)), dim=-1),
-        }
+        masks = {}
+        for kind, keys in key_positions.items():
+            past = keys[:, None, None, :]                                     # [B or 1, 1, 1, S]
+            if kind == FULL:
+                visible = (past < context_start).expand(positions.shape[0], 1, t, past.shape[-1])
+                masks[kind] = torch.cat((visible, new_ok), dim=-1)
+            else:
+                visible = (past < context_start) & (past > query - window)
+                masks[kind] = torch.cat((visible, new_ok & (new_key > query - window)), dim=-1)
+        return masks
 
     def _fold_masks_for_gqa(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """[B, 1, T, S] -> [B, 1, R*T, S] per layer type (R query heads per kv head, as `Attention.attend`
-        folds queries): one repeat per layer type and forward instead of one per layer."""
+        """[B, 1, T, S] -> [B, 1, R*T, S] per layer type present (R query heads per kv head, as
+        `Attention.attend` folds queries): one repeat per layer type and forward instead of one per layer."""
         folded = {}
         for kind, mask in masks.items():
             layer_idx = self.config.layer_types.index(kind)
@@ -184,13 +208,16 @@ class DiffusionGemmaModel(nn.Module):
             folded[kind] = mask.repeat(1, 1, per_group, 1) if per_group > 1 else mask
         return folded
 
-    def _decoder_masks(self, context_lens: torch.Tensor, ring_positions: torch.Tensor, bound: int,
+    def _decoder_masks(self, context_lens: torch.Tensor, key_positions: dict[str, torch.Tensor],
                        canvas_length: int) -> dict[str, torch.Tensor]:
-        """Bool masks [B, 1, 1, past + C]: the same visibility for every canvas query."""
+        """Bool masks [B, 1, 1, past + C] per layer type present: the same visibility for every canvas query."""
         window = self.config.sliding_window
         lens = context_lens[:, None]                                          # [B, 1]
-        full_past = torch.arange(bound, device=lens.device)[None, :] < lens
-        sliding_past = (ring_positions >= 0) & (ring_positions < lens) & (ring_positions >= lens - (window - 1))
         canvas = torch.ones(lens.shape[0], canvas_length, dtype=torch.bool, device=lens.device)
-        return {FULL: torch.cat((full_past, canvas), -1)[:, None, None, :],
-                SLIDING: torch.cat((sliding_past, canvas), -1)[:, None, None, :]}
+        masks = {}
+        for kind, keys in key_positions.items():
+            visible = keys < lens
+            if kind == SLIDING:
+                visible = visible & (keys >= lens - (window - 1))
+            masks[kind] = torch.cat((visible.expand(lens.shape[0], -1), canvas), -1)[:, None, None, :]
+        return masks

@@ -1,4 +1,5 @@
-"""Scheduler: admission budgets, chunked prefill, commits, joining mid-flight, freeing slots (no torch)."""
+"""Scheduler: admission budgets (canvases, tokens, KV blocks), chunked prefill, commits, joining mid-flight,
+freeing slots and blocks, prefix-cache hits (no torch)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.block_manager import BlockManager
 from engine.scheduler import Phase, Scheduler, SequenceState
 from engine.types import GenerationDefaults, InfillCanvas, SamplingParams, resolve_params
 
@@ -20,8 +22,16 @@ def create_seq(request_id: str, prompt_len: int, num_canvases: int = 1,
                          num_canvases=num_canvases, infill=infill, added_at=0.0)
 
 
-def create_scheduler(num_slots: int = 4, max_canvases: int = 4, max_tokens: int = 100) -> Scheduler:
-    return Scheduler(num_slots=num_slots, max_canvases_in_flight=max_canvases, max_tokens_per_forward=max_tokens)
+CANVAS = 32
+BLOCK = 16
+
+
+def create_scheduler(num_blocks: int = 1000, max_canvases: int = 4, max_tokens: int = 100, caching: bool = False,
+                     window: int = 64) -> Scheduler:
+    kv = BlockManager(num_full_blocks=num_blocks, num_sliding_blocks=4 * max_canvases * 20, block_size=BLOCK,
+                      window=window, has_sliding=True, enable_prefix_caching=caching, salt="test")
+    return Scheduler(kv, max_canvases_in_flight=max_canvases, max_tokens_per_forward=max_tokens,
+                     canvas_length=CANVAS)
 
 
 def test_scheduler_module_imports_no_torch() -> None:
@@ -45,17 +55,17 @@ def test_prefill_then_denoise_in_the_same_step() -> None:
     assert plan.encodes == () and [w.step for w in plan.denoises] == [2]
 
 
-def test_admission_is_bounded_by_canvases_slots_and_tokens() -> None:
-    sched = create_scheduler(num_slots=3, max_canvases=2, max_tokens=100)
+def test_admission_is_bounded_by_canvases_blocks_and_tokens() -> None:
+    sched = create_scheduler(max_canvases=2, max_tokens=100)
     for i in range(4):
         sched.add(create_seq(f"r{i}", 10))
     plan = sched.schedule(now=0.0)
     assert plan.admitted == ("r0", "r1") and len(plan.denoises) == 2  # canvas cap
-    sched = create_scheduler(num_slots=1, max_canvases=8, max_tokens=100)
-    sched.add(create_seq("x", 5))
+    sched = create_scheduler(num_blocks=5, max_canvases=8, max_tokens=100)
+    sched.add(create_seq("x", 5))  # 5 + 32 positions = 3 blocks of 16
     sched.add(create_seq("y", 5))
-    assert sched.schedule(now=0.0).admitted == ("x",)  # slot cap
-    sched = create_scheduler(num_slots=8, max_canvases=8, max_tokens=12)
+    assert sched.schedule(now=0.0).admitted == ("x",)  # block cap: 2 blocks left, y needs 3
+    sched = create_scheduler(max_canvases=8, max_tokens=12)
     for i in range(3):
         sched.add(create_seq(f"t{i}", 10))
     plan = sched.schedule(now=0.0)
@@ -69,7 +79,7 @@ def test_mixed_prompt_lengths_bound_the_padded_encoder_tokens() -> None:
     """Short and long prompts in one step: rows x widest row stays within max_tokens_per_forward, and short
     rows are not padded to the long ones (the long prompts are chunked at the short rows' width)."""
     budget, lengths = 1024, [200, 2000, 150, 1800, 600, 2000, 180, 900]
-    sched = create_scheduler(num_slots=8, max_canvases=8, max_tokens=budget)
+    sched = create_scheduler(max_canvases=8, max_tokens=budget, window=16)
     for i, length in enumerate(lengths):
         sched.add(create_seq(f"m{i}", length))
     encoded = {f"m{i}": 0 for i in range(len(lengths))}
@@ -138,7 +148,7 @@ def test_infill_leading_text_is_encoded_before_each_canvas() -> None:
 
 
 def test_finish_frees_the_slot_for_a_waiting_request() -> None:
-    sched = create_scheduler(num_slots=1, max_canvases=1)
+    sched = create_scheduler(max_canvases=1)
     a, b = create_seq("a", 3), create_seq("b", 3)
     sched.add(a)
     sched.add(b)
@@ -149,10 +159,11 @@ def test_finish_frees_the_slot_for_a_waiting_request() -> None:
     assert plan.admitted == ("b",) and plan.encodes[0].slot == 0
     sched.finish(b)
     assert not sched.waiting and not sched.running and list(sched.free_slots) == [0]
+    assert sched.kv.stats().full_blocks_used == 0 and not sched.kv.requests
 
 
 def test_waiting_request_can_be_removed() -> None:
-    sched = create_scheduler(num_slots=1, max_canvases=1)
+    sched = create_scheduler(max_canvases=1)
     a, b = create_seq("a", 3), create_seq("b", 3)
     sched.add(a)
     sched.add(b)
@@ -162,5 +173,46 @@ def test_waiting_request_can_be_removed() -> None:
 
 
 def test_invalid_budgets_are_rejected() -> None:
-    with pytest.raises(ValueError, match="at least one KV slot"):
-        Scheduler(num_slots=0, max_canvases_in_flight=1, max_tokens_per_forward=1)
+    with pytest.raises(ValueError, match="at least one canvas in flight"):
+        Scheduler(create_scheduler().kv, max_canvases_in_flight=0, max_tokens_per_forward=1, canvas_length=4)
+
+
+def test_a_request_that_does_not_fit_waits_and_blocks_the_queue_behind_it() -> None:
+    """FIFO by blocks: a big head request waits for blocks even when a small one behind it would fit, and is
+    admitted as soon as a finishing request frees them; blocks are reserved for every canvas up front."""
+    sched = create_scheduler(num_blocks=10, max_canvases=4)
+    small, big, tiny = create_seq("small", 30, num_canvases=2), create_seq("big", 60, num_canvases=2), \
+        create_seq("tiny", 1)
+    for seq in (small, big, tiny):
+        sched.add(seq)
+    assert sched.schedule(now=0.0).admitted == ("small",)  # 30 + 64 = 94 positions: 6 blocks reserved
+    assert sched.kv.stats().full_blocks_used == 6
+    assert sched.schedule(now=0.0).admitted == ()  # big needs 8, only 4 are left; tiny waits behind it
+    sched.finish(small)
+    assert sched.schedule(now=0.0).admitted == ("big",)
+    assert sched.kv.stats().full_blocks_used == 8
+
+
+def test_cached_prefix_is_not_encoded_again() -> None:
+    """With prefix caching, a second request with the same prompt encodes only past the cached whole
+    blocks; a prompt that is all whole cached blocks starts denoising in the step that admits it."""
+    sched = create_scheduler(caching=True, max_tokens=1000)
+    first = create_seq("first", 40)
+    sched.add(first)
+    plan = sched.schedule(now=0.0)
+    for work in plan.encodes:
+        sched.kv.after_write(work.request_id, work.token_ids)
+    sched.finish(first)
+    second = create_seq("second", 40)
+    sched.add(second)
+    plan = sched.schedule(now=1.0)
+    assert [(w.start_position, len(w.token_ids)) for w in plan.encodes] == [(32, 8)]  # blocks 0-1 cached
+    assert second.cached_prompt_tokens == 32 and plan.denoises[0].canvas_start == 40
+    for work in plan.encodes:
+        sched.kv.after_write(work.request_id, work.token_ids)
+    whole = create_seq("whole", 32)
+    sched.add(whole)
+    plan = sched.schedule(now=2.0)
+    assert plan.admitted == ("whole",) and not [w for w in plan.encodes if w.request_id == "whole"]
+    assert [(w.request_id, w.step, w.canvas_start) for w in plan.denoises if w.request_id == "whole"] == \
+        [("whole", 1, 32)]
