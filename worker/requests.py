@@ -89,11 +89,14 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
     defaults) and stop strings (the text is cut before the first one and the request ends there)."""
     request = _engine_request(job, sampling_params_of(job.sampling_params()))
     decode = model.tokenizer.decode
+
+    def token_text(ids: Sequence[int]) -> str:  # logprob entries name special tokens too (`<pad>`)
+        return model.tokenizer.decode(ids, skip_special_tokens=False)
     logprobs: list[dict[str, Any]] = []  # per committed token, collected canvas by canvas (one attempt)
 
     def canvas_event(out: StepOutput) -> dict[str, Any]:
         if job.logprobs is not None:
-            logprobs.extend(logprob_entries(out, decode))
+            logprobs.extend(logprob_entries(out, token_text))
         return _text_event(out)
 
     def result(canvas_token_ids: Sequence[Sequence[int]], out: StepOutput) -> dict[str, Any]:

@@ -41,6 +41,14 @@ def usage_of(results: Sequence[dict[str, Any]], choices: Sequence[PlannedChoice]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _top_by_token(top: list[dict[str, Any]]) -> dict[str, float]:
+    """OpenAI's completions format keys alternatives by token text; ids decoding alike keep the best one."""
+    by_token: dict[str, float] = {}
+    for alternative in top:  # best first
+        by_token.setdefault(alternative["token"], alternative["logprob"])
+    return by_token
+
+
 def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
     tokens, offsets, position = [], [], offset
     for entry in entries:
@@ -48,7 +56,7 @@ def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str
         offsets.append(position)
         position += len(entry["token"])
     return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top", [])} for e in entries],
+            "top_logprobs": [_top_by_token(e.get("top", [])) for e in entries],
             "text_offset": offsets}
 
 

@@ -12,22 +12,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 SHORT = {"max_denoising_steps": 4}
 
 
-def _text(client: openai.OpenAI, stack: Stack, seed: int, **params: object) -> str:
+def _text(client: openai.OpenAI, stack: Stack, seed: int | None, **params: object) -> str:
     extra = {**SHORT, **params.pop("extra_body", {})}  # type: ignore[dict-item]
     answer = client.completions.create(model=stack.settings().model_name, prompt="def f(x):", max_tokens=16,
                                        seed=seed, extra_body=extra, **params)  # type: ignore[arg-type]
     return answer.choices[0].text
 
 
-def test_greedy_and_truncated_draws_ignore_the_seed(client: openai.OpenAI, stack: Stack):
-    assert _text(client, stack, 1) != _text(client, stack, 2)  # sampled: the seed matters
-    greedy = _text(client, stack, 1, temperature=0)
-    assert _text(client, stack, 2, temperature=0) == greedy
+def test_temperature_top_k_and_top_p_reach_the_sampler(client: openai.OpenAI, stack: Stack):
+    # The canvas starts from seeded noise, so even greedy draws depend on the seed; an unseeded greedy request
+    # runs with seed 0 and is reproducible, an unseeded sampled one is not.
+    assert _text(client, stack, None, temperature=0) == _text(client, stack, None, temperature=0)
+    assert _text(client, stack, None) != _text(client, stack, None)
+    sampled = _text(client, stack, 1)
     top_one = _text(client, stack, 1, extra_body={"top_k": 1})
-    assert _text(client, stack, 2, extra_body={"top_k": 1}) == top_one
-    assert _text(client, stack, 3, top_p=1e-6) == _text(client, stack, 4, top_p=1e-6)
+    assert top_one != sampled  # restricted to the likeliest id at every draw
+    assert _text(client, stack, 1, top_p=1e-6) == top_one  # a tiny nucleus is the likeliest id too
     warm = _text(client, stack, 1, temperature=1.5)
-    assert warm == _text(client, stack, 1, temperature=1.5)  # seeded: reproducible
+    assert warm == _text(client, stack, 1, temperature=1.5) != sampled  # seeded and reproducible; it scales
 
 
 def test_completion_logprobs(client: openai.OpenAI, stack: Stack):
