@@ -11,7 +11,8 @@ bench/service_bench.py) on the embedded model, phases in one run:
 3. batch: the same N requests (same seeds, so the same tokens) as one JSONL file through `POST /v1/files` +
    `POST /v1/batches`, polled until `completed`; lines/s and tokens/s from upload to completion (output file
    included); meanwhile an interactive completion is sent every `--probe-every` seconds and its latency
-   recorded: with interactive-over-batch queues it waits only for a free worker slot, not for the batch.
+   recorded with its queue wait (job record: created → started): with interactive-over-batch queues it waits
+   only for a free worker slot, not for the batch; its run time is that of a job batched with 15 others.
 Prints a table and writes JSON (`--out`).
 """
 
@@ -90,19 +91,24 @@ def run_batch(api_url: str, bodies: list[dict]) -> tuple[float, int, dict]:
     return wall, tokens, batch
 
 
-def probe(api_url: str, index: int) -> float:
-    """Latency of one interactive completion (POST until the answer)."""
+def probe(api_url: str, index: int, knobs: dict) -> tuple[float, float]:
+    """One interactive completion: (latency from POST to the answer, its job's queue wait: created → started,
+    from the job record)."""
     started = time.perf_counter()
     response = httpx.post(f"{api_url}/v1/completions", timeout=600,
-                          json={"prompt": f"probe {index}", "max_tokens": 32, "seed": index})
+                          json={"prompt": f"probe {index}", "max_tokens": 32, "seed": index, **knobs})
     response.raise_for_status()
-    return time.perf_counter() - started
+    latency = time.perf_counter() - started
+    job_id = response.json()["id"].removeprefix("cmpl-")
+    timings = httpx.get(f"{api_url}/v1/jobs/{job_id}", timeout=60).json()["timings"]
+    return latency, float(timings["queue_seconds"])
 
 
-def probes_during(api_url: str, every: float, stop: threading.Event, latencies: list[float]) -> None:
+def probes_during(api_url: str, every: float, stop: threading.Event, knobs: dict,
+                  samples: list[tuple[float, float]]) -> None:
     index = 0
     while not stop.is_set():
-        latencies.append(probe(api_url, 90_000 + index))
+        samples.append(probe(api_url, 90_000 + index, knobs))
         index += 1
         stop.wait(every)
 
@@ -116,14 +122,21 @@ def summarise(args: argparse.Namespace, results: dict) -> str:
     text = ["| path | lines/s | tokens/s | wall s |", "|---|---|---|---|"]
     text += [f"| {' | '.join(row)} |" for row in rows]
     text.append(f"\nbatch / jobs throughput: {batch['lines_per_s'] / jobs['lines_per_s']:.2f}x")
-    idle, during = results["idle_probe_s"], results["probe_during_batch_s"]
-    text.append(f"interactive latency p50: idle {idle['p50']:.2f} s, during the batch {during['p50']:.2f} s "
-                f"(p90 {during['p90']:.2f} s, {during['count']} probes; the batch alone took {batch['wall_s']:.1f} s)")
+    for name, key in (("latency", "latency_s"), ("queue wait", "queue_wait_s")):
+        idle, during = results["idle_probe"][key], results["probe_during_batch"][key]
+        text.append(f"interactive {name} p50: idle {idle['p50']:.2f} s, during the batch {during['p50']:.2f} s "
+                    f"(p90 {during['p90']:.2f} s, {during['count']} probes)")
+    text.append(f"the batch alone took {batch['wall_s']:.1f} s")
     return "\n".join(text)
 
 
 def _stats(values: list[float]) -> dict:
+    values = values or [float("nan")]
     return {"p50": statistics.median(values), "p90": percentile(values, 90), "count": len(values)}
+
+
+def _probe_stats(samples: list[tuple[float, float]]) -> dict:
+    return {"latency_s": _stats([s[0] for s in samples]), "queue_wait_s": _stats([s[1] for s in samples])}
 
 
 def main() -> None:
@@ -143,11 +156,13 @@ def main() -> None:
     stack = LocalStack(args.model, args.concurrency, log_dir)
     try:
         stack.wait_ready()
-        probe(stack.api_url, 0)  # warm-up: tokenizer, first forward
-        idle = [probe(stack.api_url, 1 + i) for i in range(args.probes)]
+        knobs = {} if args.steps is None else {"max_denoising_steps": args.steps}  # probes as heavy as a line
+        probe(stack.api_url, 0, knobs)  # warm-up: tokenizer, first forward
+        idle = [probe(stack.api_url, 1 + i, knobs) for i in range(args.probes)]
         jobs_wall, jobs_tokens = asyncio.run(run_jobs(stack.api_url, bodies))
         stop, during = threading.Event(), []
-        prober = threading.Thread(target=probes_during, args=(stack.api_url, args.probe_every, stop, during))
+        prober = threading.Thread(target=probes_during,
+                                  args=(stack.api_url, args.probe_every, stop, knobs, during))
         prober.start()
         batch_wall, batch_tokens, batch = run_batch(stack.api_url, bodies)
         stop.set()
@@ -160,7 +175,7 @@ def main() -> None:
                  "tokens_per_s": jobs_tokens / jobs_wall},
         "batch": {"wall_s": batch_wall, "tokens": batch_tokens, "lines_per_s": args.lines / batch_wall,
                   "tokens_per_s": batch_tokens / batch_wall, "request_counts": batch["request_counts"]},
-        "idle_probe_s": _stats(idle), "probe_during_batch_s": _stats(during or [float("nan")]),
+        "idle_probe": _probe_stats(idle), "probe_during_batch": _probe_stats(during),
     }
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(summarise(args, results))
