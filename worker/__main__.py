@@ -53,7 +53,7 @@ def worker_environment(args: argparse.Namespace, base: dict[str, str]) -> dict[s
 
 
 def celery_argv(args: argparse.Namespace, concurrency: int, queue: str) -> list[str]:
-    from services.api.job_queue import batch_queue_name  # consumed after `queue` (worker/celery_app.py)
+    from services.job_messages import batch_queue_name  # consumed after `queue` (worker/celery_app.py)
 
     device = f"gpu{args.gpu}" if args.gpu is not None else "cpu"
     hostname = args.hostname or f"dgserve-{device}-{os.getpid()}@{socket.gethostname()}"

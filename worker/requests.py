@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dgtext.edits import EditTokenizer
 from dgtext.stops import cut_at_stop, ids_within
 from engine.types import EngineRequest, SamplingParams, StepOutput
 from services.schemas import EditJobCreate, GenerateJobCreate, parse_job_create
@@ -23,7 +24,7 @@ from worker.sampling import sampling_params_of
 class ModelInfo:
     """What job preparation needs to know about the loaded model."""
 
-    tokenizer: Any  # dgtext.tokenizer.PromptTokenizer (encode/decode)
+    tokenizer: EditTokenizer  # dgtext.tokenizer.PromptTokenizer
     canvas_length: int
     default_max_new_tokens: int
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kombu
 
-from services.api.job_queue import JobQueue, batch_queue_name
+from services.job_messages import JobQueue, batch_queue_name
 from services.settings import Settings
 from worker.celery_app import broker_transport_options, celery_config
 from worker.settings import WorkerSettings

@@ -43,7 +43,7 @@ def _refused(call: Any, error: type[openai.APIStatusError] = openai.BadRequestEr
     ({"max_tokens": 10_000}, "max_tokens"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"extra_body": {"not_a_parameter": 1}}, "not_a_parameter"),
-    ({"extra_body": {"t_min": 0.9, "t_max": 0.5}}, "t_min"),
+    ({"extra_body": {"t_min": 0.9, "t_max": 0.5}}, "t_max"),
 ])
 def test_chat_refusals_name_the_field(client: openai.OpenAI, stack: Stack, params: dict, param: str):
     queue = stack.store().redis
