@@ -11,6 +11,12 @@ the same with HTTP jobs against a running API (`--api`, or `dgserve up` launched
 model and a worker of `--concurrency`) and measures submit → result (polled every 20 ms).
 Both print one JSON line: edits/s, p50/p99 latency, denoising steps per canvas, canvases per edit.
 Without `--model` a random tiny checkpoint is written to a temporary folder (noise, but the same work).
+
+Prefix-cache workloads (issue 9; bench/prefix_bench.py), each with the KV prefix cache on and off in one run:
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 8
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --steps 8
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode capacity
 """
 
 from __future__ import annotations
@@ -234,12 +240,38 @@ def _ready(url: str) -> bool:
         return False
 
 
+def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
+    """One prefix-cache workload, cache on then off on the same loaded model; prints one JSON line."""
+    import prefix_bench
+
+    from engine.loader import load_model
+
+    loaded = load_model(model, device=args.device)
+    if args.mode == "capacity":
+        print(json.dumps(prefix_bench.run_capacity(loaded, slots=8, requests=64, max_context=4096, seed=args.seed)))
+        return
+    results = {}
+    for caching in (True, False):
+        engine = prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency, max_context=8192)
+        if args.mode == "session":
+            documents = make_documents(args.docs, seed=args.seed)
+            results[caching] = prefix_bench.run_session(engine, documents, args.n, args.concurrency, args.steps,
+                                                        args.seed)
+        else:
+            results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
+        del engine
+    keys = ("edits_per_s", "p50_s", "p99_s") if args.mode == "session" else ("prefill_tokens_computed", "ttfc_p50_s")
+    print(json.dumps(prefix_bench.compare(args.mode, results[True], results[False], keys)), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["engine", "stack", "both"], default="engine")
+    parser.add_argument("--mode", choices=["engine", "stack", "both", "session", "chat", "capacity"],
+                        default="engine")
     parser.add_argument("--n", type=int, default=1000, help="edits for the engine run")
     parser.add_argument("--stack-n", type=int, default=None, help="edits for the stack run (default --n)")
     parser.add_argument("--docs", type=int, default=50)
+    parser.add_argument("--chat-requests", type=int, default=64, help="--mode chat: requests sharing the prompt")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")
@@ -251,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     documents = make_documents(args.docs, seed=args.seed)
+    if args.mode in ("session", "chat", "capacity"):
+        run_prefix_workload(args, _model_dir(args.model))
+        return
     model = _model_dir(args.model) if args.mode != "stack" or args.api is None else args.model
     if args.mode in ("engine", "both"):
         from engine import Engine

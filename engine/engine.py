@@ -77,7 +77,7 @@ class Engine:
         params = resolve_params(req.params, self.generation_defaults, seed)
         infill = self._validated_infill(req)
         limits = self.request_limits
-        leading = sum(len(canvas.leading_token_ids) for canvas in infill or ())
+        leading = 0
         if infill is None:
             num_canvases = open_ended_canvases(params.max_new_tokens, limits.canvas_length)
             check_generate_positions(len(prompt_ids), params.max_new_tokens, limits)
@@ -86,7 +86,7 @@ class Engine:
             check_infill_positions(len(prompt_ids), leading, num_canvases, limits, field_name="prompt_token_ids")
         needed = len(prompt_ids) + leading + num_canvases * self.config.canvas_length
         if not self.runner.kv.fits_at_all(needed):
-            raise ValueError(f"prompt too long: {needed} positions need more KV blocks than the engine's cache "
+            raise ValueError(f"prompt_token_ids: {needed} positions need more KV blocks than the engine's cache "
                              "holds; shorten the prompt or lower max_new_tokens")
         self._sequences[request_id] = seq = SequenceState(
             request_id=request_id, prompt_ids=prompt_ids, params=params, num_canvases=num_canvases,

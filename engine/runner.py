@@ -77,20 +77,20 @@ def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch
     """Split `budget` bytes into the sliding pool and the full pool.
 
     A running request holds at most `sliding_per_request` sliding blocks: the window before its context end
-    plus one encode chunk of at most `max_encode_row` tokens. The sliding pool holds that for every request
-    in flight, twice when the budget allows (the second half keeps prefix tails cached); the rest of the
-    budget is the full pool, capped at four `max_context` requests per canvas in flight (more would only
+    plus one encode chunk of at most `max_encode_row` (= `sliding_chunk_tokens`) tokens. The sliding pool holds
+    that for every canvas in flight, plus one more window each when that costs at most an eighth of the budget
+    (so cached prefix tails survive a while); the rest of the budget is the full pool, capped at four `max_context` requests per canvas in flight (more would only
     serve the prefix cache; the cap keeps a default budget from reserving memory a small model never uses).
     """
     bs, running = engine_config.block_size, engine_config.max_canvases_in_flight
     block_bytes = PagedKVCache.block_bytes(config, bs, dtype)
     has_sliding = SLIDING in config.layer_types
-    max_encode_row = max(256, config.sliding_window) if has_sliding else engine_config.max_tokens_per_forward
-    per_request = (PagedKVCache.sliding_read_blocks(config.sliding_window, bs) + blocks_for(max_encode_row, bs) + 1
-                   if has_sliding else 0)
-    sliding_blocks = 2 * running * per_request
-    if sliding_blocks * block_bytes[SLIDING] > budget // 2:
-        sliding_blocks = running * per_request
+    window_blocks = PagedKVCache.sliding_read_blocks(config.sliding_window, bs)
+    max_encode_row = engine_config.sliding_chunk_tokens if has_sliding else engine_config.max_tokens_per_forward
+    per_request = window_blocks + blocks_for(max_encode_row, bs) + 1 if has_sliding else 0
+    sliding_blocks = running * per_request if has_sliding else 0
+    if has_sliding and running * window_blocks * block_bytes[SLIDING] <= budget // 8:
+        sliding_blocks += running * window_blocks
     context_blocks = blocks_for(engine_config.max_context, bs)
     cap = 4 * running * context_blocks
     remaining = budget - sliding_blocks * block_bytes[SLIDING]

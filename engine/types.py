@@ -251,6 +251,9 @@ class EngineConfig:
     block_size: positions per KV block (a power of two).
     enable_prefix_caching: reuse the KV of cached leading blocks across requests (off: every request encodes
         its whole prompt; tokens are the same either way).
+    sliding_chunk_tokens: longest encode chunk of one row when the model has sliding layers. Every request in
+        flight reserves sliding blocks for its window plus one such chunk: smaller fits more requests in a
+        budget, larger prefills long prompts in fewer steps.
     """
 
     max_canvases_in_flight: int = 16
@@ -262,10 +265,11 @@ class EngineConfig:
     compile_sampler: bool | None = None  # torch.compile the sampler's vocabulary scan; None -> only on CUDA
     block_size: int = 16
     enable_prefix_caching: bool = True
+    sliding_chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size",
-                     "block_size"):
+                     "block_size", "sliding_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")

@@ -111,4 +111,4 @@ def usage_of(stats: RequestStats) -> dict[str, Any]:
     """The `usage` of a stored result (generate and edit alike), from the engine's request stats."""
     return {"prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
             "canvases": stats.canvases, "denoising_steps": stats.denoising_steps,
-            "steps_per_canvas": stats.steps_per_canvas}
+            "steps_per_canvas": stats.steps_per_canvas, "cached_prompt_tokens": stats.cached_prompt_tokens}

@@ -226,6 +226,9 @@ class EngineLoop:
     def _housekeeping(self) -> None:
         self._last_iteration_end = time.monotonic()
         self.metrics.set_load(self.engine.num_running(), self.engine.num_waiting())
+        kv_stats = getattr(self.engine, "kv_stats", None)
+        if kv_stats is not None:
+            self.metrics.set_kv(kv_stats())
         self.heartbeat.beat()
         now = time.monotonic()
         if self.sample_memory is not None and now - self._last_memory_sample >= self.memory_sample_s:

@@ -77,6 +77,17 @@ class WorkerMetrics:
                                      "Bytes held by live tensors (CUDA caching allocator).", by_card, registry=r)
         self.torch_reserved = Gauge("dgserve_torch_memory_reserved_bytes",
                                     "Bytes reserved by the CUDA caching allocator.", by_card, registry=r)
+        self.prefix_cache_queries = Counter("dgserve_prefix_cache_queries", "Prompt tokens looked up in the "
+                                            "prefix cache.", by_card, registry=r)
+        self.prefix_cache_hits = Counter("dgserve_prefix_cache_hits", "Prompt tokens served by the prefix cache "
+                                         "(not encoded).", by_card, registry=r)
+        self.prefix_cache_evictions = Counter("dgserve_prefix_cache_evictions", "Cached KV blocks evicted to make "
+                                              "room.", by_card, registry=r)
+        self.kv_blocks_used = Gauge("dgserve_kv_blocks_used", "KV blocks held by running requests, by pool "
+                                    "(full or sliding layers).", (*by_card, "pool"), registry=r)
+        self.kv_blocks_total = Gauge("dgserve_kv_blocks_total", "KV blocks allocated at start, by pool.",
+                                     (*by_card, "pool"), registry=r)
+        self._kv_counted = (0, 0, 0)  # engine totals already added to the counters above
 
         # Children of the per-step series, resolved once: the engine loop updates them after every step.
         card = {"model": labels.model, "gpu": labels.gpu}
@@ -84,6 +95,12 @@ class WorkerMetrics:
         self._forward_seconds_child = self.forward_seconds.labels(**card)
         self._in_flight_child = self.canvases_in_flight.labels(**card)
         self._waiting_child = self.canvases_waiting.labels(**card)
+        # Plain copies of a few values for the heartbeat (`load_snapshot`): the API's /readyz shows them to
+        # the playground, which cannot reach this port. prometheus_client keeps its values private.
+        self._snapshot = {"generated_tokens": 0, "canvases_in_flight": 0, "canvases_waiting": 0,
+                          "memory_used_bytes": 0, "memory_total_bytes": 0}
+        self._kv_counter_children = tuple(counter.labels(**card) for counter in (
+            self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_evictions))
 
     def card(self) -> dict[str, str]:
         return {"model": self.labels.model, "gpu": self.labels.gpu}
@@ -101,6 +118,7 @@ class WorkerMetrics:
         """A committed canvas: counted here (not at job end) so token rates are smooth in dashboards."""
         labels = self.of_kind(kind)
         self.generated_tokens.labels(**labels).inc(num_tokens)
+        self._snapshot["generated_tokens"] += num_tokens
         self.denoising_steps.labels(**labels).inc(num_steps)
         self.canvases.labels(**labels).inc()
         self.steps_per_canvas.labels(**labels).observe(num_steps)
@@ -119,15 +137,34 @@ class WorkerMetrics:
     def set_load(self, num_running: int, num_waiting: int) -> None:
         self._in_flight_child.set(num_running)
         self._waiting_child.set(num_waiting)
+        self._snapshot.update(canvases_in_flight=num_running, canvases_waiting=num_waiting)
+
+    def set_kv(self, stats: Any) -> None:
+        """Prefix-cache and KV-block series from the engine's `kv_stats()` (`PrefixCacheStats`: cumulative
+        counters, which are added as deltas, and current block occupancy)."""
+        totals = (stats.query_tokens, stats.hit_tokens, stats.evicted_blocks)
+        for child, now, before in zip(self._kv_counter_children, totals, self._kv_counted, strict=True):
+            child.inc(max(now - before, 0))
+        self._kv_counted = totals
+        for pool, used, total in (("full", stats.full_blocks_used, stats.full_blocks_total),
+                                  ("sliding", stats.sliding_blocks_used, stats.sliding_blocks_total)):
+            self.kv_blocks_used.labels(**self.card(), pool=pool).set(used)
+            self.kv_blocks_total.labels(**self.card(), pool=pool).set(total)
 
     def set_memory(self, used_bytes: int, total_bytes: int, allocated_bytes: int | None = None,
                    reserved_bytes: int | None = None) -> None:
         self.gpu_memory_used.labels(**self.card()).set(used_bytes)
         self.gpu_memory_total.labels(**self.card()).set(total_bytes)
+        self._snapshot.update(memory_used_bytes=used_bytes, memory_total_bytes=total_bytes)
         if allocated_bytes is not None:
             self.torch_allocated.labels(**self.card()).set(allocated_bytes)
         if reserved_bytes is not None:
             self.torch_reserved.labels(**self.card()).set(reserved_bytes)
+
+    def load_snapshot(self) -> dict[str, int]:
+        """This worker's tokens generated since start (all kinds), requests in flight and waiting, and card
+        memory (used, total): small JSON-able numbers the worker sends with its heartbeat."""
+        return dict(self._snapshot)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> Any:
         """Start the /metrics HTTP endpoint on a daemon thread; returns the server (call shutdown() to stop)."""

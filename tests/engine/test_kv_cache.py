@@ -301,3 +301,20 @@ def test_models_of_one_layer_kind_encode_and_denoise(layer_types: tuple[str, ...
                                 torch.tensor([30]), None, context_bound=30)
     assert enc.shape == (1, 30, config.vocab_size) and torch.isfinite(enc).all()
     assert ((dec_split - dec).abs().max() / dec.abs().max()).item() < 1e-5
+
+
+def test_kv_pools_split_the_budget_and_reserve_sliding_blocks_per_request() -> None:
+    from engine.runner import plan_kv_pools
+    from engine.types import EngineConfig
+
+    options = EngineConfig(max_canvases_in_flight=4, max_context=256, block_size=16, sliding_chunk_tokens=64)
+    per_block = PagedKVCache.block_bytes(CFG, 16, torch.float32)
+    budget = 1 << 20
+    sizes = plan_kv_pools(CFG, options, torch.float32, budget)
+    # Window 16 spans at most 2 blocks before a context end; a 64-token chunk at most 5 more.
+    assert sizes.sliding_per_request == 2 + 4 + 1 and sizes.max_encode_row == 64
+    assert sizes.sliding_blocks >= 4 * sizes.sliding_per_request
+    assert sizes.full_blocks * per_block[FULL] + sizes.sliding_blocks * per_block[SLIDING] <= budget
+    assert sizes.full_blocks == (budget - sizes.sliding_blocks * per_block[SLIDING]) // per_block[FULL]
+    with pytest.raises(ValueError, match="raise kv_cache_bytes or lower max_context"):
+        plan_kv_pools(CFG, options, torch.float32, 16 * per_block[FULL])

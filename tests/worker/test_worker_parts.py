@@ -64,6 +64,24 @@ def test_job_latency_buckets_span_10ms_to_7680s():
     assert 'dgserve_job_run_seconds_count{' not in body  # a job that never ran has no run time
 
 
+def test_prefix_cache_and_kv_block_series_follow_the_engine_totals():
+    from prometheus_client import generate_latest
+
+    from engine.block_manager import PrefixCacheStats
+
+    metrics = WorkerMetrics(MetricLabels(model="m", gpu="0"))
+    for queried, hit, evicted, used in ((100, 48, 0, 7), (300, 208, 5, 3)):
+        metrics.set_kv(PrefixCacheStats(query_tokens=queried, hit_tokens=hit, evicted_blocks=evicted,
+                                        full_blocks_used=used, full_blocks_total=40, sliding_blocks_used=2,
+                                        sliding_blocks_total=16))
+    body = generate_latest(metrics.registry).decode()
+    assert 'dgserve_prefix_cache_queries_total{gpu="0",model="m"} 300.0' in body
+    assert 'dgserve_prefix_cache_hits_total{gpu="0",model="m"} 208.0' in body
+    assert 'dgserve_prefix_cache_evictions_total{gpu="0",model="m"} 5.0' in body
+    assert 'dgserve_kv_blocks_used{gpu="0",model="m",pool="full"} 3.0' in body
+    assert 'dgserve_kv_blocks_total{gpu="0",model="m",pool="sliding"} 16.0' in body
+
+
 def test_heartbeat_throttles_and_touches_file_and_remote(tmp_path):
     calls = []
     beat = Heartbeat(tmp_path / "hb" / "worker.heartbeat", remote=lambda: calls.append(1), interval_s=60)
@@ -144,3 +162,13 @@ def test_launcher_pins_the_card_before_torch_and_passes_options():
     with pytest.raises(SystemExit):
         parse_args(["--gpu", "0", "--cpu"])
     assert isinstance(args, argparse.Namespace)
+
+
+def test_job_usage_reports_cached_prompt_tokens():
+    from engine.types import RequestStats
+    from worker.edit_jobs import usage_of
+
+    stats = RequestStats(prompt_tokens=70, generated_tokens=32, canvases=1, denoising_steps=4, steps_per_canvas=4.0,
+                         queue_seconds=0.0, prefill_seconds=0.1, run_seconds=0.2, cached_prompt_tokens=64)
+    assert usage_of(stats) == {"prompt_tokens": 70, "generated_tokens": 32, "canvases": 1, "denoising_steps": 4,
+                               "steps_per_canvas": 4.0, "cached_prompt_tokens": 64}

@@ -1,0 +1,177 @@
+"""Prefix-cache workloads (issue 9), each run with the cache on and off in one process, side by side:
+
+- `session`: an editing session: a few documents, many single-span edits each, `--concurrency` in flight
+  (closed loop); each editor takes the current version of its document, and half of the finished edits are
+  accepted, so the next edit of that document follows the previous one's result. Reports edits/s, p50/p99.
+- `chat`: `--chat-requests` chat requests sharing a ~1,000-token system prompt, all submitted at once:
+  prefill tokens computed and time to first canvas.
+- `capacity`: at one KV byte budget, prompts of 50..3,000 tokens: how many requests are in flight at once
+  with the paged cache, against the slots the previous design (one `max_context` slot per request) allowed.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --steps 8
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode capacity
+
+Run through `bench/edit_bench.py` (which owns the model and document options); one JSON line per result.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import time
+from typing import Any
+
+from dgtext.edit_result import assemble_edit_result
+from dgtext.edits import EditSpec, plan_edits, resolve_edits
+
+
+def _engine(loaded: Any, caching: bool, **options: Any) -> Any:
+    from engine import Engine, EngineConfig
+
+    return Engine(loaded, EngineConfig(enable_prefix_caching=caching, **options))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _edit_request(engine: Any, document: str, rng: random.Random, number: int, steps: int | None,
+                  seed: int, last_word: bool = False) -> tuple[Any, Any]:
+    """A single-span edit of 1-3 words at a random place of `document` (or of its last word) ->
+    (EngineRequest, plan)."""
+    from engine.types import EngineRequest, InfillCanvas, SamplingParams
+
+    words = [m.span() for m in re.finditer(r"\w+", document)]
+    first = len(words) - 1 if last_word else rng.randrange(len(words))
+    last = min(first + rng.randint(0, 2), len(words) - 1)
+    resolved = resolve_edits(document, [EditSpec(start=words[first][0], end=words[last][1])])
+    length = engine.config.canvas_length
+    plan = plan_edits(document, resolved, engine.tokenizer, length, insertion_tokens=length)
+    params = SamplingParams(seed=seed + number, max_denoising_steps=steps, fixed_steps=steps is not None)
+    canvases = tuple(InfillCanvas(c.leading_token_ids, c.token_ids, c.is_fixed) for c in plan.canvases)
+    return EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases), plan
+
+
+def run_session(engine: Any, documents: list[str], edits: int, concurrency: int, steps: int | None,
+                seed: int) -> dict:
+    """Closed loop of `edits` edits; editor i works on document i % len(documents). Untimed warm-up first:
+    one edit of each document's last word (the editor opening the document), for both cache settings."""
+    rng, docs = random.Random(seed), list(documents)
+    for index, document in enumerate(docs):
+        request, _ = _edit_request(engine, document, rng, 1_000_000 + index, steps, seed, last_word=True)
+        engine.add_request(request, request_id=f"warm-{index}")
+    while engine.has_unfinished():
+        engine.step()
+    in_flight: dict[str, tuple[float, Any, list, int]] = {}
+    latencies: list[float] = []
+    cached = prompt = encoder_tokens = submitted = 0
+    started = time.perf_counter()
+    while len(latencies) < edits:
+        while submitted < edits and len(in_flight) < concurrency:
+            doc_index = submitted % len(docs)
+            request, plan = _edit_request(engine, docs[doc_index], rng, submitted, steps, seed)
+            rid = engine.add_request(request, request_id=f"edit-{submitted}")
+            in_flight[rid] = (time.perf_counter(), plan, [], doc_index)
+            submitted += 1
+        outputs = engine.step()
+        encoder_tokens += engine.last_step_stats.num_encoder_tokens
+        for out in outputs:
+            added_at, plan, committed, doc_index = in_flight[out.request_id]
+            if out.kind == "canvas":
+                committed.append(out.token_ids)
+            elif out.kind == "finished":
+                if out.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.text}")
+                result = assemble_edit_result(plan, committed, engine.tokenizer)
+                if rng.random() < 0.5 and re.search(r"\w", result.document):  # accepted: the document moves on
+                    docs[doc_index] = result.document
+                latencies.append(time.perf_counter() - added_at)
+                cached += out.stats.cached_prompt_tokens
+                prompt += out.stats.prompt_tokens
+                del in_flight[out.request_id]
+    wall = time.perf_counter() - started
+    return {"edits": len(latencies), "wall_s": round(wall, 2), "edits_per_s": round(len(latencies) / wall, 3),
+            "p50_s": round(_percentile(latencies, 0.5), 3), "p99_s": round(_percentile(latencies, 0.99), 3),
+            "prompt_tokens_per_edit": round(prompt / len(latencies), 1),
+            "cached_prompt_tokens_per_edit": round(cached / len(latencies), 1),
+            "encoder_tokens_per_edit": round(encoder_tokens / len(latencies), 1)}
+
+
+def run_chat(engine: Any, requests: int, steps: int | None, seed: int) -> dict:
+    """`requests` chats sharing one system prompt of about 1,000 tokens, all added at once."""
+    from engine.types import EngineRequest, SamplingParams
+
+    rng = random.Random(seed)
+    words = ["policy", "answer", "briefly", "cite", "sources", "never", "guess", "user", "tools", "format"]
+    system = " ".join(rng.choice(words) for _ in range(400))
+    added: dict[str, float] = {}
+    for number in range(requests):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"question {number}?"}]
+        params = SamplingParams(seed=seed + number, max_new_tokens=engine.config.canvas_length,
+                                max_denoising_steps=steps, fixed_steps=steps is not None)
+        added[engine.add_request(EngineRequest(messages=messages, params=params))] = time.perf_counter()
+    first_canvas: dict[str, float] = {}
+    encoder_tokens, prompt_tokens, started = 0, 0, time.perf_counter()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        encoder_tokens += engine.last_step_stats.num_encoder_tokens
+        for out in outputs:
+            if out.kind == "canvas" and out.request_id not in first_canvas:
+                first_canvas[out.request_id] = time.perf_counter() - added[out.request_id]
+            if out.kind == "finished" and out.stats is not None:
+                prompt_tokens += out.stats.prompt_tokens
+    ttfc = list(first_canvas.values())
+    return {"requests": requests, "prompt_tokens": prompt_tokens, "prefill_tokens_computed": encoder_tokens,
+            "ttfc_p50_s": round(_percentile(ttfc, 0.5), 3), "ttfc_mean_s": round(statistics.fmean(ttfc), 3),
+            "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def slot_design_bytes(config: Any, max_context: int, dtype: Any) -> int:
+    """What one request cost in the previous slot design: full layers max_context + 1 rows, sliding layers a
+    ring of window + 1 rows, plus the ring's int64 positions (the formula of its `bytes_per_slot`)."""
+    import torch
+
+    elem = torch.empty(0, dtype=dtype).element_size()
+    total = 8 * (config.sliding_window + 1)
+    for layer, kind in enumerate(config.layer_types):
+        rows = max_context + 1 if kind == "full_attention" else config.sliding_window + 1
+        total += 2 * rows * config.layer_kv_heads(layer) * config.layer_head_dim(layer) * elem
+    return total
+
+
+def run_capacity(loaded: Any, slots: int, requests: int, max_context: int, seed: int) -> dict:
+    """Requests in flight at the byte budget of `slots` slots of the previous design (prompts 50..3000)."""
+    from engine.types import EngineRequest, SamplingParams
+
+    budget = slots * slot_design_bytes(loaded.config, max_context, loaded.model.embed_tokens.weight.dtype)
+    engine = _engine(loaded, False, max_canvases_in_flight=3 * slots, max_context=max_context,
+                     kv_cache_bytes=budget, max_tokens_per_forward=16384, sliding_chunk_tokens=64)
+    rng = random.Random(seed)
+    lengths = [rng.randint(50, 3000) for _ in range(requests)]
+    for number, length in enumerate(lengths):
+        ids = tuple(rng.randrange(3, loaded.config.vocab_size) for _ in range(length))
+        params = SamplingParams(seed=number, max_new_tokens=loaded.config.canvas_length, max_denoising_steps=10_000,
+                                fixed_steps=True)  # nobody finishes: in flight is what admission allows
+        engine.add_request(EngineRequest(prompt_token_ids=ids, params=params))
+    # Admission depends only on the scheduler and the block manager: run their bookkeeping of each step
+    # (plans, writes reported) without the forwards, which would not change who is admitted.
+    peak, still, scheduler = 0, 0, engine.scheduler
+    while scheduler.waiting and still < 3:
+        for work in scheduler.schedule(now=time.monotonic()).encodes:
+            scheduler.kv.after_write(work.request_id, work.token_ids)
+        still = still + 1 if len(scheduler.running) == peak else 0
+        peak = max(peak, len(scheduler.running))
+    stats = engine.kv_stats()
+    return {"budget_bytes": budget, "max_canvases_in_flight": 3 * slots, "sliding_chunk_tokens": 64,
+            "slot_design_requests": slots, "paged_requests_in_flight": peak,
+            "ratio": round(peak / slots, 2), "mean_prompt_tokens": round(statistics.fmean(lengths)),
+            "full_blocks_used": stats.full_blocks_used, "full_blocks_total": stats.full_blocks_total}
+
+
+def compare(name: str, on: dict, off: dict, keys: tuple[str, ...]) -> dict:
+    """One result line: both runs and the on/off ratios of `keys`."""
+    ratios = {f"{key}_on_over_off": round(on[key] / off[key], 3) for key in keys if off.get(key)}
+    return {"workload": name, "cache_on": on, "cache_off": off, **ratios}
