@@ -15,9 +15,10 @@ from engine.types import (
     SamplingParams,
     StepOutput,
     StepStats,
+    TokenLogprob,
 )
 
 __all__ = [
     "Engine", "EngineConfig", "EngineRequest", "GenerationDefaults", "InfillCanvas", "LoadedModel",
-    "RequestStats", "SamplingParams", "StepOutput", "StepStats", "load_model",
+    "RequestStats", "SamplingParams", "StepOutput", "StepStats", "TokenLogprob", "load_model",
 ]

@@ -272,6 +272,13 @@ PRESETS: dict[str, ModelConfig] = {
         num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
         layer_types=_layer_pattern(12, RELEASE_FULL_EVERY), sliding_window=128, num_experts=16, top_k_experts=4,
         moe_intermediate_size=128, canvas_length=64, max_position_embeddings=32768, eos_token_ids=(1, 106)),
+    # The vocabulary pass at the released vocabulary and canvas on a CPU: tiny's layers, 262,144 ids, 256-token
+    # canvases (benchmarks of the sampler and LM head: bench/vocab_pass_bench.py, bench/engine_bench.py).
+    "widevocab": ModelConfig(
+        vocab_size=262_144, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        layer_types=("sliding_attention", "full_attention"), sliding_window=128, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=32, canvas_length=256, max_position_embeddings=8192, eos_token_ids=(1, 106)),
     # Released google/diffusiongemma-26B-A4B-it text shapes.
     "full": ModelConfig(
         vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,

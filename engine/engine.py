@@ -71,7 +71,9 @@ class Engine:
         if request_id in self._sequences:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._prompt_ids(req)
-        seed = req.params.seed if req.params.seed is not None else self._seed_source.getrandbits(63)
+        seed = req.params.seed
+        if seed is None:  # greedy requests are reproducible without a seed: the noise comes from seed 0
+            seed = 0 if req.params.temperature == 0 else self._seed_source.getrandbits(63)
         params = resolve_params(req.params, self.generation_defaults, seed)
         infill = self._validated_infill(req)
         limits = self.request_limits
@@ -81,7 +83,6 @@ class Engine:
             check_generate_positions(len(prompt_ids), params.max_new_tokens, limits)
         else:
             num_canvases = len(infill)
-            leading = sum(len(canvas.leading_token_ids) for canvas in infill)
             check_infill_positions(len(prompt_ids), leading, num_canvases, limits, field_name="prompt_token_ids")
         needed = len(prompt_ids) + leading + num_canvases * self.config.canvas_length
         if not self.runner.kv.fits_at_all(needed):
@@ -176,8 +177,12 @@ class Engine:
             return outputs
         kept, reason = self._committed_ids(seq, canvas.argmax_ids)
         seq.generated_tokens += len(kept)
+        logprobs = None
+        if seq.params.logprobs is not None:  # `kept` is a prefix of the canvas: its first len(kept) positions
+            logprobs = tuple(self.runner.committed_logprobs(work.slot, len(kept), seq.params.logprobs))
         outputs.append(StepOutput(request_id=seq.request_id, kind="canvas", canvas_index=work.canvas_index,
-                                  step=work.step, token_ids=tuple(kept), text=self.tokenizer.decode(kept)))
+                                  step=work.step, token_ids=tuple(kept), text=self.tokenizer.decode(kept),
+                                  logprobs=logprobs))
         if reason is not None:
             outputs.append(self._finish(seq, reason, work.step))
         else:

@@ -33,7 +33,7 @@ from engine.sampler import (
     temperature_at,
 )
 from engine.scheduler import DenoiseWork, EncodeWork, SequenceState, StepPlan
-from engine.types import EngineConfig
+from engine.types import MAX_LOGPROBS, EngineConfig, TokenLogprob
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30  # without a budget on CPU: 1 GiB of host memory for the cache
 
@@ -128,6 +128,10 @@ class ModelRunner:
         self.fixed_ids = torch.zeros(slots, length, dtype=torch.int64, device=self.device)
         self.sc_embeds = torch.zeros(slots, length, config.hidden_size, dtype=self.dtype, device=self.device)
         self._canvas_offsets = torch.arange(length, dtype=torch.int64, device=self.device)
+        # The last step's log-probabilities per slot, read on the host only when a canvas commits.
+        self.logprob_selected = torch.zeros(slots, length, dtype=torch.float32, device=self.device)
+        self.logprob_top_ids = torch.zeros(slots, length, MAX_LOGPROBS, dtype=torch.int64, device=self.device)
+        self.logprob_top = torch.zeros(slots, length, MAX_LOGPROBS, dtype=torch.float32, device=self.device)
         compile_sampler = engine_config.compile_sampler
         if compile_sampler is None:
             compile_sampler = self.device.type == "cuda"
@@ -210,7 +214,9 @@ class ModelRunner:
                         ) -> SamplerInputs:
         params = [sequences[work.request_id].params for work in works]
         pairs = list(zip(works, params, strict=True))
-        temps = [temperature_at(w.step, p.max_denoising_steps, p.t_min, p.t_max) for w, p in pairs]
+        # A greedy request (temperature 0) keeps the schedule's temperature for everything but the draw.
+        temps = [temperature_at(w.step, p.max_denoising_steps, p.t_min, p.t_max) * (p.temperature or 1.0)
+                 for w, p in pairs]
         sample = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_SAMPLE) for w, p in pairs]
         renoise = [rng.stream_key(p.seed, w.canvas_index, w.step, rng.STREAM_RENOISE) for w, p in pairs]
 
@@ -228,15 +234,11 @@ class ModelRunner:
             may_stop_early=torch.tensor([not p.fixed_steps for p in params], device=self.device),
             sample_keys=longs(sample),
             renoise_keys=longs(renoise),
+            greedy=(torch.tensor([p.temperature == 0 for p in params], device=self.device)
+                    if any(p.temperature == 0 for p in params) else None),
+            top_k=longs([p.top_k for p in params]) if any(p.truncates_draw for p in params) else None,
+            top_p=floats([p.top_p for p in params]) if any(p.truncates_draw for p in params) else None,
         )
-
-    def _round_to_model_dtype_(self, z: torch.Tensor) -> None:
-        if self.dtype == z.dtype:
-            return
-        chunk = self.engine_config.vocab_chunk_size
-        for start in range(0, z.shape[-1], chunk):
-            part = z[..., start:start + chunk]
-            part.copy_(part.to(self.dtype))
 
     def _denoise(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]) -> list[CanvasResult]:
         slots = torch.tensor([work.slot for work in works], device=self.device)
@@ -251,13 +253,18 @@ class ModelRunner:
         state = CanvasState(canvas_ids=self.canvas_ids[slots], prev_argmax=self.prev_argmax[slots],
                             stable_steps=self.stable_steps[slots], is_fixed=self.is_fixed[slots],
                             fixed_ids=self.fixed_ids[slots])
-        out = denoise_step(logits, state, self._sampler_inputs(works, sequences),
-                           self.engine_config.vocab_chunk_size, self.chunk_kernels)
-        # `logits` now holds z (temperature-scaled): the self-conditioning signal of the next step, rounded to
-        # the model dtype as the reference does (in place, chunk by chunk: no second [B, C, V] tensor).
-        self._round_to_model_dtype_(logits)
-        self.sc_embeds[slots] = self.model.self_conditioning_embeds(logits)
+        inputs = self._sampler_inputs(works, sequences)
+        wants_logprobs = any(sequences[work.request_id].params.logprobs is not None for work in works)
+        chunk = self.engine_config.vocab_chunk_size
+        out = denoise_step(logits, state, inputs, chunk, self.chunk_kernels,
+                           logprobs_top=MAX_LOGPROBS if wants_logprobs else None, round_to=self.dtype)
+        self.sc_embeds[slots] = self.model.self_conditioning_from_logits(logits, inputs.temperature,
+                                                                         out.sc_log_norm, chunk)
         del logits
+        if out.logprobs is not None:
+            self.logprob_selected[slots] = out.logprobs.selected
+            self.logprob_top_ids[slots] = out.logprobs.top_ids
+            self.logprob_top[slots] = out.logprobs.top_logprobs
         self.canvas_ids[slots] = out.next_canvas
         self.prev_argmax[slots] = out.argmax
         self.stable_steps[slots] = out.stable_steps
@@ -265,3 +272,13 @@ class ModelRunner:
         rows = packed.tolist()
         return [CanvasResult(work=work, argmax_ids=row[:-1], converged=bool(row[-1]))
                 for work, row in zip(works, rows, strict=True)]
+
+    def committed_logprobs(self, slot: int, count: int, top: int) -> list[TokenLogprob]:
+        """The first `count` positions' log-probabilities of the canvas `slot` denoised in the last step (with
+        `top` alternatives each): a host read, made only when a canvas that asked for them commits."""
+        selected = self.logprob_selected[slot, :count].tolist()
+        top_ids = self.logprob_top_ids[slot, :count, :top].tolist()
+        top_values = self.logprob_top[slot, :count, :top].tolist()
+        ids = self.prev_argmax[slot, :count].tolist()  # the committed ids: this step's argmax
+        return [TokenLogprob(token_id=token, logprob=value, top=tuple(zip(alt_ids, alt_values, strict=True)))
+                for token, value, alt_ids, alt_values in zip(ids, selected, top_ids, top_values, strict=True)]

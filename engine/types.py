@@ -7,6 +7,7 @@ What the worker hands `Engine.add_request` (`EngineRequest`, `SamplingParams`, `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,29 @@ class SamplingParams:
     seed: int | None = None
     stream_drafts: bool = False
     fixed_steps: bool = False  # benchmarks: never stop a canvas early
+    # Per-request draw knobs (engine/sampler.py, "Per-request knobs", has the exact rules):
+    temperature: float | None = None  # None -> 1.0; multiplies the t_min..t_max schedule; 0 -> greedy draw
+    top_k: int | None = None  # None or 0 -> off; else draw among the k most likely ids (k <= MAX_TOP_K)
+    top_p: float | None = None  # None or 1.0 -> off; else draw from the nucleus of mass top_p (0 < top_p <= 1)
+    logprobs: int | None = None  # None -> off; n in 0..MAX_LOGPROBS: canvas outputs carry TokenLogprob entries
+
+
+MAX_TOP_K = 1024  # top_k / top_p act on this many most likely ids per position (engine/sampler.py)
+MAX_LOGPROBS = 20  # the most alternatives a TokenLogprob carries (the OpenAI API's own limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One committed token's log-probability and its top alternatives.
+
+    Log-probabilities are log_softmax of the final denoising step's logits of the token's position, after the
+    softcap and at temperature 1 (neither the diffusion temperature nor top_k/top_p applies): what the model
+    predicted when the canvas was committed. `top` holds the n most likely (token_id, logprob), best first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,7 @@ class StepOutput:
     text: str
     finish_reason: FinishReason | None = None
     stats: RequestStats | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # canvas outputs of a request with logprobs: one per id
 
 
 @dataclass(frozen=True)
@@ -171,14 +196,46 @@ class ResolvedParams:
     seed: int
     stream_drafts: bool
     fixed_steps: bool
+    temperature: float = 1.0  # 0 = greedy draw
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    logprobs: int | None = None  # None = off
+
+    @property
+    def truncates_draw(self) -> bool:
+        """Whether top_k or top_p restricts this request's draw."""
+        return self.top_k > 0 or self.top_p < 1.0
 
 
 def resolve_params(params: SamplingParams, defaults: GenerationDefaults, seed: int) -> ResolvedParams:
     """Fill `None`s from the checkpoint defaults and validate with the API's own rules
-    (`dgtext.request_rules.resolve_sampling`); raises ValueError (`RequestFieldError`) naming the bad field."""
+    (`dgtext.request_rules.resolve_sampling`) and the draw knobs' rules; raises ValueError naming the bad field."""
     given = {name: getattr(params, name) for name in DEFAULTED_KNOBS}
     resolved = resolve_sampling({**given, "seed": seed}, defaults.sampling_defaults())
-    return ResolvedParams(**resolved, stream_drafts=bool(params.stream_drafts), fixed_steps=bool(params.fixed_steps))
+    return ResolvedParams(**resolved, stream_drafts=bool(params.stream_drafts), fixed_steps=bool(params.fixed_steps),
+                          **_validated_draw_knobs(params))
+
+
+def _validated_draw_knobs(params: SamplingParams) -> dict[str, Any]:
+    """temperature, top_k, top_p and logprobs with their off values filled in; ValueError naming the field."""
+    def is_number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    def is_int(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int)
+
+    temperature = 1.0 if params.temperature is None else params.temperature
+    if not is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {params.temperature!r}")
+    top_k = 0 if params.top_k is None else params.top_k
+    if not is_int(top_k) or not 0 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k must be an integer in 0..{MAX_TOP_K} (0 = off), got {params.top_k!r}")
+    top_p = 1.0 if params.top_p is None else params.top_p
+    if not is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {params.top_p!r}")
+    if params.logprobs is not None and (not is_int(params.logprobs) or not 0 <= params.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} or None, got {params.logprobs!r}")
+    return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p), "logprobs": params.logprobs}
 
 
 @dataclass(frozen=True)

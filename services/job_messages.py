@@ -14,6 +14,14 @@ RUN_JOB_TASK = "dgserve.run_job"
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 1.0}
 
 
+def batch_queue_name(queue_name: str) -> str:
+    """The batch-line queue of a model queue. Workers consume both with kombu's `sorted` queue order, so
+    every poll (one BRPOP over both lists, which Redis serves in key order) takes an interactive message
+    first: this name must sort after the interactive one, which a suffix guarantees (docs/architecture.md,
+    "Queue classes")."""
+    return f"{queue_name}.batch"
+
+
 def publish_job(celery: Celery, queue_name: str, job_id: str) -> None:
     """Publish one `dgserve.run_job(job_id)` message to `queue_name` (raises on broker errors)."""
     celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue_name, routing_key=queue_name,
@@ -40,9 +48,10 @@ class JobQueue:
                                       "socket_connect_timeout": settings.redis_socket_timeout_seconds},
         )
 
-    def submit(self, job_id: str) -> None:
-        """Publish the job's message (raises on broker errors)."""
-        publish_job(self.celery, self.queue_name, job_id)
+    def submit(self, job_id: str, batch: bool = False) -> None:
+        """Publish the job's message (raises on broker errors); batch lines go to the model's batch queue,
+        which workers read only when the interactive one is empty."""
+        publish_job(self.celery, batch_queue_name(self.queue_name) if batch else self.queue_name, job_id)
 
     def close(self) -> None:
         self.celery.close()

@@ -34,7 +34,7 @@ end
 """
 
 # KEYS: job, events, queued-set, idempotency key ('' = none)
-# ARGV: job_id, now, record_ttl, stale_before, max_queued, idem_value, events_maxlen, event_data,
+# ARGV: job_id, now, record_ttl, stale_before, max_queued (0 = no admission), idem_value, events_maxlen, event_data,
 #       then field/value pairs of the new record.
 # Returns {outcome, job_id}: created | replay | conflict | full.
 CREATE = """
@@ -49,15 +49,19 @@ if KEYS[4] ~= '' then
     return {'conflict', existing_id}
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
-  return {'full', ''}
+-- max_queued 0: a batch line, admitted with its batch; it stays out of the interactive queued set.
+local admit = tonumber(ARGV[5]) > 0
+if admit then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) then
+    return {'full', ''}
+  end
 end
 local fields = {}
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if admit then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'queued', 'data', ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if KEYS[4] ~= '' then

@@ -137,29 +137,35 @@ class JobStore:
 
     # ---- API side --------------------------------------------------------------------------------
     def create(self, request: GenerateJobCreate | EditJobCreate, owner: str = "",
-               idempotency_key: str | None = None) -> CreateOutcome:
+               idempotency_key: str | None = None, batch_id: str | None = None,
+               deadline_seconds: float | None = None) -> CreateOutcome:
         """Store a new queued job, or return the earlier job of the same Idempotency-Key and body.
 
         Raises `IdempotencyConflict` (same key, different body) or `QueueFull` (admission limit).
-        Nothing is created in either case.
+        Nothing is created in either case. A batch line (`batch_id`) was admitted with its batch: it skips
+        the queued-jobs limit and stays out of the queued set (interactive queue depth), and runs under
+        `deadline_seconds` (the batch's completion window) instead of `job_deadline_seconds`.
         """
         settings, now = self.settings, time.time()
+        deadline = settings.job_deadline_seconds if deadline_seconds is None else deadline_seconds
         job_id = uuid.uuid4().hex
         body_hash = request_fingerprint(request)
         idem_key = ""
         if idempotency_key is not None:
             key_digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
             idem_key = f"dgserve:idem:{owner or '-'}:{key_digest}"
-        record_ttl = settings.job_deadline_seconds + settings.result_ttl_seconds
+        record_ttl = int(deadline) + settings.result_ttl_seconds
         fields = {
             "id": job_id, "kind": request.kind, "status": "queued", "owner": owner,
             "payload": request.model_dump_json(), "queue": settings.queue_name, "attempts": "0",
-            "created_at": repr(now), "deadline_at": repr(now + settings.job_deadline_seconds),
+            "created_at": repr(now), "deadline_at": repr(now + deadline),
             "expires_at": repr(now + record_ttl), "cancel_requested": "0",
         }
+        if batch_id is not None:
+            fields["batch_id"] = batch_id
         args: list[Any] = [job_id, repr(now), record_ttl, repr(now - settings.job_deadline_seconds),
-                           settings.max_queued_jobs, f"{job_id}|{body_hash}", settings.events_max_len,
-                           json.dumps({"status": "queued"})]
+                           0 if batch_id is not None else settings.max_queued_jobs, f"{job_id}|{body_hash}",
+                           settings.events_max_len, json.dumps({"status": "queued"})]
         for name, value in fields.items():
             args += [name, value]
         outcome, existing = self._create(keys=[*self._keys(job_id), idem_key], args=args)

@@ -146,6 +146,17 @@ class RequestLimits:
 
     def _check_prompt(self, request: GenerateJobCreate, model: ModelLimits | None,
                       sampling: dict[str, Any] | None) -> None:
+        if request.prompt_token_ids is not None:
+            field, count = "prompt_token_ids", self._check_token_ids(request.prompt_token_ids)
+        else:
+            field, count = self._count_prompt(request)
+        if model is not None and sampling is not None:
+            try:
+                check_generate_positions(count, sampling["max_new_tokens"], model, prompt_field=field)
+            except RequestFieldError as exc:
+                raise LimitExceeded(exc.field, exc.message, reason="prompt_too_long") from exc
+
+    def _count_prompt(self, request: GenerateJobCreate) -> tuple[str, int]:
         field = "prompt" if request.prompt is not None else "messages"
         messages = None if request.messages is None else [m.model_dump() for m in request.messages]
         try:
@@ -154,11 +165,17 @@ class RequestLimits:
             raise LimitExceeded(field, str(exc)) from exc
         if count > self.settings.max_prompt_tokens:
             raise self._too_long(field, "the prompt" if field == "prompt" else "the rendered chat", count)
-        if model is not None and sampling is not None:
-            try:
-                check_generate_positions(count, sampling["max_new_tokens"], model, prompt_field=field)
-            except RequestFieldError as exc:
-                raise LimitExceeded(exc.field, exc.message, reason="prompt_too_long") from exc
+        return field, count
+
+    def _check_token_ids(self, ids: list[int]) -> int:
+        vocab_size = self.tokenizer().vocab_size
+        for index, token in enumerate(ids):
+            if token >= vocab_size:
+                raise LimitExceeded(f"prompt_token_ids[{index}]", f"token id {token} is outside the model's "
+                                    f"vocabulary (ids 0..{vocab_size - 1})")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise self._too_long("prompt_token_ids", "the prompt", len(ids))
+        return len(ids)
 
     def _check_edit(self, request: EditJobCreate, model: ModelLimits | None,
                     sampling: dict[str, Any] | None) -> None:

@@ -24,6 +24,9 @@ MAX_DOCUMENT_CHARS = 10_000_000
 MAX_MESSAGES = 512
 MAX_EDITS = 256
 MAX_INSTRUCTION_CHARS = 4000
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
@@ -76,16 +79,37 @@ class DiffusionKnobs(WireModel):
         return self.model_dump(include=set(DiffusionKnobs.model_fields), exclude_none=True)
 
 
+# Per-request sampler knobs of `engine.types.SamplingParams` beyond the diffusion schedule (issue 14);
+# the worker passes each one only when it is set.
+SAMPLER_KNOBS = ("temperature", "top_k", "top_p", "logprobs")
+
+
 class SamplingOptions(DiffusionKnobs):
     """Sampler parameters, mirroring `engine.types.SamplingParams`; None means the model's default."""
 
     max_new_tokens: int | None = _knob("max_new_tokens", "tokens to generate at most")
     stream_drafts: bool = Field(default=False, strict=True,
                                 description="emit a `draft` event after every denoising step")
+    temperature: float | None = Field(default=None, ge=0, le=100, description=(
+        "0 = greedy argmax; otherwise multiplies the diffusion temperature schedule (t_max → t_min)"))
+    top_k: int | None = Field(default=None, ge=1, le=1024, description="sample among the k likeliest ids")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="nucleus: smallest set with this mass")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        "return each committed token's log-probability and this many top alternatives"))
+    stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS, description=(
+        "generation ends at the first of these strings; the text is cut before it (finish_reason stop)"))
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> SamplingOptions:
+        for index, text in enumerate(self.stop or []):
+            if not 1 <= len(text) <= MAX_STOP_CHARS:
+                raise FieldValueError(f"stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters")
+        return self
 
     def sampling_params(self) -> dict[str, Any]:
-        """Keyword arguments for `engine.types.SamplingParams` (unset values left out)."""
-        return self.model_dump(include=set(SamplingOptions.model_fields), exclude_none=True)
+        """Keyword arguments for `engine.types.SamplingParams` (unset values left out; `stop` is applied
+        by the worker to the text, not by the sampler)."""
+        return self.model_dump(include=set(SamplingOptions.model_fields) - {"stop"}, exclude_none=True)
 
 
 class ChatMessage(WireModel):
@@ -106,19 +130,24 @@ def _exactly_one_of(*alternatives: tuple[tuple[str, ...], dict[str, Any]]) -> di
 
 
 class GenerateJobCreate(SamplingOptions):
-    """Open-ended generation from a raw `prompt` or chat `messages` (exactly one)."""
+    """Open-ended generation from a raw `prompt`, chat `messages` or `prompt_token_ids` (exactly one)."""
 
     model_config = ConfigDict(json_schema_extra=_exactly_one_of(
-        (("prompt",), {"type": "string"}), (("messages",), {"type": "array"})))
+        (("prompt",), {"type": "string"}), (("messages",), {"type": "array"}),
+        (("prompt_token_ids",), {"type": "array"})))
 
     kind: Literal["generate"] = "generate"
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
+    prompt_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_PROMPT_CHARS, description="the prompt as the model's token ids")
 
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> GenerateJobCreate:
-        if (self.prompt is None) == (self.messages is None):
-            raise FieldValueError("prompt", "give exactly one of `prompt` (text) or `messages` (chat turns)")
+        given = [self.prompt is not None, self.messages is not None, self.prompt_token_ids is not None]
+        if sum(given) != 1:
+            raise FieldValueError("prompt", "give exactly one of `prompt` (text), `messages` (chat turns) or "
+                                  "`prompt_token_ids`")
         return self
 
 
@@ -154,6 +183,8 @@ class EditJobCreate(SamplingOptions):
 
     @model_validator(mode="after")
     def _check_spans(self) -> EditJobCreate:
+        if self.stop:
+            raise FieldValueError("stop", "edit jobs take no stop strings: each span's length is planned")
         self.resolved_edits()
         return self
 

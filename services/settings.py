@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     queue_name: str = Field(default="", description="Celery queue of the model; default dgemma.<model-name>")
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1024 * 1024, description="larger → 413")
+    max_batch_file_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024, description=(
+        "largest Batch API input file (POST /v1/files); larger → 413"))
+    max_batch_lines: int = Field(default=50_000, ge=1, le=1_000_000, description="most requests in one batch")
     max_prompt_tokens: int = Field(default=8192, ge=1, le=1_000_000, description=(
         "prompt (or edit document) length in the model's tokens; longer → 422"))
     max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000, description="largest max_new_tokens accepted")

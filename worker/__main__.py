@@ -53,10 +53,13 @@ def worker_environment(args: argparse.Namespace, base: dict[str, str]) -> dict[s
 
 
 def celery_argv(args: argparse.Namespace, concurrency: int, queue: str) -> list[str]:
+    from services.job_messages import batch_queue_name  # consumed after `queue` (worker/celery_app.py)
+
     device = f"gpu{args.gpu}" if args.gpu is not None else "cpu"
     hostname = args.hostname or f"dgserve-{device}-{os.getpid()}@{socket.gethostname()}"
     return [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker", "--pool", "threads",
-            "--concurrency", str(concurrency), "--queues", queue, "--hostname", hostname,
+            "--concurrency", str(concurrency), "--queues", f"{queue},{batch_queue_name(queue)}",
+            "--hostname", hostname,
             # Event heartbeats stay on (one small message every 2 s): Flower and `celery events` show a worker
             # as online only while they arrive. Task events are on in worker.celery_app.
             "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from services.job_messages import RUN_JOB_TASK
+from services.job_messages import RUN_JOB_TASK, batch_queue_name
 from worker.settings import WorkerSettings
 
 TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import the worker)
@@ -35,6 +35,9 @@ def broker_transport_options(settings: WorkerSettings) -> dict:
         # Sweep for abandoned messages every `broker_restore_interval_seconds`, not every 10 x interval.
         "unacked_restore_interval": settings.broker_restore_interval_seconds,
         "unacked_restore_throttle": 1,
+        # Interactive before batch (docs/architecture.md, "Queue classes"): BRPOP lists the queues in sorted
+        # order and Redis pops from the first non-empty one, and `<queue>` sorts before `<queue>.batch`.
+        "queue_order_strategy": "sorted",
     }
 
 
@@ -63,7 +66,9 @@ def celery_config(settings: WorkerSettings) -> dict:
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,  # `celery events` / Flower see each task (received, started, done)
         "task_default_queue": settings.queue_name,
-        "task_queues": (Queue(settings.queue_name, routing_key=settings.queue_name),),
+        "task_queues": (Queue(settings.queue_name, routing_key=settings.queue_name),
+                        Queue(batch_queue_name(settings.queue_name),
+                              routing_key=batch_queue_name(settings.queue_name))),
         "task_routes": {TASK_NAME: {"queue": settings.queue_name}},
         "task_create_missing_queues": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,

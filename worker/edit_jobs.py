@@ -27,8 +27,9 @@ from dgtext.edits import (
     require_something_to_write,
     resolve_edits,
 )
-from engine.types import EngineRequest, InfillCanvas, RequestStats, SamplingParams, StepOutput
+from engine.types import EngineRequest, InfillCanvas, RequestStats, StepOutput
 from services.schemas import EditJobCreate
+from worker.sampling import sampling_params_of
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def prepare_edit(
     plan = plan_for_job(job, tokenizer, canvas_length, default_max_new_tokens)
     require_something_to_write(plan)
     canvases = tuple(InfillCanvas(c.leading_token_ids, c.token_ids, c.is_fixed) for c in plan.canvases)
-    params = SamplingParams(**job.sampling_params())
+    params = sampling_params_of(job.sampling_params())
     request = EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases)
     return PreparedEdit(request=request, plan=plan)
 

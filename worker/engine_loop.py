@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from engine.types import StepOutput
@@ -199,6 +200,9 @@ class EngineLoop:
             self.reporter.draft(ticket, out)
         elif out.kind == "canvas":
             self.reporter.canvas(ticket, out)
+            if ticket.prepared.stop_reached(ticket.canvas_token_ids):  # a stop string: end it here
+                self._abort(ticket)
+                self.reporter.succeeded(ticket, replace(out, kind="finished", finish_reason="stop", stats=None))
         elif out.kind == "finished":
             self._finish(ticket)
             if out.finish_reason == "error":

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dgtext.edits import EditTokenizer
+from dgtext.stops import cut_at_stop, ids_within
 from engine.types import EngineRequest, SamplingParams, StepOutput
 from services.schemas import EditJobCreate, GenerateJobCreate, parse_job_create
 from worker.edit_jobs import edit_draft_event, edit_produced_tokens, edit_result, prepare_edit, usage_of
+from worker.sampling import sampling_params_of
 
 
 @dataclass(frozen=True)
@@ -41,27 +43,89 @@ class PreparedJob:
     canvas_event: Callable[[StepOutput], dict[str, Any]]
     result: Callable[[Sequence[Sequence[int]], StepOutput], dict[str, Any]]
     produced_tokens: Callable[[StepOutput], int] = lambda out: len(out.token_ids)  # open-ended: pads stripped
+    # Called after each committed canvas with all committed ids so far: True ends the request now with
+    # finish_reason "stop" (a stop string occurred; the engine loop aborts it and stores the result).
+    stop_reached: Callable[[Sequence[Sequence[int]]], bool] = lambda canvases: False
+
 
 
 def _text_event(out: StepOutput) -> dict[str, Any]:
     return {"canvas": out.canvas_index, "step": out.step, "text": out.text}
 
 
-def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
-    """A generate job: prompt or chat messages, sampler options (unset ones left to the model's defaults)."""
-    params = SamplingParams(**job.sampling_params())
+def _engine_request(job: GenerateJobCreate, params: SamplingParams) -> EngineRequest:
     if job.messages is not None:
-        request = EngineRequest(messages=[m.model_dump() for m in job.messages], params=params)
-    else:
-        request = EngineRequest(prompt=job.prompt, params=params)
+        return EngineRequest(messages=[m.model_dump() for m in job.messages], params=params)
+    if job.prompt_token_ids is not None:
+        return EngineRequest(prompt_token_ids=tuple(job.prompt_token_ids), params=params)
+    return EngineRequest(prompt=job.prompt, params=params)
+
+
+def _prompt_token_count(job: GenerateJobCreate, tokenizer: Any) -> int:
+    if job.prompt_token_ids is not None:
+        return len(job.prompt_token_ids)
+    messages = None if job.messages is None else [m.model_dump() for m in job.messages]
+    return len(tokenizer.encode_prompt(job.prompt, messages))
+
+
+def _pair(alternative: Any) -> tuple[int, float]:
+    if hasattr(alternative, "token_id"):
+        return int(alternative.token_id), float(alternative.logprob)
+    token_id, logprob = alternative
+    return int(token_id), float(logprob)
+
+
+def logprob_entries(out: StepOutput, decode: Callable[[Sequence[int]], str]) -> list[dict[str, Any]]:
+    """The committed canvas's per-token log-probabilities (`out.logprobs`, under the final denoising step's
+    distribution) as stored in a result: `{"token_id", "token", "logprob", "top": [same, ...]}` per token."""
+    entries = []
+    for entry in getattr(out, "logprobs", None) or ():
+        top = [_pair(alternative) for alternative in entry.top]
+        entries.append({"token_id": int(entry.token_id), "token": decode([entry.token_id]),
+                        "logprob": float(entry.logprob),
+                        "top": [{"token_id": t, "token": decode([t]), "logprob": lp} for t, lp in top]})
+    return entries
+
+
+def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
+    """A generate job: prompt, chat messages or token ids, sampler options (unset ones left to the model's
+    defaults) and stop strings (the text is cut before the first one and the request ends there)."""
+    request = _engine_request(job, sampling_params_of(job.sampling_params()))
+    decode = model.tokenizer.decode
+
+    def token_text(ids: Sequence[int]) -> str:  # logprob entries name special tokens too (`<pad>`)
+        return model.tokenizer.decode(ids, skip_special_tokens=False)
+    logprobs: list[dict[str, Any]] = []  # per committed token, collected canvas by canvas (one attempt)
+
+    def canvas_event(out: StepOutput) -> dict[str, Any]:
+        if job.logprobs is not None:
+            logprobs.extend(logprob_entries(out, token_text))
+        return _text_event(out)
 
     def result(canvas_token_ids: Sequence[Sequence[int]], out: StepOutput) -> dict[str, Any]:
         # Decode all ids at once: a multi-byte character may straddle two canvases.
         all_ids = [token for canvas in canvas_token_ids for token in canvas]
-        return {"text": model.tokenizer.decode(all_ids), "finish_reason": out.finish_reason or "stop",
-                "usage": {} if out.stats is None else usage_of(out.stats), "token_ids": all_ids}
+        text, stopped = cut_at_stop(decode(all_ids), job.stop)
+        if stopped:
+            all_ids = ids_within(all_ids, len(text), decode)
+        if out.stats is not None:
+            usage = usage_of(out.stats)
+        else:  # ended here at a stop string: the engine's stats were never produced
+            usage = {"prompt_tokens": _prompt_token_count(job, model.tokenizer), "generated_tokens": len(all_ids),
+                     "canvases": len(canvas_token_ids)}
+        reason = "stop" if stopped else out.finish_reason or "stop"
+        result = {"text": text, "finish_reason": reason, "usage": usage, "token_ids": all_ids}
+        if job.logprobs is not None:
+            result["logprobs"] = logprobs[:len(all_ids)]
+        return result
 
-    return PreparedJob(request=request, draft_event=_text_event, canvas_event=_text_event, result=result)
+    def stop_reached(canvas_token_ids: Sequence[Sequence[int]]) -> bool:
+        if not job.stop:
+            return False
+        return cut_at_stop(decode([t for canvas in canvas_token_ids for t in canvas]), job.stop)[1]
+
+    return PreparedJob(request=request, draft_event=_text_event, canvas_event=canvas_event, result=result,
+                       stop_reached=stop_reached)
 
 
 def prepare_edit_job(job: EditJobCreate, model: ModelInfo) -> PreparedJob:

@@ -105,6 +105,24 @@ class DiffusionGemmaModel(nn.Module):
             soft += (probs @ weight[start:start + VOCAB_CHUNK]).float()
         return soft.to(weight.dtype) * self._embed_scale(weight.dtype)
 
+    def self_conditioning_from_logits(self, logits: torch.Tensor, temperature: torch.Tensor, log_norm: torch.Tensor,
+                                      vocab_chunk: int) -> torch.Tensor:
+        """The serving path of `self_conditioning_embeds`: softmax(z) @ E * sqrt(D) -> [B, C, D] in the model
+        dtype, where z = logits [B, C, V] * (1 / temperature [B]) rounded to the model dtype (as the reference feeds
+        its scaled logits back) and log_norm [B, C] = log sum exp(z), which the sampler's statistics pass
+        already computed (`SamplerOutput.sc_log_norm`). Reads the logits once, in chunks of `vocab_chunk` ids:
+        z and the probabilities exist only per chunk, and the logits are never written."""
+        weight = self.embed_tokens.weight
+        inv_t, norm = (1.0 / temperature).view(-1, 1, 1), log_norm.unsqueeze(-1)
+        soft = torch.zeros(*logits.shape[:-1], weight.shape[1], device=weight.device, dtype=torch.float32)
+        for start in range(0, weight.shape[0], vocab_chunk):
+            z = logits[..., start:start + vocab_chunk].float() * inv_t
+            if weight.dtype != torch.float32:
+                z = z.to(weight.dtype).float()
+            probs = z.sub_(norm).exp_().to(weight.dtype)
+            soft += (probs @ weight[start:start + vocab_chunk]).float()
+        return soft.to(weight.dtype) * self._embed_scale(weight.dtype)
+
     # ----- building blocks -----
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,15 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from dgtext.checkpoint_files import CheckpointError
-from services.api import routes_jobs, routes_openai, routes_ops, routes_playground
+from services.api import (
+    routes_batches,
+    routes_files,
+    routes_fim,
+    routes_jobs,
+    routes_openai,
+    routes_ops,
+    routes_playground,
+)
 from services.api.deps import AppServices
 from services.api.docs_offline import install_offline_docs
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
@@ -20,6 +28,7 @@ from services.api.openapi_doc import install_exact_openapi
 from services.job_messages import JobQueue
 from services.jobs import JobStore
 from services.metrics import ApiMetrics
+from services.openai.errors import OpenAIErrorShapeMiddleware
 from services.prompt_limits import RequestLimits
 from services.redis_options import redis_client_options
 from services.settings import Settings
@@ -62,6 +71,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_fim.router)
+    app.include_router(routes_files.router)
+    app.include_router(routes_batches.router)
     app.include_router(routes_playground.router)
 
     def count_oversized(scope: Scope) -> None:
@@ -69,7 +81,10 @@ def create_app(settings: Settings) -> FastAPI:
             metrics.job_rejected("too_large")
 
     # Last added runs first: metrics see every answer, including the 413s of the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=count_oversized)
+    upload_limit = (settings.max_batch_file_bytes + 64 * 1024, "max_batch_file_bytes")  # + multipart framing
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, on_reject=count_oversized,
+                       path_limits={"/v1/files": upload_limit})
+    app.add_middleware(OpenAIErrorShapeMiddleware)  # OpenAI paths answer in OpenAI's error shape
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
 

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 # Discriminator tags of the job union appear in pydantic locations; clients never wrote them.
 _UNION_TAGS = frozenset({"generate", "edit"})
 # Routes that create jobs: their refusals count in dgserve_api_jobs_rejected_total.
-SUBMIT_PATHS = frozenset({"/v1/jobs", "/v1/completions", "/v1/chat/completions"})
+SUBMIT_PATHS = frozenset({"/v1/jobs", "/v1/completions", "/v1/chat/completions", "/v1/fim/completions"})
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
                422: "invalid_request", 429: "queue_full", 503: "unavailable"}

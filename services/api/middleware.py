@@ -22,16 +22,20 @@ class BodyLimitMiddleware:
     about its length, or streams without one, is cut off at `max_bytes + 1` bytes and never reaches a route.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[Scope], None] | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[Scope], None] | None = None,
+                 path_limits: dict[str, tuple[int, str]] | None = None):
         self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+        # Exact paths with their own (limit, setting name), e.g. the Batch API's file uploads.
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _METHODS_WITH_BODY:
             await self.app(scope, receive, send)
             return
+        max_bytes, setting = self.path_limits.get(scope.get("path", ""), (self.max_bytes, "max_body_bytes"))
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+            await self._reject(scope, receive, send, max_bytes, setting)
             return
         body, more = bytearray(), True
         while more:
@@ -40,17 +44,16 @@ class BodyLimitMiddleware:
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await self._reject(scope, receive, send)
+            if len(body) > max_bytes:
+                await self._reject(scope, receive, send, max_bytes, setting)
                 return
         await self.app(scope, _replay(bytes(body), receive), send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, setting: str) -> None:
         if self.on_reject is not None:
             self.on_reject(scope)
         response = error_response(413, "body_too_large",
-                                  f"request body is over this server's limit of {self.max_bytes} bytes "
-                                  "(max_body_bytes)")
+                                  f"request body is over this server's limit of {max_bytes} bytes ({setting})")
         await response(scope, receive, send)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from services.openai.errors import is_openai_path
+
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorBody"}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                "schema": {"type": "integer", "minimum": 0}}}
@@ -28,7 +30,9 @@ WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer`: send `Authori
 SSE_EVENT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "event": {"type": "string"}, "data": {"type": "string", "description": "JSON"}, "id": {"type": "string"},
     "retry": {"type": "integer"}}}
+OPENAI_ERROR_SCHEMA = {"$ref": "#/components/schemas/OpenAIErrorBody"}
 ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "invalid parameter (OpenAI routes): `error.param` names it",
     401: "missing or unknown API key (only when the server is configured with API keys)",
     404: "no such job (or another API key's job), or a model this server does not serve",
     409: "the job already finished (cancel) or was cancelled (OpenAI routes)",
@@ -42,13 +46,14 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
 _HEADERS_OF = {401: WWW_AUTHENTICATE, 429: RETRY_AFTER, 503: RETRY_AFTER}
 # The routes that read the job store (503 when it is down) and those that may name a missing resource.
 _STORE_PATHS = ("/v1/jobs", "/v1/completions", "/v1/chat/completions")
-_OPENAI_JOB_PATHS = ("/v1/completions", "/v1/chat/completions")
+_OPENAI_JOB_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/fim/completions")
 
 
-def error_response(status: int) -> dict[str, Any]:
-    """The OpenAPI response object of one error status: `ErrorBody`, with its headers."""
+def error_response(status: int, schema: dict[str, Any] = ERROR_SCHEMA) -> dict[str, Any]:
+    """The OpenAPI response object of one error status: `ErrorBody` (OpenAI routes: `OpenAIErrorBody`),
+    with its headers."""
     response: dict[str, Any] = {"description": ERROR_DESCRIPTIONS[status],
-                                "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                                "content": {"application/json": {"schema": schema}}}
     if status in _HEADERS_OF:
         response["headers"] = _HEADERS_OF[status]
     return response
@@ -68,6 +73,20 @@ def _error_statuses(path: str, method: str, operation: dict[str, Any]) -> set[in
         statuses.add(404)
     if path in _OPENAI_JOB_PATHS:
         statuses |= {404, 409, 504}
+    return statuses
+
+
+def _openai_error_statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
+    """OpenAI routes (services/openai/errors.py): invalid input is 400, not 422; Redis is read everywhere."""
+    statuses = {401, 500, 503}
+    if operation.get("parameters") or operation.get("requestBody"):
+        statuses.add(400)
+    if method in ("post", "put", "patch"):
+        statuses |= {413, 429}
+    if "{" in path or path in _OPENAI_JOB_PATHS or path.startswith(("/v1/batches", "/v1/fim/")):
+        statuses.add(404)
+    if path in _OPENAI_JOB_PATHS or path.endswith("/cancel") or path.startswith("/v1/fim/"):
+        statuses |= {409, 504}
     return statuses
 
 
@@ -94,8 +113,12 @@ def exact_openapi(app: FastAPI) -> dict[str, Any]:
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
-            for status in _error_statuses(path, method, operation):
-                responses[str(status)] = error_response(status)
+            if is_openai_path(path):
+                for status in _openai_error_statuses(path, method, operation):
+                    responses[str(status)] = error_response(status, OPENAI_ERROR_SCHEMA)
+            else:
+                for status in _error_statuses(path, method, operation):
+                    responses[str(status)] = error_response(status)
             for parameter in operation.get("parameters", []):
                 _without_null(parameter)
             if "security" in operation:

@@ -48,7 +48,7 @@ INVALID_BODIES = [
     ({"prompt": "a", "max_new_tokens": 129}, "max_new_tokens", "max_new_tokens_limit"),
     ({"prompt": "a", "t_min": 0.9, "t_max": 0.1}, "t_max", "below t_min"),
     ({"prompt": "a", "entropy_bound": -1}, "entropy_bound", "greater than 0"),
-    ({"prompt": "a", "temperature": 1}, "temperature", "Extra inputs are not permitted"),
+    ({"prompt": "a", "presence_penalty": 1}, "presence_penalty", "Extra inputs are not permitted"),
     ({"prompt": "a", "stream_drafts": "maybe"}, "stream_drafts", "boolean"),
     ({"kind": "translate", "prompt": "a"}, "kind", "'generate' or 'edit'"),
     ({"messages": [{"role": "robot", "content": "b"}]}, "messages[0].role", "'system', 'user' or 'assistant'"),

@@ -37,7 +37,7 @@ CONFIG = schemathesis.Config.from_dict({
     "checks": {"negative_data_rejection": {
         "expected-statuses": [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]}},
     "operations": [{"include-method": "POST", "checks": {"positive_data_acceptance": {
-        "expected-statuses": ["2xx", 401, 404, 409, 413, 422, 429]}}}],
+        "expected-statuses": ["2xx", 400, 401, 404, 409, 413, 422, 429]}}}],
 })
 RESULT = {"text": "ok", "finish_reason": "stop", "usage": {"prompt_tokens": 1, "generated_tokens": 1}}
 

@@ -32,9 +32,9 @@ def publish(api, limits: ModelLimits = SERVED, worker_id: str = "w1") -> None:
     api.store.heartbeat(worker_id, {"queue": api.settings.queue_name, "limits": limits.to_json_dict()})
 
 
-def refused(api, body: dict, path: str = "/v1/jobs") -> dict:
+def refused(api, body: dict, path: str = "/v1/jobs", status: int = 422) -> dict:
     response = api.http.post(path, json=body)
-    assert response.status_code == 422, response.text
+    assert response.status_code == status, response.text
     assert api.queue_length() == 0 and not api.redis.keys("job:*")  # nothing stored, nothing enqueued
     return response.json()["error"]
 
@@ -78,12 +78,14 @@ def test_equal_temperatures_and_an_insertion_before_a_touching_span_are_accepted
     assert api.queue_length() == 2
 
 
-def test_openai_routes_refuse_with_422_not_500(start_api):
+def test_openai_routes_refuse_with_400_not_500(start_api):
+    # OpenAI routes answer invalid parameters as OpenAI does: 400, `param` in the request's own terms.
     api = start_api(**ROOMY)
     publish(api)
-    assert refused(api, {"prompt": "import sys", "max_tokens": 4096}, "/v1/completions")["field"] == "max_new_tokens"
+    long = refused(api, {"prompt": "import sys", "max_tokens": 4096}, "/v1/completions", status=400)
+    assert long["param"] == "max_tokens" and long["type"] == "invalid_request_error"
     chat = {"messages": [{"role": "user", "content": "hi"}], "t_max": 0.5}
-    assert refused(api, chat, "/v1/chat/completions")["field"] == "t_max"
+    assert refused(api, chat, "/v1/chat/completions", status=400)["param"] == "t_max"
 
 
 def test_the_most_restrictive_live_worker_decides_and_limits_refresh(start_api, monkeypatch):

@@ -156,7 +156,7 @@ def test_launcher_pins_the_card_before_torch_and_passes_options():
     assert env["DGSERVE_MODEL"] == "/m/tiny" and env["DGSERVE_WORKER_CONCURRENCY"] == "4"
     assert env["DGSERVE_WORKER_METRICS_PORT"] == "9500"
     argv = celery_argv(args, 4, "dgemma.tiny")
-    assert argv[argv.index("--pool") + 1] == "threads" and argv[argv.index("--queues") + 1] == "dgemma.tiny"
+    assert argv[argv.index("--pool") + 1] == "threads" and argv[argv.index("--queues") + 1] == "dgemma.tiny,dgemma.tiny.batch"
     cpu_env = worker_environment(parse_args(["--cpu"]), {})
     assert cpu_env["CUDA_VISIBLE_DEVICES"] == "" and cpu_env["DGSERVE_WORKER_DEVICE"] == "cpu"
     with pytest.raises(SystemExit):
