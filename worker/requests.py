@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dgtext.edits import EditTokenizer
 from engine.types import EngineRequest, SamplingParams, StepOutput
 from services.schemas import EditJobCreate, GenerateJobCreate, parse_job_create
 from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit, usage_of
@@ -21,7 +22,7 @@ from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit, usage_
 class ModelInfo:
     """What job preparation needs to know about the loaded model."""
 
-    tokenizer: Any  # dgtext.tokenizer.PromptTokenizer (encode/decode)
+    tokenizer: EditTokenizer  # dgtext.tokenizer.PromptTokenizer implements it
     canvas_length: int
     default_max_new_tokens: int
 
@@ -30,7 +31,8 @@ class ModelInfo:
 class PreparedJob:
     """A job ready for the engine: its request, and how to report its drafts and its result.
 
-    `draft_event(out)` / `canvas_event(out)` give the data of a `draft` / `canvas` event;
+    `draft_event(out)` / `canvas_event(out)` give the data of a `draft` / `canvas` event (the engine's
+    outputs carry ids only: text is decoded here, at the edge);
     `result(canvas_token_ids, finished_out)` gives the stored result (may raise ValueError).
     """
 
@@ -38,10 +40,6 @@ class PreparedJob:
     draft_event: Callable[[StepOutput], dict[str, Any]]
     canvas_event: Callable[[StepOutput], dict[str, Any]]
     result: Callable[[Sequence[Sequence[int]], StepOutput], dict[str, Any]]
-
-
-def _text_event(out: StepOutput) -> dict[str, Any]:
-    return {"canvas": out.canvas_index, "step": out.step, "text": out.text}
 
 
 def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
@@ -52,13 +50,16 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
     else:
         request = EngineRequest(prompt=job.prompt, params=params)
 
+    def text_event(out: StepOutput) -> dict[str, Any]:
+        return {"canvas": out.canvas_index, "step": out.step, "text": model.tokenizer.decode(out.token_ids)}
+
     def result(canvas_token_ids: Sequence[Sequence[int]], out: StepOutput) -> dict[str, Any]:
         # Decode all ids at once: a multi-byte character may straddle two canvases.
         all_ids = [token for canvas in canvas_token_ids for token in canvas]
         return {"text": model.tokenizer.decode(all_ids), "finish_reason": out.finish_reason or "stop",
                 "usage": {} if out.stats is None else usage_of(out.stats), "token_ids": all_ids}
 
-    return PreparedJob(request=request, draft_event=_text_event, canvas_event=_text_event, result=result)
+    return PreparedJob(request=request, draft_event=text_event, canvas_event=text_event, result=result)
 
 
 def prepare_edit_job(job: EditJobCreate, model: ModelInfo) -> PreparedJob:

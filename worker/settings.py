@@ -7,12 +7,11 @@ queue name, deadline, attempts, metrics port) is inherited.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from services.settings import Settings, cache_dir
+from services.settings import Settings
 
 
 class WorkerSettings(Settings):
@@ -29,9 +28,9 @@ class WorkerSettings(Settings):
     worker_kv_cache_bytes: int | None = Field(default=None, ge=1, description="None: the engine's default budget")
     worker_metrics_host: str = Field(default="0.0.0.0", description=(
         "interface of the /metrics endpoint: all by default so Prometheus in another container can scrape it"))
-    worker_heartbeat_file: Path | None = Field(default=None, description=(
-        "touched by the engine loop; default <cache dir>/worker-<queue>.heartbeat"))
-    worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
+    worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60, description=(
+        "how often the worker writes its registry record (/readyz), renews its job leases and reaps orphans; "
+        "keep it at most a third of heartbeat_ttl_seconds"))
     worker_shutdown_grace_seconds: float = Field(default=120.0, ge=0, le=3600, description=(
         "after SIGTERM, in-flight jobs get this long to finish before being handed back to the queue"))
     worker_hung_loop_seconds: float = Field(default=300.0, gt=0, le=3600, description=(
@@ -41,9 +40,3 @@ class WorkerSettings(Settings):
         "how often cancel flags of running jobs are read"))
     broker_restore_interval_seconds: int = Field(default=10, ge=1, le=3600, description=(
         "how often the worker sweeps for messages whose visibility timeout passed"))
-
-    @property
-    def heartbeat_path(self) -> Path:
-        if self.worker_heartbeat_file is not None:
-            return self.worker_heartbeat_file
-        return cache_dir() / f"worker-{self.queue_name}.heartbeat"
