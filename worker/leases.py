@@ -40,7 +40,7 @@ class LeaseKeeper:
     def __init__(self, store: JobStoreLike, worker_id: str, outage: StoreOutage, *,
                  progress_of: Callable[[str], tuple[int, int]], loop_stalled_s: Callable[[], float],
                  on_cancel: Callable[[str], None], on_lease_lost: Callable[[str], None],
-                 heartbeat: Callable[[], None] | None = None, reap_orphans: Callable[[], None] | None = None,
+                 heartbeat: Callable[[], object] | None = None, reap_orphans: Callable[[], object] | None = None,
                  interval_s: float = 2.0, cancel_poll_s: float = 0.25, reap_grace_s: float = 15.0,
                  hung_after_s: float = 300.0) -> None:
         if interval_s <= 0 or cancel_poll_s <= 0:
@@ -117,7 +117,7 @@ class LeaseKeeper:
                     self._cancel_seen.add(job_id)
                 self._on_cancel(job_id)
 
-    def _guarded(self, action: Callable[[], None]) -> bool:
+    def _guarded(self, action: Callable[[], object]) -> bool:
         """Run one store action; False (logged once per outage) when the store is unreachable."""
         try:
             action()

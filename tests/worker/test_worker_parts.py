@@ -14,7 +14,7 @@ import pytest
 from services.jobs import WORKER_INFO_KEY, WORKERS_KEY, JobStore
 from services.schemas import GenerateJobCreate
 from services.settings import Settings
-from tests.support.processes import free_port, wait_until
+from tests.support.processes import free_port
 from worker.__main__ import celery_argv, parse_args, worker_environment
 from worker.celery_app import TASK_NAME, celery_config
 from worker.heartbeat import Heartbeat
