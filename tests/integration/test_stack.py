@@ -140,7 +140,7 @@ def test_metrics_endpoints_expose_the_documented_names(stack: Stack):
                  "dgserve_steps_per_canvas_bucket", "dgserve_batch_size_canvases_bucket",
                  "dgserve_forward_seconds_bucket", "dgserve_job_e2e_seconds_bucket",
                  "dgserve_job_queue_wait_seconds_bucket", "dgserve_job_run_seconds_bucket",
-                 "dgserve_canvases_in_flight", "dgserve_canvases_waiting", "dgserve_gpu_memory_used_bytes",
+                 "dgserve_requests_running", "dgserve_requests_waiting", "dgserve_gpu_memory_used_bytes",
                  "dgserve_gpu_memory_total_bytes"):
         assert name in worker_text, name
     assert "job_id" not in worker_text

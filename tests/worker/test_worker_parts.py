@@ -26,7 +26,7 @@ WORKER_METRIC_NAMES = (
     "dgserve_generated_tokens_total", "dgserve_denoising_steps_total", "dgserve_canvases_total",
     "dgserve_steps_per_canvas_bucket", "dgserve_batch_size_canvases_bucket", "dgserve_forward_seconds_bucket",
     "dgserve_job_e2e_seconds_bucket", "dgserve_job_queue_wait_seconds_bucket", "dgserve_job_run_seconds_bucket",
-    "dgserve_canvases_in_flight", "dgserve_canvases_waiting", "dgserve_gpu_memory_used_bytes",
+    "dgserve_requests_running", "dgserve_requests_waiting", "dgserve_gpu_memory_used_bytes",
     "dgserve_gpu_memory_total_bytes",
 )
 
