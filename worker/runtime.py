@@ -114,8 +114,9 @@ class WorkerRuntime:
         Never raises for a user's bad input: that fails the job with the validation message.
         """
         if self.loop.is_in_flight(job_id):
-            # kombu restored our own unacked message (visibility timeout shorter than this run): do not
-            # start the job a second time here, but keep a message alive in case this worker dies.
+            # A second message for a job running here: kombu restored our own unacked message (after a broker
+            # reconnect, or a visibility timeout shorter than this run). Do not start the job a second time,
+            # but keep a message alive in case this worker dies.
             raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
         try:
             decision = self._try_start(job_id)
