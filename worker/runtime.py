@@ -1,16 +1,16 @@
 """Everything one worker process owns, built once when Celery starts the worker.
 
-`WorkerRuntime` wires the job store, the engine (model loaded in this process, on its one device), the
-store-writer thread, the engine-loop thread, the heartbeat and the metrics endpoint, and implements the
-body of the `dgserve.run_job` task (`run_job`). The Celery signal handlers in `worker.tasks` call
-`start_runtime` / `begin_shutdown` / `stop_runtime`.
+`WorkerRuntime` wires the job store, the engine (model loaded in this process, on its one device; tests may
+pass any `worker.protocols.EngineLike`), the store-writer thread, the lease keeper, the engine-loop thread, the
+registry heartbeat and the metrics endpoint, and implements the body of the `dgserve.run_job` task
+(`run_job`). The Celery signal handlers in `worker.tasks` call `start_runtime` / `begin_shutdown` /
+`stop_runtime`.
 
 Orphan recovery: Celery redelivers a dead worker's unacked message only after the visibility timeout (above
-the job deadline), far too late. Instead, every worker's store-writer thread periodically asks the store to
-requeue running jobs of its queue whose lease lapsed (`JobStore.reclaim_orphans`, a compare-and-set per
-job, so of several reapers exactly one wins each job) and re-sends `dgserve.run_job` for the jobs it won
-(`resend_job`). The dead worker's original message, restored much later, then finds the job finished (ack)
-or running under a live lease (retried later), and is never run twice.
+the job deadline), far too late. Instead, every worker's lease keeper periodically requeues running jobs of
+its queue whose lease lapsed and re-sends `dgserve.run_job` for the jobs it won (`worker.leases`). The dead
+worker's original message, restored much later, then finds the job finished (ack) or running under a live
+lease (retried later), and is never run twice.
 """
 
 from __future__ import annotations
