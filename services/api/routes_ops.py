@@ -31,8 +31,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
     body = {"ready": bool(workers), "redis": True, "workers": len(workers),
             "queue": services.settings.queue_name, "model": services.settings.model_name}
     if not workers:
-        body["reason"] = (f"no worker heartbeat in the last {services.settings.heartbeat_ttl_seconds} s; "
-                          "start one with `dgserve worker`")
+        body["reason"] = ("no worker of this queue is alive now (none has written its heartbeat to this Redis "
+                          "within three of its beat intervals); start one with `dgserve worker`")
     return JSONResponse(body, status_code=200 if workers else 503)
 
 
