@@ -8,7 +8,6 @@ Not thread-safe: one thread owns an Engine and calls all of its methods.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 import uuid
@@ -18,6 +17,12 @@ from typing import Any
 
 import torch
 
+from dgtext.request_rules import (
+    ModelLimits,
+    check_generate_positions,
+    check_infill_positions,
+    open_ended_canvases,
+)
 from engine.runner import CanvasResult, ModelRunner
 from engine.scheduler import Scheduler, SequenceState
 from engine.types import (
@@ -67,25 +72,30 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._prompt_ids(req)
         seed = req.params.seed if req.params.seed is not None else self._seed_source.getrandbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         params = resolve_params(req.params, self.generation_defaults, seed)
         infill = self._validated_infill(req)
-        length = self.config.canvas_length
-        num_canvases = len(infill) if infill is not None else math.ceil(params.max_new_tokens / length)
-        leading = sum(len(canvas.leading_token_ids) for canvas in infill or ())
-        needed = len(prompt_ids) + leading + num_canvases * length
-        limit = min(self.engine_config.max_context, self.config.max_position_embeddings)
-        if needed > limit:
-            raise ValueError(
-                f"prompt too long: {len(prompt_ids)} prompt tokens + {leading} infill tokens + {num_canvases} "
-                f"canvas(es) of {length} = {needed} positions, over the engine's max_context of {limit}; "
-                "shorten the prompt or lower max_new_tokens")
+        limits = self.request_limits
+        if infill is None:
+            num_canvases = open_ended_canvases(params.max_new_tokens, limits.canvas_length)
+            check_generate_positions(len(prompt_ids), params.max_new_tokens, limits)
+        else:
+            num_canvases = len(infill)
+            leading = sum(len(canvas.leading_token_ids) for canvas in infill)
+            check_infill_positions(len(prompt_ids), leading, num_canvases, limits, field_name="prompt_token_ids")
         self._sequences[request_id] = seq = SequenceState(
             request_id=request_id, prompt_ids=prompt_ids, params=params, num_canvases=num_canvases,
             infill=infill, added_at=time.monotonic())
         self.scheduler.add(seq)
         return request_id
+
+    @property
+    def request_limits(self) -> ModelLimits:
+        """What one request may use here (the API checks submissions against the same limits, which workers
+        publish): context positions per request (max_context, capped by the model's position table), the
+        canvas length and the checkpoint's sampler defaults."""
+        return ModelLimits(canvas_length=self.config.canvas_length,
+                           max_positions=min(self.engine_config.max_context, self.config.max_position_embeddings),
+                           sampling_defaults=self.generation_defaults.sampling_defaults())
 
     def abort(self, request_id: str) -> None:
         """Drop a request now (its KV slot is freed); the next step() reports it finished with "aborted".
@@ -141,28 +151,38 @@ class Engine:
         if plan.is_empty:
             self.last_step_stats = StepStats()
             return outputs
+        touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
+        step_outputs: list[StepOutput] = []
         try:
             result = self.runner.execute(plan, self._sequences)
-        except RuntimeError as err:  # device errors (e.g. out of memory): fail this step's requests, keep serving
-            touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
-            for request_id in touched:
-                outputs.append(self._finish(self._sequences[request_id], "error", 0, message=str(err)))
+            self._collect_outputs(result, step_outputs)
+        except Exception as err:  # noqa: BLE001 (whatever failed, only this step's requests fail; the loop goes on)
+            # Outputs collected before the failure stand (a request that finished keeps its finish).
             self.last_step_stats = StepStats()
-            return outputs
+            return outputs + step_outputs + self._fail_requests(touched, err)
+        self.last_step_stats = StepStats(
+            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
+            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
+            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
+            committed_tokens=sum(len(o.token_ids) for o in step_outputs if o.kind == "canvas"),
+            forward_seconds=result.forward_seconds)
+        return outputs + step_outputs
+
+    def _collect_outputs(self, result: Any, outputs: list[StepOutput]) -> None:
+        """Append the drafts, committed canvases and finished requests of one executed plan to `outputs`."""
         now = time.monotonic()
-        committed_before = sum(len(o.token_ids) for o in outputs if o.kind == "canvas")
         for canvas in result.canvases:
             seq = self._sequences[canvas.work.request_id]
             if seq.first_canvas_at is None:
                 seq.first_canvas_at = now
             outputs.extend(self._after_denoise_step(seq, canvas))
-        self.last_step_stats = StepStats(
-            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
-            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
-            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
-            committed_tokens=sum(len(o.token_ids) for o in outputs if o.kind == "canvas") - committed_before,
-            forward_seconds=result.forward_seconds)
-        return outputs
+
+    def _fail_requests(self, request_ids: set[str], err: Exception) -> list[StepOutput]:
+        """Finish every still-running request of a failed step with "error"; the message names the failure
+        (device out of memory, or an engine bug on an unusual configuration) so the job's error is clear."""
+        message = f"the engine failed on this step ({type(err).__name__}: {err})"
+        return [self._finish(self._sequences[request_id], "error", 0, message=message)
+                for request_id in sorted(request_ids) if request_id in self._sequences]
 
     def _after_denoise_step(self, seq: SequenceState, canvas: CanvasResult) -> list[StepOutput]:
         work, outputs = canvas.work, []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from dgtext.edits import EditTokenizer
+from dgtext.request_rules import ModelLimits
 from engine.types import EngineRequest, StepOutput, StepStats
 from services.jobs import StartDecision
 
@@ -20,6 +21,9 @@ class EngineLike(Protocol):
     """The engine as the engine loop drives it (one thread calls every method)."""
 
     last_step_stats: StepStats
+
+    @property
+    def request_limits(self) -> ModelLimits: ...
 
     def add_request(self, req: EngineRequest, request_id: str | None = None) -> str: ...
 

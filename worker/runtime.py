@@ -71,7 +71,8 @@ class WorkerRuntime:
         interval_s = settings.worker_heartbeat_interval_seconds
         self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=interval_s, info={
             "queue": settings.queue_name, "model": settings.model_name, "gpu": self.metrics.labels.gpu,
-            "pid": os.getpid()})
+            "pid": os.getpid(),
+            "limits": self.engine.request_limits.to_json_dict()})  # what the API checks submissions against
         self.leases = LeaseKeeper(
             self.store, self.worker_id, self.outage,
             progress_of=lambda job_id: self.loop.progress_of(job_id),

@@ -101,9 +101,9 @@ def test_jobs_in_flight_finish_exactly_once_across_a_redis_restart(outage_stack:
         assert canvases == set(range(job.result["usage"]["canvases"]))
         assert len(job.result["token_ids"]) == job.result["usage"]["generated_tokens"] > 0
 
-    # During the outage /readyz said not ready. (What the job routes answer during an outage is the API's
-    # side of issue 11: 503 with Retry-After.)
+    # During the outage /readyz said not ready, and the job routes answered 503 (never a 500, never silence).
     assert during["readyz"] and set(during["readyz"]) == {503}, during
+    assert set(during["get"]) == {503} and set(during["post"]) == {503}, during
     print(f"outage probes: {during}")
     print("\n".join(line for line in log.splitlines() if any(
         word in line for word in ("reachable", "broker", "Restoring", "Connected", "unacked"))))

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dgtext.request_rules import ModelLimits
 from dgtext.tokenizer import PromptTokenizer
 from engine.types import EngineRequest, FinishReason, GenerationDefaults, RequestStats, StepOutput, StepStats
 
@@ -55,6 +56,12 @@ class DeterministicFakeEngine:
         self.last_step_stats = StepStats()
         self._requests: dict[str, _FakeRequest] = {}
         self._pending: list[StepOutput] = []
+
+    @property
+    def request_limits(self) -> ModelLimits:
+        """What one request may use here (published with the worker's heartbeat, as the real engine's)."""
+        return ModelLimits(canvas_length=self.config.canvas_length, max_positions=self.max_context,
+                           sampling_defaults=self.generation_defaults.sampling_defaults())
 
     def expected_ids(self, max_new_tokens: int) -> list[int]:
         """The ids a request with this max_new_tokens commits."""
