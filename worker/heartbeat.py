@@ -3,7 +3,8 @@
 Record format (the `info` of `JobStore.heartbeat(worker_id, info)`; the registry scores it with the time it
 was written), the contract with `services.jobs.JobStore.live_workers`:
 
-    {"queue", "model", "gpu", "pid", "beat_interval_s": how often this worker writes the record,
+    {"queue", "model", "gpu", "pid", "limits": the engine's request limits (what the API checks submissions
+     against, `dgtext.request_rules.ModelLimits`), "beat_interval_s": how often this worker writes the record,
      "redis_run_id": the Redis server's `run_id` (INFO server) when the record was written: the store adds it}
 
 A record counts as a worker alive now only if it was written by the Redis server running now (its `run_id`
