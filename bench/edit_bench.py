@@ -140,7 +140,7 @@ def run_engine(engine, documents: list[str], edits: list[BenchEdit], concurrency
                 committed.append(out.token_ids)
             elif out.kind == "finished":
                 if out.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.text}")
+                    raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.error}")
                 assemble_edit_result(plan, committed, tokenizer)
                 latencies.append(time.perf_counter() - added_at)
                 if out.stats is not None:

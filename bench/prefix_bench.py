@@ -84,7 +84,7 @@ def run_session(engine: Any, documents: list[str], edits: int, concurrency: int,
                 committed.append(out.token_ids)
             elif out.kind == "finished":
                 if out.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.text}")
+                    raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.error}")
                 result = assemble_edit_result(plan, committed, engine.tokenizer)
                 if rng.random() < 0.5 and re.search(r"\w", result.document):  # accepted: the document moves on
                     docs[doc_index] = result.document

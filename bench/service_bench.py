@@ -60,20 +60,11 @@ def run_direct(engine: Engine, bodies: list[dict]) -> tuple[float, list[float], 
     """All bodies added at once; returns (wall seconds, latency per body, generated tokens)."""
     info = model_info_of(engine)
     requests = [prepare_job(parse_job_create(body), info).request for body in bodies]
-    added: dict[str, float] = {}
-    finished: dict[str, float] = {}
-    tokens = 0
     started = time.perf_counter()
-    for index, request in enumerate(requests):
-        added[str(index)] = time.perf_counter()
-        engine.add_request(request, request_id=str(index))
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.kind == "finished":
-                finished[out.request_id] = time.perf_counter()
-                tokens += out.stats.generated_tokens if out.stats else 0
+    results = engine.generate(requests)
     wall = time.perf_counter() - started
-    return wall, [finished[str(i)] - added[str(i)] for i in range(len(bodies))], tokens
+    tokens = sum(len(result.token_ids) for result in results)
+    return wall, [result.finished_at - started for result in results], tokens
 
 
 # -- stack -------------------------------------------------------------------------------------------------

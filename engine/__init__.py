@@ -1,7 +1,8 @@
 """dgserve engine: DiffusionGemma inference in pure PyTorch with step-level continuous batching.
 
-Public surface (docs/architecture.md): `load_model` a checkpoint, build an `Engine`, feed it
-`EngineRequest`s and call `step()` until `has_unfinished()` is False.
+Public surface (docs/architecture.md): `load_model` a checkpoint, build an `Engine`, then either
+`generate(requests)` (scripts, benchmarks, tests) or, as a server does, `add_request` and call `step()` until
+`has_unfinished()` is False. Outputs carry token ids; decode them with the engine's `tokenizer`.
 """
 
 from engine.engine import Engine
@@ -11,6 +12,7 @@ from engine.types import (
     EngineRequest,
     GenerationDefaults,
     InfillCanvas,
+    RequestResult,
     RequestStats,
     SamplingParams,
     StepOutput,
@@ -20,5 +22,5 @@ from engine.types import (
 
 __all__ = [
     "Engine", "EngineConfig", "EngineRequest", "GenerationDefaults", "InfillCanvas", "LoadedModel",
-    "RequestStats", "SamplingParams", "StepOutput", "StepStats", "TokenLogprob", "load_model",
+    "RequestResult", "RequestStats", "SamplingParams", "StepOutput", "StepStats", "TokenLogprob", "load_model",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from engine.types import (
     EngineConfig,
     EngineRequest,
     FinishReason,
+    RequestResult,
     RequestStats,
     StepOutput,
     StepStats,
@@ -123,6 +125,35 @@ class Engine:
         """Prefix-cache counters (cumulative) and KV block occupancy (now), for metrics."""
         return self.runner.kv.stats()
 
+    def generate(self, requests: Sequence[EngineRequest], max_steps: int | None = None,
+                 on_output: Callable[[StepOutput], None] | None = None) -> list[RequestResult]:
+        """Add `requests` (ids "0", "1", ... in order; the engine must hold no other requests) and step until
+        all are finished; returns one `RequestResult` per request, in order.
+
+        For scripts, benchmarks and tests: the serving worker drives `step()` itself. `on_output` sees every
+        output as it comes (drafts included); `max_steps` bounds the loop (RuntimeError past it).
+        """
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine; it holds unfinished requests")
+        ids = [self.add_request(request, request_id=str(index)) for index, request in enumerate(requests)]
+        canvases: dict[str, list[tuple[int, ...]]] = {request_id: [] for request_id in ids}
+        results: dict[str, RequestResult] = {}
+        steps = 0
+        while self.has_unfinished():
+            if max_steps is not None and steps >= max_steps:
+                raise RuntimeError(f"requests still unfinished after {max_steps} steps")
+            outputs, steps = self.step(), steps + 1
+            returned_at = time.perf_counter()
+            for out in outputs:
+                if on_output is not None:
+                    on_output(out)
+                if out.kind == "canvas":
+                    canvases[out.request_id].append(out.token_ids)
+                elif out.kind == "finished":
+                    results[out.request_id] = RequestResult(out.request_id, tuple(canvases[out.request_id]),
+                                                            out, returned_at)
+        return [results[request_id] for request_id in ids]
+
     # ----- the step -----
 
     def step(self) -> list[StepOutput]:
@@ -171,8 +202,7 @@ class Engine:
         work, outputs = canvas.work, []
         if seq.params.stream_drafts:
             outputs.append(StepOutput(request_id=seq.request_id, kind="draft", canvas_index=work.canvas_index,
-                                      step=work.step, token_ids=tuple(canvas.argmax_ids),
-                                      text=self.tokenizer.decode(canvas.argmax_ids)))
+                                      step=work.step, token_ids=tuple(canvas.argmax_ids)))
         if not (canvas.converged or work.step >= seq.params.max_denoising_steps):
             return outputs
         kept, reason = self._committed_ids(seq, canvas.argmax_ids)
@@ -181,8 +211,7 @@ class Engine:
         if seq.params.logprobs is not None:  # `kept` is a prefix of the canvas: its first len(kept) positions
             logprobs = tuple(self.runner.committed_logprobs(work.slot, len(kept), seq.params.logprobs))
         outputs.append(StepOutput(request_id=seq.request_id, kind="canvas", canvas_index=work.canvas_index,
-                                  step=work.step, token_ids=tuple(kept), text=self.tokenizer.decode(kept),
-                                  logprobs=logprobs))
+                                  step=work.step, token_ids=tuple(kept), logprobs=logprobs))
         if reason is not None:
             outputs.append(self._finish(seq, reason, work.step))
         else:
@@ -217,7 +246,7 @@ class Engine:
             prefill_seconds=(seq.first_canvas_at or now) - admitted, run_seconds=now - admitted,
             cached_prompt_tokens=seq.cached_prompt_tokens)
         return StepOutput(request_id=seq.request_id, kind="finished", canvas_index=seq.canvas_index, step=step,
-                          token_ids=(), text=message, finish_reason=reason, stats=stats)
+                          token_ids=(), finish_reason=reason, stats=stats, error=message or None)
 
     # ----- validation -----
 

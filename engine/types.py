@@ -106,10 +106,12 @@ class RequestStats:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """One event of one request from `Engine.step()`.
+    """One event of one request from `Engine.step()`: token ids only; text is made at the edges (the worker's
+    result assembly, the API), so the engine never decodes on its hot path.
 
     draft: argmax of this denoising step (only when `stream_drafts`); canvas: the committed ids of a finished
-    canvas (positions after a stop token stripped); finished: the end of the request, with reason and stats.
+    canvas (positions after a stop token stripped); finished: the end of the request, with reason and stats,
+    and for `finish_reason == "error"` the device error's message in `error` (None otherwise).
     """
 
     request_id: str
@@ -117,10 +119,33 @@ class StepOutput:
     canvas_index: int
     step: int  # denoising step within the canvas (1-based)
     token_ids: tuple[int, ...]
-    text: str
     finish_reason: FinishReason | None = None
     stats: RequestStats | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # canvas outputs of a request with logprobs: one per id
+    error: str | None = None  # finished with reason "error": what went wrong
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """Everything `Engine.generate` collected for one request.
+
+    `canvases`: the committed ids of each canvas in order; `finished`: the request's "finished" output;
+    `finished_at`: `time.perf_counter()` when the step that finished it returned.
+    """
+
+    request_id: str
+    canvases: tuple[tuple[int, ...], ...]
+    finished: StepOutput
+    finished_at: float
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """All committed ids, canvases concatenated."""
+        return tuple(token for canvas in self.canvases for token in canvas)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.finished.finish_reason
 
 
 @dataclass(frozen=True)

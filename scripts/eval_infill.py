@@ -41,18 +41,11 @@ ENGINE_OPTIONS = {"max_canvases_in_flight": 32, "kv_cache_bytes": 256 << 20, "ma
 
 def run_to_completion(engine: Engine, requests: Sequence[EngineRequest]) -> list[tuple[list[int], bool]]:
     """(committed ids, finished with "stop") per request, in order."""
-    ids = [engine.add_request(req, request_id=str(i)) for i, req in enumerate(requests)]
-    committed: dict[str, list[int]] = {i: [] for i in ids}
-    stopped: dict[str, bool] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.kind == "canvas":
-                committed[out.request_id].extend(out.token_ids)
-            elif out.kind == "finished":
-                if out.finish_reason == "error":
-                    raise RuntimeError(f"request {out.request_id} failed: {out.text}")
-                stopped[out.request_id] = out.finish_reason == "stop"
-    return [(committed[i], stopped[i]) for i in ids]
+    results = engine.generate(requests)
+    for result in results:
+        if result.finish_reason == "error":
+            raise RuntimeError(f"request {result.request_id} failed: {result.finished.error}")
+    return [(list(result.token_ids), result.finish_reason == "stop") for result in results]
 
 
 def model_infill(engine: Engine, items: Sequence[InfillItem], sampler: dict) -> list[list[int]]:

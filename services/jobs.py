@@ -42,6 +42,7 @@ from services.settings import Settings
 WORKERS_KEY = "dgserve:workers"
 _JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 WORKER_INFO_KEY = "dgserve:worker_info"
+LIVENESS_BEATS = 3  # a worker record counts as alive for this many of its beat intervals (worker/heartbeat.py)
 StartOutcome = Literal[
     "started", "restarted", "not_found", "already_finished", "running_elsewhere", "expired", "attempts_exhausted"
 ]
@@ -337,23 +338,40 @@ class JobStore:
 
     # ---- worker heartbeats ------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, info: dict[str, Any]) -> None:
-        """Register `worker_id` as alive now, with a small JSON-able `info` (model, gpu, queue, ...)."""
+        """Register `worker_id` as alive now, with a small JSON-able `info` (model, gpu, queue, `beat_interval_s`,
+        ...), stamped with the Redis server's `run_id` (see `live_workers`)."""
+        run_id = cast(dict[str, Any], self.redis.info("server"))["run_id"]
         pipe = self.redis.pipeline(transaction=True)
         pipe.zadd(WORKERS_KEY, {worker_id: time.time()})
-        pipe.hset(WORKER_INFO_KEY, worker_id, json.dumps(info))
+        pipe.hset(WORKER_INFO_KEY, worker_id, json.dumps({**info, "redis_run_id": run_id}))
+        pipe.execute()
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Remove a worker's record (it shut down cleanly)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(WORKERS_KEY, worker_id)
+        pipe.hdel(WORKER_INFO_KEY, worker_id)
         pipe.execute()
 
     def live_workers(self) -> list[dict[str, Any]]:
-        """Workers whose last heartbeat is fresher than `heartbeat_ttl_seconds`; stale ones are dropped."""
-        stale_before = time.time() - self.settings.heartbeat_ttl_seconds
+        """Workers alive now: records written to the Redis server running now (same `redis_run_id`: not from
+        before a restart, not a dead worker's restored from the AOF), within `heartbeat_ttl_seconds` and, when
+        the record gives its `beat_interval_s`, within `LIVENESS_BEATS` of those intervals. Records older than
+        `heartbeat_ttl_seconds` are dropped. The worker side of the format: worker/heartbeat.py."""
+        now = time.time()
+        stale_before = now - self.settings.heartbeat_ttl_seconds
         stale = self.redis.zrangebyscore(WORKERS_KEY, "-inf", stale_before)
         if stale:
             pipe = self.redis.pipeline(transaction=True)
             pipe.zrem(WORKERS_KEY, *stale)
             pipe.hdel(WORKER_INFO_KEY, *stale)
             pipe.execute()
+        run_id = cast(dict[str, Any], self.redis.info("server"))["run_id"]
         live = cast(list[tuple[str, float]],
                     self.redis.zrangebyscore(WORKERS_KEY, stale_before, "+inf", withscores=True))
         infos = self.redis.hmget(WORKER_INFO_KEY, [worker for worker, _ in live]) if live else []
-        return [{"worker_id": worker, "last_seen": seen, **json.loads(info or "{}")}
-                for (worker, seen), info in zip(live, infos, strict=True)]
+        workers = [{"worker_id": worker, "last_seen": seen, **json.loads(info or "{}")}
+                   for (worker, seen), info in zip(live, infos, strict=True)]
+        return [worker for worker in workers if worker.get("redis_run_id") == run_id and (
+                "beat_interval_s" not in worker
+                or now - worker["last_seen"] <= LIVENESS_BEATS * float(worker["beat_interval_s"]))]

@@ -81,8 +81,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=100, description="starts (redeliveries) before a job fails")
     events_max_len: int = Field(default=5000, ge=10, description="approximate MAXLEN of a job's event stream")
     heartbeat_ttl_seconds: int = Field(default=15, ge=1, description=(
-        "a worker heartbeat older than this is stale; also the length of a running job's lease, which its "
-        "worker renews (a lapsed lease lets another worker take the job over)"))
+        "the length of a running job's lease, which its worker renews every worker_heartbeat_interval_seconds "
+        "(a lapsed lease lets another worker take the job over); worker registry records older than this are "
+        "dropped (readiness counts a worker only within three of its beat intervals)"))
     broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
         "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "
         "never delivered twice. Jobs of a killed worker do not wait for it: live workers requeue them once "

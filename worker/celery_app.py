@@ -10,8 +10,13 @@ Why each setting (the delivery guarantees are in docs/architecture.md, "worker")
   after `max_attempts`.
 - `worker_prefetch_multiplier=1` with concurrency = the engine's canvases in flight: the worker holds no more
   unacked jobs than it can batch; the rest stay in Redis for other workers.
-- `visibility_timeout` above the job deadline in broker and result-backend options, or kombu would
-  redeliver jobs that are still running.
+- `visibility_timeout` (a broker transport option: the only place kombu reads it; there is no result backend)
+  above the job deadline, or kombu would redeliver jobs that are still running.
+- Broker outages (a Redis restart, a network blip): `broker_transport` is `worker.broker`'s subclass of
+  kombu's Redis transport, whose hand-back of unacked messages while the connection is down cannot end the
+  worker (the module explains the kombu failure it works around); `broker_connection_max_retries=None` makes
+  the consumer reconnect for as long as it takes, and running tasks are not cancelled on connection loss, so
+  the engine and its jobs ride the outage out.
 - Time limits are not enforced by the threads pool: deadlines and cancels are cooperative in the engine loop.
 
 The app is built from `WorkerSettings` at import time (Celery's `-A worker.celery_app` imports this module);
@@ -24,6 +29,7 @@ from celery import Celery
 from kombu import Queue
 
 from services.job_messages import RUN_JOB_TASK, batch_queue_name
+from worker.broker import TRANSPORT_PATH
 from worker.settings import WorkerSettings
 
 TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import the worker)
@@ -46,6 +52,7 @@ def celery_config(settings: WorkerSettings) -> dict:
     transport_options = broker_transport_options(settings)
     return {
         "broker_url": settings.redis_url,
+        "broker_transport": TRANSPORT_PATH,
         "result_backend": None,  # results live in the job record; the task's return value is not needed
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -60,9 +67,9 @@ def celery_config(settings: WorkerSettings) -> dict:
         "worker_concurrency": settings.worker_concurrency,
         "worker_pool": "threads",
         "broker_transport_options": transport_options,
-        "result_backend_transport_options": transport_options,
-        "visibility_timeout": settings.visibility_timeout_seconds,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,  # a worker never gives up on its broker: its jobs are alive
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,  # `celery events` / Flower see each task (received, started, done)
         "task_default_queue": settings.queue_name,

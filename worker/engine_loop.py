@@ -1,19 +1,21 @@
 """The single thread that owns the Engine: admits jobs between steps, steps, reports, enforces limits.
 
-Celery task threads call `submit(ticket)` and wait on `ticket.future`; nothing but this thread touches the
-engine, so the engine needs no locks. One iteration:
+Everything that other threads want from the loop arrives through one queue of commands (`post`): a job to run
+(`Submit`, from a Celery task thread), a cancel flag seen set or a lease lost (`Cancel`, `LeaseLost`, from
+the lease keeper), the start of shutdown (`Shutdown`, from the SIGTERM handler). Nothing else crosses threads
+into the loop, and nothing but this thread touches the engine, so the engine needs no locks. One iteration:
 
-    admit new tickets (engine.add_request; a ValueError fails only that job)
-    abort jobs whose lease was lost, whose cancel flag is set, whose deadline passed, or (after SIGTERM)
-    whose shutdown grace period ended
+    apply every queued command (admit: engine.add_request, a ValueError fails only that job; cancel /
+    lease lost: engine.abort and report)
+    stop the jobs whose deadline passed, or (after Shutdown) whose grace period ended
     engine.step()  -> draft / canvas / finished outputs -> JobReporter (store writes on the writer thread)
-    metrics + heartbeat
+    load metrics
 
 Continuous batching is the engine's: requests added between two steps join the next decoder forward.
 
-Shutdown (`begin_shutdown(grace_s)`, on SIGTERM): tickets not yet admitted are handed back at once, jobs in
-flight keep running until the grace period ends, then they are aborted and handed back: released to `queued`
-in the store at once, and their tasks reject the message with requeue so another worker starts them now.
+Shutdown (`Shutdown(grace_s)`, on SIGTERM): jobs submitted afterwards are handed back at once, jobs in flight
+keep running until the grace period ends, then they are aborted and handed back: released to `queued` in the
+store at once, and their tasks reject the message with requeue so another worker starts them now.
 """
 
 from __future__ import annotations
@@ -22,47 +24,57 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 from engine.types import StepOutput
-from worker.heartbeat import Heartbeat
 from worker.job_reporter import JobReporter
+from worker.liveness import LivenessFile
 from worker.metrics import WorkerMetrics
+from worker.protocols import EngineLike
 from worker.tickets import JobTicket
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.05  # how long an idle loop sleeps waiting for a ticket; bounds heartbeat/shutdown latency
+IDLE_WAIT_S = 0.05  # how long an idle loop waits for a command; bounds how stale the load gauges get
+
+
+@dataclass(frozen=True)
+class Submit:
+    ticket: JobTicket
+
+
+@dataclass(frozen=True)
+class Cancel:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    grace_s: float
+
+
+Command = Submit | Cancel | LeaseLost | Shutdown
 
 
 class EngineLoop:
-    """Owner of one `engine.Engine` (anything with add_request/step/abort/has_unfinished/num_*).
+    """Owner of one engine (see `worker.protocols.EngineLike`); `reporter` writes job state."""
 
-    `reporter` writes job state; `cancel_requested(job_id)` answers from the writer's polled cache;
-    `sample_memory()` refreshes the memory gauges (called at most every `memory_sample_s`).
-    """
-
-    def __init__(self, engine: Any, reporter: JobReporter, metrics: WorkerMetrics, heartbeat: Heartbeat,
-                 cancel_requested: Callable[[str], bool], sample_memory: Callable[[], None] | None = None,
-                 memory_sample_s: float = 5.0) -> None:
+    def __init__(self, engine: EngineLike, reporter: JobReporter, metrics: WorkerMetrics,
+                 liveness: LivenessFile | None = None) -> None:
         self.engine = engine
+        self.liveness = liveness  # touched after every iteration: the worker's liveness probe reads it
         self.reporter = reporter
         self.metrics = metrics
-        self.heartbeat = heartbeat
-        self.cancel_requested = cancel_requested
-        self.sample_memory = sample_memory
-        self.memory_sample_s = memory_sample_s
-        self._inbox: queue.SimpleQueue[JobTicket] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._in_flight: dict[str, JobTicket] = {}  # by job id
         self._by_request: dict[str, JobTicket] = {}  # by engine request id (one per attempt)
-        self._leases_lost: set[str] = set()  # added by the writer thread, consumed here
-        self._leases_lost_lock = threading.Lock()
-        self._shutdown_deadline: float | None = None
+        self._shutdown_deadline: float | None = None  # loop thread only
         self._stop = threading.Event()
-        self._last_memory_sample = float("-inf")
         self._last_iteration_end = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="dgserve-engine-loop", daemon=True)
 
@@ -70,25 +82,21 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, ticket: JobTicket) -> JobTicket:
-        """Queue a job for the next step boundary; wait on `ticket.future` for its outcome."""
-        if not self._thread.is_alive():
+    def post(self, command: Command) -> None:
+        """Queue a command for the next step boundary (the only way into the loop)."""
+        if isinstance(command, Submit) and not self._thread.is_alive():
             raise RuntimeError("the engine loop is not running")
-        self._inbox.put(ticket)
-        self._wakeup.set()
+        self._commands.put(command)
+
+    def submit(self, ticket: JobTicket) -> JobTicket:
+        """Queue a job; wait on `ticket.future` for its outcome."""
+        self.post(Submit(ticket))
         return ticket
 
-    def begin_shutdown(self, grace_s: float) -> None:
-        """Stop admitting work; in-flight jobs get `grace_s` seconds to finish before being handed back."""
-        if self._shutdown_deadline is None:
-            self._shutdown_deadline = time.monotonic() + max(grace_s, 0.0)
-            self._wakeup.set()
-
     def stop(self, timeout_s: float = 30.0) -> None:
-        """End the thread (after handing back whatever is still in flight)."""
-        self.begin_shutdown(0.0)
+        """End the thread after handing back whatever is still in flight."""
+        self.post(Shutdown(0.0))
         self._stop.set()
-        self._wakeup.set()
         self._thread.join(timeout_s)
 
     def is_in_flight(self, job_id: str) -> bool:
@@ -104,54 +112,71 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def lease_lost(self, job_id: str) -> None:
-        """The store refused to renew this worker's lease on `job_id` (requeued by a reaper while this worker
-        looked dead, or finished elsewhere): stop running it here at the next step boundary."""
-        with self._leases_lost_lock:
-            self._leases_lost.add(job_id)
-        self._wakeup.set()
-
     def seconds_since_iteration(self) -> float:
         """How long ago the loop last completed an iteration (one step, or an idle wait): grows without bound
-        when the loop hangs inside the engine, which is how lease renewal learns to stop."""
-        return time.monotonic() - self._last_iteration_end
+        when the loop hangs inside the engine, which is how lease keeping learns to stop."""
+        return time.monotonic() - self._last_iteration_end if self.is_alive else float("inf")
 
     # -- the loop thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while not (self._stop.is_set() and not self._in_flight):
-                self._admit_new()
-                self._enforce_limits()
+                self._apply_commands(wait_s=0.0 if self._in_flight else IDLE_WAIT_S)
+                self._stop_overdue()
                 if self._in_flight:
                     self._step()
-                else:
-                    self._wakeup.wait(IDLE_WAIT_S)
-                    self._wakeup.clear()
-                self._housekeeping()
+                self._last_iteration_end = time.monotonic()
+                if self.liveness is not None:
+                    self.liveness.touch()
+                self.metrics.set_load(self.engine.num_running(), self.engine.num_waiting())
+                kv_stats = getattr(self.engine, "kv_stats", None)  # the paged engine's prefix-cache counters
+                if kv_stats is not None:
+                    self.metrics.set_kv(kv_stats())
         except Exception:
             logger.exception("engine loop crashed; failing the jobs in flight")
             for ticket in list(self._in_flight.values()):
-                self._finish(ticket)
+                self._forget(ticket)
                 self.reporter.failed(ticket, "worker_error", "the worker's engine loop crashed; see worker logs")
         finally:
-            self._hand_back_inbox()
+            self._hand_back_submitted()
 
-    def _admit_new(self) -> None:
+    def _apply_commands(self, wait_s: float) -> None:
+        try:
+            command = self._commands.get(timeout=wait_s) if wait_s > 0 else self._commands.get_nowait()
+        except queue.Empty:
+            return
         while True:
+            self._apply(command)
             try:
-                ticket = self._inbox.get_nowait()
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if self._shutdown_deadline is not None:
-                self.reporter.handed_back(ticket)
-                continue
-            self._admit(ticket)
+
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, Submit):
+            self._admit(command.ticket)
+        elif isinstance(command, Shutdown):
+            deadline = time.monotonic() + max(command.grace_s, 0.0)
+            if self._shutdown_deadline is None or deadline < self._shutdown_deadline:
+                self._shutdown_deadline = deadline
+        else:
+            ticket = self._in_flight.get(command.job_id)
+            if ticket is None:
+                return  # finished meanwhile: the job's terminal write is already queued
+            self._abort(ticket)
+            if isinstance(command, Cancel):
+                self.reporter.cancelled(ticket)
+            else:
+                self.reporter.lease_lost(ticket)
 
     def _admit(self, ticket: JobTicket) -> None:
+        if self._shutdown_deadline is not None:
+            self.reporter.handed_back(ticket)
+            return
         if ticket.job_id in self._in_flight:
             # The same job twice in one worker (a redelivery racing its first delivery): keep the first,
             # and keep its lease (no release).
-            self.reporter.handed_back(ticket, release=False)
+            self.reporter.handed_back(ticket, release_it=False)
             return
         try:
             self.engine.add_request(ticket.prepared.request, request_id=ticket.request_id)
@@ -161,22 +186,14 @@ class EngineLoop:
         ticket.admitted_at = time.time()
         self._in_flight[ticket.job_id] = ticket
         self._by_request[ticket.request_id] = ticket
-        self.reporter.writer.watch(ticket.job_id)
+        self.reporter.started(ticket)
 
-    def _enforce_limits(self) -> None:
-        """Lost leases, cancel flags, deadlines and the shutdown grace period, all checked between steps."""
+    def _stop_overdue(self) -> None:
+        """Deadlines and the shutdown grace period, checked between steps."""
         now = time.time()
         grace_over = self._shutdown_deadline is not None and time.monotonic() >= self._shutdown_deadline
-        with self._leases_lost_lock:
-            lost, self._leases_lost = self._leases_lost, set()
         for ticket in list(self._in_flight.values()):
-            if ticket.job_id in lost:
-                self._abort(ticket)
-                self.reporter.lease_lost(ticket)
-            elif self.cancel_requested(ticket.job_id):
-                self._abort(ticket)
-                self.reporter.cancelled(ticket)
-            elif ticket.is_past_deadline(now):
+            if ticket.is_past_deadline(now):
                 self._abort(ticket)
                 self.reporter.expired(ticket)
             elif grace_over:
@@ -184,60 +201,42 @@ class EngineLoop:
                 self.reporter.handed_back(ticket)
 
     def _step(self) -> None:
-        started = time.perf_counter()
         outputs: list[StepOutput] = self.engine.step()
-        stats = getattr(self.engine, "last_step_stats", None)
-        forward_seconds = stats.forward_seconds if stats is not None else time.perf_counter() - started
-        self.metrics.observe_step(stats.num_denoising_canvases if stats is not None else 0, forward_seconds)
+        stats = self.engine.last_step_stats
+        self.metrics.observe_step(stats.num_denoising_canvases, stats.forward_seconds)
         for out in outputs:
             ticket = self._by_request.get(out.request_id)
             if ticket is None:
-                continue  # a job already aborted here; the engine may still report its end
-            self._dispatch(ticket, out)
-
-    def _dispatch(self, ticket: JobTicket, out: StepOutput) -> None:
-        if out.kind == "draft":
-            self.reporter.draft(ticket, out)
-        elif out.kind == "canvas":
-            self.reporter.canvas(ticket, out)
-            if ticket.prepared.stop_reached(ticket.canvas_token_ids):  # a stop string: end it here
-                self._abort(ticket)
-                self.reporter.succeeded(ticket, replace(out, kind="finished", finish_reason="stop", stats=None))
-        elif out.kind == "finished":
-            self._finish(ticket)
-            if out.finish_reason == "error":
-                self.reporter.failed(ticket, "engine_error", out.text or "the engine failed on this request")
-            elif out.finish_reason == "aborted":
-                self.reporter.failed(ticket, "aborted", "the engine aborted this request")
+                continue  # aborted here already (cancel, deadline, lease lost): the engine reports its end
+            if out.kind == "draft":
+                self.reporter.draft(ticket, out)
+            elif out.kind == "canvas":
+                self.reporter.canvas(ticket, out)
+                if ticket.prepared.stop_reached(ticket.canvas_token_ids):  # a stop string: end it here
+                    self._abort(ticket)
+                    self.reporter.succeeded(ticket, replace(out, kind="finished", finish_reason="stop", stats=None))
             else:
-                self.reporter.succeeded(ticket, out)
+                # Only "stop", "length" or "error" reach here: every "aborted" end is of a request this
+                # loop aborted itself, whose ticket was forgotten when it did.
+                self._forget(ticket)
+                if out.finish_reason == "error":
+                    self.reporter.failed(ticket, "engine_error", out.error or "the engine failed on this request")
+                else:
+                    self.reporter.succeeded(ticket, out)
 
     def _abort(self, ticket: JobTicket) -> None:
-        self._finish(ticket)
-        try:
-            self.engine.abort(ticket.request_id)
-        except (KeyError, ValueError):
-            logger.debug("engine had already dropped %s", ticket.request_id)
+        self._forget(ticket)
+        self.engine.abort(ticket.request_id)  # unknown ids are ignored by the engine's contract
 
-    def _finish(self, ticket: JobTicket) -> None:
+    def _forget(self, ticket: JobTicket) -> None:
         self._in_flight.pop(ticket.job_id, None)
         self._by_request.pop(ticket.request_id, None)
 
-    def _housekeeping(self) -> None:
-        self._last_iteration_end = time.monotonic()
-        self.metrics.set_load(self.engine.num_running(), self.engine.num_waiting())
-        kv_stats = getattr(self.engine, "kv_stats", None)
-        if kv_stats is not None:
-            self.metrics.set_kv(kv_stats())
-        self.heartbeat.beat()
-        now = time.monotonic()
-        if self.sample_memory is not None and now - self._last_memory_sample >= self.memory_sample_s:
-            self._last_memory_sample = now
-            self.sample_memory()
-
-    def _hand_back_inbox(self) -> None:
+    def _hand_back_submitted(self) -> None:
         while True:
             try:
-                self.reporter.handed_back(self._inbox.get_nowait())
+                command = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(command, Submit):
+                self.reporter.handed_back(command.ticket)

@@ -1,62 +1,46 @@
-"""Liveness signal of one worker, touched by the engine-loop thread.
+"""This worker's record in the job store's worker registry, which the API's /readyz reads.
 
-Two sinks: a file whose mtime a container health check compares with the clock (`celery inspect ping`
-times out on a busy worker, the file does not), and the job store's worker heartbeat that the API's /readyz
-reads. The engine loop calls `beat()` every iteration; writes are throttled to `interval_s` so a loop doing a
-few hundred steps a second does not turn into a few hundred Redis writes.
+Record format (the `info` of `JobStore.heartbeat(worker_id, info)`; the registry scores it with the time it
+was written), the contract with `services.jobs.JobStore.live_workers`:
+
+    {"queue", "model", "gpu", "pid", "limits": the engine's request limits (what the API checks submissions
+     against, `dgtext.request_rules.ModelLimits`), "load": the worker's live load (`WorkerMetrics.load_snapshot`,
+     shown by /readyz as `worker_load`), "beat_interval_s": how often this worker writes the record,
+     "redis_run_id": the Redis server's `run_id` (INFO server) when the record was written: the store adds it}
+
+A record counts as a worker alive now only if it was written by the Redis server running now (its `run_id`
+changes at every restart, so neither a record written before a restart nor a dead worker's record restored
+from the append-only file counts) and less than `LIVENESS_BEATS` intervals ago (so a worker killed a moment
+ago stops counting after a few seconds, not after a lease length). The lease keeper writes it every interval,
+and stops writing it when the engine loop hangs; a worker that shuts down cleanly removes it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
-logger = logging.getLogger(__name__)
+from worker.protocols import JobStoreLike
+
+LIVENESS_BEATS = 3  # mirrored in services.jobs.LIVENESS_BEATS (services never import the worker)
 
 
 class Heartbeat:
-    """Throttled toucher of a heartbeat file and a remote heartbeat callback.
+    """Writes (`beat`) and removes (`remove`) one worker's registry record."""
 
-    `remote` is called with no arguments (the worker runtime passes one that queues
-    `store.heartbeat(worker_id, info)` on the store-writer thread); its failures are logged, never raised,
-    because a Redis hiccup must not stop the engine loop.
-    """
-
-    def __init__(self, path: Path | None, remote: Callable[[], None] | None = None,
-                 interval_s: float = 2.0) -> None:
+    def __init__(self, store: JobStoreLike, worker_id: str, info: dict[str, Any], interval_s: float,
+                 live_info: Callable[[], dict[str, Any]] | None = None) -> None:
+        """`info` is fixed for the worker's life; `live_info()`, if given, is read at every beat and merged in."""
         if interval_s <= 0:
             raise ValueError(f"heartbeat interval must be > 0 seconds, got {interval_s}")
-        self.path = path
-        self.remote = remote
-        self.interval_s = interval_s
-        self._last_beat = float("-inf")
+        self.store, self.worker_id, self.live_info = store, worker_id, live_info
+        self.info = {**info, "beat_interval_s": interval_s}
 
-    def beat(self, force: bool = False) -> bool:
-        """Touch both sinks if `interval_s` passed since the last touch (or `force`); True if it touched."""
-        now = time.monotonic()
-        if not force and now - self._last_beat < self.interval_s:
-            return False
-        self._last_beat = now
-        if self.path is not None:
-            self._touch_file(self.path)
-        if self.remote is not None:
-            try:
-                self.remote()
-            except Exception:  # noqa: BLE001 - the loop must survive a store outage; the file still beats
-                logger.warning("remote heartbeat failed", exc_info=True)
-        return True
+    def beat(self) -> None:
+        """Write the record now (raises the store's errors; the lease keeper handles outages)."""
+        live = self.live_info() if self.live_info is not None else {}
+        self.store.heartbeat(self.worker_id, {**self.info, **live})
 
-    @staticmethod
-    def _touch_file(path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(exist_ok=True)
-        os.utime(path, None)
-
-    def age_seconds(self) -> float | None:
-        """Seconds since the file was last touched (None if it does not exist): what a health check reads."""
-        if self.path is None or not self.path.exists():
-            return None
-        return time.time() - self.path.stat().st_mtime
+    def remove(self) -> None:
+        """Drop the record (clean shutdown): /readyz stops counting this worker at once."""
+        self.store.forget_worker(self.worker_id)

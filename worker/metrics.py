@@ -66,10 +66,11 @@ class WorkerMetrics:
                                                 by_kind, buckets=JOB_SECONDS_BUCKETS, registry=r)
         self.job_run_seconds = Histogram("dgserve_job_run_seconds", "From the job's start to its result.",
                                          by_kind, buckets=JOB_SECONDS_BUCKETS, registry=r)
-        self.canvases_in_flight = Gauge("dgserve_canvases_in_flight", "Requests being denoised now.",
-                                        by_card, registry=r)
-        self.canvases_waiting = Gauge("dgserve_canvases_waiting", "Requests admitted but not yet running.",
-                                      by_card, registry=r)
+        # Requests, not canvases: a running request denoises one canvas at a time.
+        self.requests_running = Gauge("dgserve_requests_running", "Requests the engine is running now (each "
+                                      "holds a KV slot and denoises one canvas per step).", by_card, registry=r)
+        self.requests_waiting = Gauge("dgserve_requests_waiting", "Requests added to the engine that wait for "
+                                      "a KV slot (not yet scheduled).", by_card, registry=r)
         self.gpu_memory_used = Gauge("dgserve_gpu_memory_used_bytes", "Memory in use on the card "
                                      "(CPU mode: this process's resident set).", by_card, registry=r)
         self.gpu_memory_total = Gauge("dgserve_gpu_memory_total_bytes", "Memory of the card "
@@ -94,8 +95,8 @@ class WorkerMetrics:
         card = {"model": labels.model, "gpu": labels.gpu}
         self._batch_size_child = self.batch_size.labels(**card)
         self._forward_seconds_child = self.forward_seconds.labels(**card)
-        self._in_flight_child = self.canvases_in_flight.labels(**card)
-        self._waiting_child = self.canvases_waiting.labels(**card)
+        self._running_child = self.requests_running.labels(**card)
+        self._waiting_child = self.requests_waiting.labels(**card)
         # Plain copies of a few values for the heartbeat (`load_snapshot`): the API's /readyz shows them to
         # the playground, which cannot reach this port. prometheus_client keeps its values private.
         self._snapshot = {"generated_tokens": 0, "canvases_in_flight": 0, "canvases_waiting": 0,
@@ -136,7 +137,7 @@ class WorkerMetrics:
                 histogram.labels(**labels).observe(max(seconds, 0.0))
 
     def set_load(self, num_running: int, num_waiting: int) -> None:
-        self._in_flight_child.set(num_running)
+        self._running_child.set(num_running)
         self._waiting_child.set(num_waiting)
         self._snapshot.update(canvases_in_flight=num_running, canvases_waiting=num_waiting)
 

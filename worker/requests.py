@@ -24,7 +24,7 @@ from worker.sampling import sampling_params_of
 class ModelInfo:
     """What job preparation needs to know about the loaded model."""
 
-    tokenizer: EditTokenizer  # dgtext.tokenizer.PromptTokenizer
+    tokenizer: EditTokenizer  # dgtext.tokenizer.PromptTokenizer implements it
     canvas_length: int
     default_max_new_tokens: int
 
@@ -33,7 +33,8 @@ class ModelInfo:
 class PreparedJob:
     """A job ready for the engine: its request, and how to report its drafts and its result.
 
-    `draft_event(out)` / `canvas_event(out)` give the data of a `draft` / `canvas` event;
+    `draft_event(out)` / `canvas_event(out)` give the data of a `draft` / `canvas` event (the engine's
+    outputs carry ids only: text is decoded here, at the edge);
     `result(canvas_token_ids, finished_out)` gives the stored result (may raise ValueError);
     `produced_tokens(canvas_out)` counts the tokens the model wrote in a committed canvas (metrics).
     """
@@ -46,11 +47,6 @@ class PreparedJob:
     # Called after each committed canvas with all committed ids so far: True ends the request now with
     # finish_reason "stop" (a stop string occurred; the engine loop aborts it and stores the result).
     stop_reached: Callable[[Sequence[Sequence[int]]], bool] = lambda canvases: False
-
-
-
-def _text_event(out: StepOutput) -> dict[str, Any]:
-    return {"canvas": out.canvas_index, "step": out.step, "text": out.text}
 
 
 def _engine_request(job: GenerateJobCreate, params: SamplingParams) -> EngineRequest:
@@ -97,10 +93,13 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
         return model.tokenizer.decode(ids, skip_special_tokens=False)
     logprobs: list[dict[str, Any]] = []  # per committed token, collected canvas by canvas (one attempt)
 
+    def text_event(out: StepOutput) -> dict[str, Any]:
+        return {"canvas": out.canvas_index, "step": out.step, "text": decode(out.token_ids)}
+
     def canvas_event(out: StepOutput) -> dict[str, Any]:
         if job.logprobs is not None:
             logprobs.extend(logprob_entries(out, token_text))
-        return _text_event(out)
+        return text_event(out)
 
     def result(canvas_token_ids: Sequence[Sequence[int]], out: StepOutput) -> dict[str, Any]:
         # Decode all ids at once: a multi-byte character may straddle two canvases.
@@ -124,7 +123,7 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
             return False
         return cut_at_stop(decode([t for canvas in canvas_token_ids for t in canvas]), job.stop)[1]
 
-    return PreparedJob(request=request, draft_event=_text_event, canvas_event=canvas_event, result=result,
+    return PreparedJob(request=request, draft_event=text_event, canvas_event=canvas_event, result=result,
                        stop_reached=stop_reached)
 
 

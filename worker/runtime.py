@@ -1,16 +1,16 @@
 """Everything one worker process owns, built once when Celery starts the worker.
 
-`WorkerRuntime` wires the job store, the engine (model loaded in this process, on its one device), the
-store-writer thread, the engine-loop thread, the heartbeat and the metrics endpoint, and implements the
-body of the `dgserve.run_job` task (`run_job`). The Celery signal handlers in `worker.tasks` call
-`start_runtime` / `begin_shutdown` / `stop_runtime`.
+`WorkerRuntime` wires the job store, the engine (model loaded in this process, on its one device; tests may
+pass any `worker.protocols.EngineLike`), the store-writer thread, the lease keeper, the engine-loop thread, the
+registry heartbeat and the metrics endpoint, and implements the body of the `dgserve.run_job` task
+(`run_job`). The Celery signal handlers in `worker.tasks` call `start_runtime` / `begin_shutdown` /
+`stop_runtime`.
 
 Orphan recovery: Celery redelivers a dead worker's unacked message only after the visibility timeout (above
-the job deadline), far too late. Instead, every worker's store-writer thread periodically asks the store to
-requeue running jobs of its queue whose lease lapsed (`JobStore.reclaim_orphans`, a compare-and-set per
-job, so of several reapers exactly one wins each job) and re-sends `dgserve.run_job` for the jobs it won
-(`resend_job`). The dead worker's original message, restored much later, then finds the job finished (ack)
-or running under a live lease (retried later), and is never run twice.
+the job deadline), far too late. Instead, every worker's lease keeper periodically requeues running jobs of
+its queue whose lease lapsed and re-sends `dgserve.run_job` for the jobs it won (`worker.leases`). The dead
+worker's original message, restored much later, then finds the job finished (ack) or running under a live
+lease (retried later), and is never run twice.
 """
 
 from __future__ import annotations
@@ -19,23 +19,27 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from engine.engine import Engine
-from services.jobs import JobStore
+from services.jobs import JobStore, StartDecision
 from worker.device import gpu_label, resolve_device, resolve_dtype, sample_memory
-from worker.engine_loop import EngineLoop
+from worker.engine_loop import Cancel, EngineLoop, LeaseLost, Shutdown
 from worker.heartbeat import Heartbeat
 from worker.job_reporter import JobReporter
+from worker.leases import LeaseKeeper, reap_and_resend
+from worker.liveness import LivenessFile
 from worker.metrics import MetricLabels, WorkerMetrics
+from worker.outage import STORE_UNREACHABLE, StoreOutage
 from worker.requests import ModelInfo, prepare_job
 from worker.settings import WorkerSettings
 from worker.store_writer import StoreWriter
 from worker.tickets import JobOutcome, JobTicket
 
 logger = logging.getLogger(__name__)
-ORPHANS_PER_PASS = 100  # bounds one reaper pass; more orphans than that are taken at the next pass
+START_OUTAGE_WAIT_S = 60.0  # a job's start waits this long for an unreachable store before the task retries
 
 
 class HandBack(Exception):
@@ -52,43 +56,56 @@ class RetryLater(Exception):
 
 
 class WorkerRuntime:
+    """One worker process's parts, wired: store, engine, engine loop, store writer, lease keeper, metrics."""
+
     def __init__(self, settings: WorkerSettings, hostname: str | None = None,
-                 resend_job: Callable[[str], None] | None = None) -> None:
+                 resend_job: Callable[[str], None] | None = None, engine: Any = None) -> None:
         self.settings = settings
         self.worker_id = f"{hostname or socket.gethostname()}:{os.getpid()}"
         self.resend_job = resend_job  # publishes `dgserve.run_job(job_id)` to this queue; None: no reaping
         self.store = JobStore.from_settings(settings)
         self.device = resolve_device(settings.worker_device)
-        self.engine = load_engine(settings, self.device)
+        self.engine = engine if engine is not None else load_engine(settings, self.device)
         self.metrics = WorkerMetrics(MetricLabels(model=settings.model_name, gpu=gpu_label(self.device)))
-        self.writer = StoreWriter(self.store.is_cancel_requested, settings.worker_cancel_poll_seconds,
-                                  renew_leases=self._renew_leases,
-                                  renew_every_s=settings.worker_heartbeat_interval_seconds,
-                                  reap_orphans=self._reap_orphans if resend_job is not None else None)
-        self.heartbeat = Heartbeat(settings.heartbeat_path, remote=self._remote_heartbeat,
-                                   interval_s=settings.worker_heartbeat_interval_seconds)
-        self.reporter = JobReporter(self.store, self.writer, self.metrics, self.worker_id)
+        self.outage = StoreOutage()
+        self.writer = StoreWriter(self.outage)
+        interval_s = settings.worker_heartbeat_interval_seconds
+        self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=interval_s, info={
+            "queue": settings.queue_name, "model": settings.model_name, "gpu": self.metrics.labels.gpu,
+            "pid": os.getpid(),
+            "limits": self.engine.request_limits.to_json_dict()},  # what the API checks submissions against
+            live_info=lambda: {"load": self.metrics.load_snapshot()})  # /readyz's worker_load, read at each beat
+        self.leases = LeaseKeeper(
+            self.store, self.worker_id, self.outage,
+            progress_of=lambda job_id: self.loop.progress_of(job_id),
+            loop_stalled_s=lambda: self.loop.seconds_since_iteration(),
+            on_cancel=lambda job_id: self.loop.post(Cancel(job_id)),
+            on_lease_lost=lambda job_id: self.loop.post(LeaseLost(job_id)),
+            heartbeat=self._beat,
+            reap_orphans=(lambda: reap_and_resend(self.store, resend_job)) if resend_job is not None else None,
+            interval_s=interval_s, cancel_poll_s=settings.worker_cancel_poll_seconds,
+            reap_grace_s=float(settings.heartbeat_ttl_seconds), hung_after_s=settings.worker_hung_loop_seconds)
+        self.reporter = JobReporter(self.store, self.writer, self.metrics, self.leases, self.worker_id)
         self.model_info = model_info_of(self.engine)
-        self.loop = EngineLoop(self.engine, self.reporter, self.metrics, self.heartbeat,
-                               cancel_requested=self.writer.cancel_requested,
-                               sample_memory=lambda: sample_memory(self.metrics, self.device))
+        self.loop = EngineLoop(self.engine, self.reporter, self.metrics, LivenessFile(settings.heartbeat_path))
         self._metrics_server: Any = None
         self._dead_worker_signalled = False
 
     def start(self) -> None:
         self.writer.start()
         self.loop.start()
-        self.heartbeat.beat(force=True)
-        sample_memory(self.metrics, self.device)
+        self.leases.start()
         self._metrics_server = self.metrics.serve(self.settings.worker_metrics_port, self.settings.worker_metrics_host)
         logger.info("worker %s serving %s on %s; metrics on :%d", self.worker_id, self.settings.queue_name,
                     self.device, self.settings.worker_metrics_port)
 
     def begin_shutdown(self) -> None:
-        self.loop.begin_shutdown(self.settings.worker_shutdown_grace_seconds)
+        self.loop.post(Shutdown(self.settings.worker_shutdown_grace_seconds))
 
     def stop(self) -> None:
         self.loop.stop(timeout_s=self.settings.worker_shutdown_grace_seconds + 30)
+        self.leases.stop()
+        self.writer.submit(self.heartbeat.remove)  # after every job write: /readyz stops counting us
         self.writer.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -100,11 +117,12 @@ class WorkerRuntime:
         Never raises for a user's bad input: that fails the job with the validation message.
         """
         if self.loop.is_in_flight(job_id):
-            # kombu restored our own unacked message (visibility timeout shorter than this run): do not
-            # start the job a second time here, but keep a message alive in case this worker dies.
+            # A second message for a job running here: kombu restored our own unacked message (after a broker
+            # reconnect, or a visibility timeout shorter than this run). Do not start the job a second time,
+            # but keep a message alive in case this worker dies.
             raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
         try:
-            decision = self.store.try_start(job_id, self.worker_id)
+            decision = self._try_start(job_id)
             job = decision.job
             prepared = prepare_job(job.request, self.model_info) if decision.should_run and job else None
         except ValueError as err:  # a stored payload this worker cannot read or run (pydantic errors included)
@@ -133,6 +151,24 @@ class WorkerRuntime:
             raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
         return outcome.value
 
+    def _try_start(self, job_id: str) -> StartDecision:
+        """`store.try_start`, waiting out a store outage of up to `START_OUTAGE_WAIT_S` (the message was
+        delivered just before Redis went away); past that the outage error propagates and the task retries."""
+        deadline = time.monotonic() + START_OUTAGE_WAIT_S
+        delay = 0.1
+        while True:
+            try:
+                decision = self.store.try_start(job_id, self.worker_id)
+            except STORE_UNREACHABLE as err:
+                self.outage.failed(err)
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+                continue
+            self.outage.answered()
+            return decision
+
     def _shut_down_dead_worker(self) -> None:
         """The engine loop is gone (it crashed): stop this worker so its supervisor starts a fresh one, rather
         than keep taking jobs it can only hand back."""
@@ -141,40 +177,10 @@ class WorkerRuntime:
             logger.critical("the engine loop is not running; shutting this worker down")
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def _renew_leases(self, job_ids: list[str]) -> None:
-        # The store renews a lease with every progress write; re-writing the last progress keeps the
-        # lease alive through long steps (a big prefill, the first step's torch.compile) that produce no
-        # output. A loop stuck far longer than any step is hung, not busy: stop renewing, so a live
-        # worker's reaper takes its jobs over instead of them waiting for their deadline.
-        stuck_s = self.loop.seconds_since_iteration()
-        if stuck_s > self.settings.worker_hung_loop_seconds or not self.loop.is_alive:
-            logger.error("engine loop stuck for %.0f s; leases of %d jobs left to lapse", stuck_s, len(job_ids))
-            return
-        for job_id in job_ids:
-            canvas, step = self.loop.progress_of(job_id)
-            if not self.store.set_progress(job_id, canvas, step, worker_id=self.worker_id):
-                logger.warning("lost the lease on job %s (requeued or finished elsewhere); stopping it here", job_id)
-                self.loop.lease_lost(job_id)
-
-    def _reap_orphans(self) -> None:
-        # On the writer thread, right after this worker renewed its own leases.
-        if self.resend_job is None:
-            return
-        for job_id in self.store.reclaim_orphans(limit=ORPHANS_PER_PASS):
-            logger.warning("job %s was orphaned (its worker stopped renewing the lease); requeued, re-sending",
-                           job_id)
-            try:
-                self.resend_job(job_id)
-            except Exception:  # noqa: BLE001 - one failed publish must not strand the other reclaimed jobs
-                logger.exception("could not re-send orphaned job %s: it stays queued without a message", job_id)
-
-    def _remote_heartbeat(self) -> None:
-        # On the writer thread: the engine loop never waits on Redis.
-        info = {"queue": self.settings.queue_name, "model": self.settings.model_name,
-                "gpu": self.metrics.labels.gpu, "pid": os.getpid(), "load": self.metrics.load_snapshot(),
-                "limits": self.engine.request_limits.to_json_dict()}  # what the API checks submissions against
-        self.writer.submit(lambda: self.store.heartbeat(self.worker_id, info))
-
+    def _beat(self) -> None:
+        # On the lease keeper's thread, every interval: the memory gauges and the registry record.
+        sample_memory(self.metrics, self.device)
+        self.heartbeat.beat()
 
 def load_engine(settings: WorkerSettings, device: Any) -> Engine:
     """The engine on this worker's device, sized so one decoder forward holds every job Celery hands us."""

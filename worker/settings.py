@@ -30,8 +30,11 @@ class WorkerSettings(Settings):
     worker_metrics_host: str = Field(default="0.0.0.0", description=(
         "interface of the /metrics endpoint: all by default so Prometheus in another container can scrape it"))
     worker_heartbeat_file: Path | None = Field(default=None, description=(
-        "touched by the engine loop; default <cache dir>/worker-<queue>.heartbeat"))
-    worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60)
+        "liveness file the engine loop touches every iteration (read by `python -m worker.heartbeat_probe`); "
+        "default <cache dir>/worker-<queue>.heartbeat"))
+    worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60, description=(
+        "how often the worker writes its registry record (/readyz), renews its job leases and reaps orphans; "
+        "keep it at most a third of heartbeat_ttl_seconds"))
     worker_shutdown_grace_seconds: float = Field(default=120.0, ge=0, le=3600, description=(
         "after SIGTERM, in-flight jobs get this long to finish before being handed back to the queue"))
     worker_hung_loop_seconds: float = Field(default=300.0, gt=0, le=3600, description=(
@@ -44,6 +47,7 @@ class WorkerSettings(Settings):
 
     @property
     def heartbeat_path(self) -> Path:
+        """The liveness file of this worker's engine loop."""
         if self.worker_heartbeat_file is not None:
             return self.worker_heartbeat_file
         return cache_dir() / f"worker-{self.queue_name}.heartbeat"

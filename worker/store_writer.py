@@ -1,4 +1,4 @@
-"""The one thread that talks to the job store on behalf of the engine loop.
+"""The one thread that writes to the job store on behalf of the engine loop.
 
 Why a separate thread: the engine loop must go from one step to the next without waiting on Redis round
 trips (16 jobs x a draft event per step would otherwise add milliseconds to every step on a tiny model).
@@ -6,11 +6,13 @@ The loop hands writes over as closures; this thread runs them strictly in submis
 `canvas` events always precede its terminal write, and the terminal write happens before the job's future
 is resolved (the Celery task acks only after the result is committed).
 
-It also polls the cancel flags of the jobs in flight every `cancel_poll_s` and publishes the answers as a
-set the loop reads without I/O, and renews this worker's leases on them every `renew_every_s` (a lease that
-stops being renewed is how another worker learns that this one died). At the same cadence, right after the
-renewal (so this worker never reclaims its own jobs because it renewed late), it runs the orphan reaper:
-jobs of other workers whose lease lapsed are requeued and re-sent.
+Outages: a write that fails because the store is unreachable (`worker.outage.STORE_UNREACHABLE`) is retried,
+with a capped backoff, until it goes through; the writes behind it wait, so order is kept and nothing is
+dropped while Redis restarts. The engine keeps stepping meanwhile; its writes queue up here. Only `stop()`
+with writes still blocked gives up on them (the worker is exiting; the jobs' leases lapse and live workers
+requeue them). Retrying a write whose reply was lost can repeat it: terminal writes are compare-and-set in
+the store (a repeat is refused), a repeated draft/canvas event is harmless to results (they are assembled
+from the engine's ids, not from events).
 """
 
 from __future__ import annotations
@@ -21,33 +23,26 @@ import threading
 import time
 from collections.abc import Callable
 
+from worker.outage import STORE_UNREACHABLE, StoreOutage
+
 logger = logging.getLogger(__name__)
 
-StoreWrite = Callable[[], None]
+StoreWrite = Callable[[], object]
+RETRY_FIRST_S = 0.05  # first wait after a failed write; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 1.0  # bounds how late the writer notices that Redis is back
 
 
 class StoreWriter:
-    """FIFO executor of job-store writes plus a cancel-flag poller.
+    """FIFO executor of job-store writes that survives store outages.
 
-    `is_cancel_requested(job_id) -> bool` is the store's query; a failing write is logged and skipped (the
-    loop keeps serving other jobs; a lost draft event is better than a dead worker).
+    A write that raises anything but an outage error is logged and skipped (a bug in one job's write must
+    not stop the writes of the others).
     """
 
-    def __init__(self, is_cancel_requested: Callable[[str], bool], cancel_poll_s: float = 0.1,
-                 renew_leases: Callable[[list[str]], None] | None = None, renew_every_s: float = 2.0,
-                 reap_orphans: Callable[[], None] | None = None) -> None:
-        if cancel_poll_s <= 0 or renew_every_s <= 0:
-            raise ValueError(f"poll intervals must be > 0 seconds, got cancel_poll_s={cancel_poll_s}, "
-                             f"renew_every_s={renew_every_s}")
-        self._is_cancel_requested = is_cancel_requested
-        self._cancel_poll_s = cancel_poll_s
-        self._renew_leases = renew_leases
-        self._renew_every_s = renew_every_s
-        self._reap_orphans = reap_orphans
+    def __init__(self, outage: StoreOutage | None = None) -> None:
+        self.outage = outage if outage is not None else StoreOutage()
         self._writes: queue.SimpleQueue[StoreWrite | None] = queue.SimpleQueue()
-        self._watched: set[str] = set()
-        self._cancelled: frozenset[str] = frozenset()
-        self._lock = threading.Lock()
+        self._giving_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dgserve-store-writer", daemon=True)
         self._stopped = False
 
@@ -60,88 +55,40 @@ class StoreWriter:
             raise RuntimeError("StoreWriter is stopped; no more writes are accepted")
         self._writes.put(write)
 
-    def watch(self, job_id: str) -> None:
-        with self._lock:
-            self._watched.add(job_id)
-
-    def unwatch(self, job_id: str) -> None:
-        with self._lock:
-            self._watched.discard(job_id)
-
-    def cancel_requested(self, job_id: str) -> bool:
-        """The last polled answer (at most `cancel_poll_s` old); never does I/O."""
-        return job_id in self._cancelled
-
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Run every queued write, then end the thread."""
+        """Run every queued write, then end the thread; writes still blocked by an outage after `timeout_s`
+        are abandoned."""
         if self._stopped:
             return
         self._stopped = True
         self._writes.put(None)
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._giving_up.set()
+            self._thread.join(RETRY_MAX_S * 2)
 
     def _run(self) -> None:
-        next_poll = next_renewal = time.monotonic()
         while True:
-            timeout = max(0.0, next_poll - time.monotonic())
-            try:
-                write = self._writes.get(timeout=timeout)
-            except queue.Empty:
-                write = _NO_WRITE
+            write = self._writes.get()
             if write is None:
                 return
-            if write is not _NO_WRITE:
-                self._run_one(write)
-            if time.monotonic() >= next_poll:
-                self._poll_cancel_flags()
-                next_poll = time.monotonic() + self._cancel_poll_s
-            if time.monotonic() >= next_renewal:
-                self._renew_all_leases()
-                self._reap()
-                next_renewal = time.monotonic() + self._renew_every_s
+            self._run_until_done(write)
 
-    @staticmethod
-    def _run_one(write: StoreWrite) -> None:
-        try:
-            write()
-        except Exception:  # noqa: BLE001 - one failed write must not stop the writes of other jobs
-            logger.exception("job store write failed")
-
-    def _renew_all_leases(self) -> None:
-        with self._lock:
-            watched = sorted(self._watched)
-        if not watched or self._renew_leases is None:
-            return
-        try:
-            self._renew_leases(watched)
-        except Exception:  # noqa: BLE001 - retried at the next interval; the lease has slack for that
-            logger.warning("lease renewal failed", exc_info=True)
-
-    def _reap(self) -> None:
-        if self._reap_orphans is None:
-            return
-        try:
-            self._reap_orphans()
-        except Exception:  # noqa: BLE001 - orphans stay in the store's index; the next pass finds them again
-            logger.warning("orphan reaping failed", exc_info=True)
-
-    def _poll_cancel_flags(self) -> None:
-        with self._lock:
-            watched = list(self._watched)
-        cancelled = set()
-        for job_id in watched:
+    def _run_until_done(self, write: StoreWrite) -> None:
+        delay = RETRY_FIRST_S
+        while True:
             try:
-                if self._is_cancel_requested(job_id):
-                    cancelled.add(job_id)
-            except Exception:  # noqa: BLE001 - keep the previous answer when the store is unreachable
-                logger.warning("cancel-flag poll failed for job %s", job_id, exc_info=True)
-                if job_id in self._cancelled:
-                    cancelled.add(job_id)
-        self._cancelled = frozenset(cancelled)
-
-
-def _no_write() -> None:
-    """Marker: the queue timed out (it is never run)."""
-
-
-_NO_WRITE: StoreWrite = _no_write
+                write()
+            except STORE_UNREACHABLE as err:
+                self.outage.failed(err)
+                if self._giving_up.is_set():
+                    logger.error("worker stopping while the job store is unreachable: a queued write is dropped")
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX_S)
+                continue
+            except Exception:  # noqa: BLE001 - one failed write must not stop the writes of other jobs
+                logger.exception("job store write failed (not an outage; skipped)")
+            else:
+                self.outage.answered()
+            return

@@ -51,8 +51,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
             "queue": services.settings.queue_name, "model": services.settings.model_name,
             "worker_load": [worker_load(worker) for worker in workers]}
     if not workers:
-        body["reason"] = (f"no worker heartbeat in the last {services.settings.heartbeat_ttl_seconds} s; "
-                          "start one with `dgserve worker`")
+        body["reason"] = ("no worker of this queue is alive now (none has written its heartbeat to this Redis "
+                          "within three of its beat intervals); start one with `dgserve worker`")
     return JSONResponse(body, status_code=200 if workers else 503)
 
 

@@ -43,7 +43,7 @@ def test_no_worker_case_fails_with_a_broken_rule(tmp_path):
     rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
         if rule["alert"] == "DgserveNoThroughput":
-            rule["expr"] = "sum(rate(dgserve_generated_tokens_total[5m])) == 0 and sum(dgserve_canvases_waiting) > 0"
+            rule["expr"] = "sum(rate(dgserve_generated_tokens_total[5m])) == 0 and sum(dgserve_requests_waiting) > 0"
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
     shutil.copy(PROMETHEUS / "alerts_test.yml", tmp_path / "alerts_test.yml")
     binary = shutil.which("promtool")

@@ -29,15 +29,11 @@ def _request(plan, seed: int, **params) -> EngineRequest:
 
 def _run(engine: Engine, requests: dict[str, EngineRequest], max_steps: int = 500):
     """Drive the engine until every request finished; outputs grouped per request id."""
-    for request_id, request in requests.items():
-        engine.add_request(request, request_id=request_id)
-    outputs: dict[str, list] = {request_id: [] for request_id in requests}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            outputs[out.request_id].append(out)
-    assert not engine.has_unfinished(), "engine did not finish within the step bound"
+    names = list(requests)
+    outputs: dict[str, list] = {name: [] for name in names}
+    # generate() numbers the requests "0", "1", ... in order; map them back to the caller's names.
+    engine.generate(list(requests.values()), max_steps=max_steps,
+                    on_output=lambda out: outputs[names[int(out.request_id)]].append(out))
     return outputs
 
 

@@ -329,7 +329,7 @@ def test_a_device_error_fails_that_step_and_the_engine_goes_on(loaded: LoadedMod
     doomed = engine.add_request(EngineRequest(prompt="doomed", params=params(1)))
     outputs = engine.step()
     end = finished(outputs, doomed)
-    assert end.finish_reason == "error" and "out of memory" in end.text
+    assert end.finish_reason == "error" and end.error is not None and "out of memory" in end.error
     survivor = engine.add_request(EngineRequest(prompt="after", params=params(2)))
     outputs = run_to_end(engine)
     assert finished(outputs, survivor).finish_reason in ("stop", "length") and committed(outputs, survivor)

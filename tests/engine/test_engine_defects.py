@@ -47,7 +47,7 @@ def test_any_exception_inside_a_step_fails_that_steps_requests_and_the_engine_go
     ends = {o.request_id: o for o in outputs if o.kind == "finished"}
     assert set(ends) == set(doomed)
     for end in ends.values():
-        assert end.finish_reason == "error" and "ValueError" in end.text and "not in tuple" in end.text
+        assert end.finish_reason == "error" and end.error is not None and "ValueError" in end.error and "not in tuple" in end.error
     assert not engine.has_unfinished() and engine.num_running() == 0
     survivor = engine.add_request(EngineRequest(prompt_token_ids=(2, 8), params=params))
     finishes = []

@@ -88,18 +88,10 @@ def test_committed_tokens_equal_reference_generate(checkpoint: Path, seed: int, 
     engine = Engine(loaded, EngineConfig(max_canvases_in_flight=2, max_context=256))
     params = SamplingParams(seed=seed, max_new_tokens=max_new_tokens, max_denoising_steps=steps, t_min=T_MIN,
                             t_max=T_MAX, stability_threshold=1, confidence_threshold=0.005)
-    rid = engine.add_request(EngineRequest(prompt_token_ids=tuple(prompt), params=params))
-    ours: list[int] = []
     steps_taken: list[int] = []
-    reason = None
-    for _ in range(200):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            if out.request_id == rid and out.kind == "canvas":
-                ours += out.token_ids
-                steps_taken.append(out.step)
-            reason = out.finish_reason or reason
+    (result,) = engine.generate([EngineRequest(prompt_token_ids=tuple(prompt), params=params)], max_steps=200,
+                                on_output=lambda out: steps_taken.append(out.step) if out.kind == "canvas" else None)
+    ours, reason = list(result.token_ids), result.finish_reason
     assert ours == reference_tokens(checkpoint, prompt, max_new_tokens, steps, seed, stop_ids)
     # check that the run exercised the scenario it is named for
     if seed == 77:

@@ -77,7 +77,7 @@ def start_worker(stack_env: dict[str, str], model_dir: Path, log_dir: Path, queu
     """`python -m worker --cpu` on `queue`; returns once its metrics endpoint answers (model loaded)."""
     port = free_port()
     log_path = log_dir / f"{name}-{port}.log"
-    env = worker_env(stack_env, queue, worker_heartbeat_file=log_dir / f"{name}-{port}.heartbeat", **settings)
+    env = worker_env(stack_env, queue, **settings)
     args = [sys.executable, "-m", "worker", "--cpu", "--model", str(model_dir), "--concurrency", str(concurrency),
             "--metrics-port", str(port), "--loglevel", "INFO", "--hostname", f"{name}-{port}@itest"]
     process = start_process(args, log_path=log_path, env=env, cwd=REPO_ROOT)

@@ -28,20 +28,9 @@ def results_from_engine(model_dir, bodies: list[dict]) -> list[dict]:
     batched together: a seeded job gives the same tokens whatever it is batched with)."""
     engine = Engine.from_pretrained(model_dir, max_canvases_in_flight=len(bodies))
     info = model_info_of(engine)
-    prepared = {str(i): prepare_job(parse_job_create(body), info) for i, body in enumerate(bodies)}
-    canvases: dict[str, list] = {request_id: [] for request_id in prepared}
-    results: dict[str, dict] = {}
-    for request_id, job in prepared.items():
-        engine.add_request(job.request, request_id=request_id)
-    for _ in range(10_000):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            if out.kind == "canvas":
-                canvases[out.request_id].append(out.token_ids)
-            elif out.kind == "finished":
-                results[out.request_id] = prepared[out.request_id].result(canvases[out.request_id], out)
-    return [results[str(i)] for i in range(len(bodies))]
+    prepared = [prepare_job(parse_job_create(body), info) for body in bodies]
+    results = engine.generate([job.request for job in prepared], max_steps=10_000)
+    return [job.result(result.canvases, result.finished) for job, result in zip(prepared, results, strict=True)]
 
 
 def assert_outside_spans_identical(old: str, result: dict) -> None:

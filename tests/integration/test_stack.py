@@ -38,17 +38,8 @@ def run_directly(model_dir, bodies: list[dict]) -> list[list[int]]:
     """The token ids the engine itself produces for these job bodies (all batched together)."""
     engine = Engine.from_pretrained(model_dir, max_canvases_in_flight=len(bodies))
     info = model_info_of(engine)
-    ids: dict[str, list[int]] = {}
-    for index, body in enumerate(bodies):
-        engine.add_request(prepare_job(parse_job_create(body), info).request, request_id=str(index))
-        ids[str(index)] = []
-    for _ in range(10_000):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            if out.kind == "canvas":
-                ids[out.request_id].extend(out.token_ids)
-    return [ids[str(index)] for index in range(len(bodies))]
+    requests = [prepare_job(parse_job_create(body), info).request for body in bodies]
+    return [list(result.token_ids) for result in engine.generate(requests, max_steps=10_000)]
 
 
 def test_generate_job_streams_drafts_canvases_and_done_then_result(stack: Stack):
@@ -157,7 +148,7 @@ def test_metrics_endpoints_expose_the_documented_names(stack: Stack):
                  "dgserve_steps_per_canvas_bucket", "dgserve_batch_size_canvases_bucket",
                  "dgserve_forward_seconds_bucket", "dgserve_job_e2e_seconds_bucket",
                  "dgserve_job_queue_wait_seconds_bucket", "dgserve_job_run_seconds_bucket",
-                 "dgserve_canvases_in_flight", "dgserve_canvases_waiting", "dgserve_gpu_memory_used_bytes",
+                 "dgserve_requests_running", "dgserve_requests_waiting", "dgserve_gpu_memory_used_bytes",
                  "dgserve_gpu_memory_total_bytes"):
         assert name in worker_text, name
     assert "job_id" not in worker_text

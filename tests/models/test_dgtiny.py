@@ -111,12 +111,7 @@ def test_weights_are_trained_on_code(loaded) -> None:
 @pytest.mark.timeout(120)
 def test_engine_generates_text_for_a_signature() -> None:
     engine = Engine.from_pretrained(MODEL_DIR, kv_cache_bytes=16 << 20, max_context=512)
-    engine.add_request(EngineRequest(prompt="def fibonacci(n):", params=SamplingParams(seed=0, max_new_tokens=64)))
-    texts, finished = [], []
-    for _ in range(200):
-        for out in engine.step():
-            texts.append(out.text) if out.kind == "canvas" else finished.append(out)
-        if not engine.has_unfinished():
-            break
-    assert finished and finished[0].finish_reason in ("stop", "length")
-    assert "".join(texts).strip()
+    (result,) = engine.generate(
+        [EngineRequest(prompt="def fibonacci(n):", params=SamplingParams(seed=0, max_new_tokens=64))], max_steps=200)
+    assert result.finish_reason in ("stop", "length")
+    assert engine.tokenizer.decode(result.token_ids).strip()

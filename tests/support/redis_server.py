@@ -56,3 +56,43 @@ def run_redis_server(data_dir: Path, durable: bool = False, timeout: float = 15.
         yield server
     finally:
         stop_process(process)
+
+
+class RestartableRedis:
+    """A durable redis-server (AOF with `appendfsync always`: nothing it acknowledged is lost when it is
+    killed) that a fault test can kill and start again on the same port with the same AOF."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir),
+                "--maxmemory-policy", "noeviction"]
+        self.process = start_process(args, log_path=self.data_dir / "redis.log")
+        probe = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+
+        def answers_ping() -> bool:
+            try:
+                return bool(probe.ping())
+            except redis.ConnectionError:  # BusyLoadingError (AOF being loaded) included
+                return False
+
+        try:
+            wait_until(answers_ping, timeout, what=f"PING on redis port {self.port}")
+        finally:
+            probe.close()
+
+    def kill(self) -> None:
+        """kill -9: clients see their connections reset mid-command."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)

@@ -24,13 +24,13 @@ def test_an_edit_counts_only_the_tokens_written_into_its_span():
         free = iter([*written, empty, empty, empty, empty, empty, empty])
         canvases.append(tuple(t if fixed else next(free) for t, fixed in zip(canvas.token_ids, canvas.is_fixed, strict=True)))
     assert len(canvases) == 1 and sum(not fixed for fixed in prepared.request.infill[0].is_fixed) == 6
-    canvas_out = StepOutput("r", "canvas", 0, 5, canvases[0], "")
+    canvas_out = StepOutput("r", "canvas", 0, 5, canvases[0])
     metrics = WorkerMetrics(MetricLabels(model="dgtiny", gpu="node-a/0"))
     metrics.observe_canvas("edit", prepared.produced_tokens(canvas_out), canvas_out.step)
     # What the engine reports: whole canvases, 32 ids of which 29 were fixed text or left empty.
     stats = RequestStats(prompt_tokens=40, generated_tokens=32, canvases=1, denoising_steps=5, steps_per_canvas=5.0,
                          queue_seconds=0.0, prefill_seconds=0.0, run_seconds=0.1)
-    finished = StepOutput("r", "finished", 0, 5, (), "", finish_reason="stop", stats=stats)
+    finished = StepOutput("r", "finished", 0, 5, (), finish_reason="stop", stats=stats)
     result = prepared.result(canvases, finished)
     assert result["edits"][0]["tokens"] == len(written)
     assert result["usage"]["generated_tokens"] == len(written)
@@ -41,7 +41,7 @@ def test_an_edit_counts_only_the_tokens_written_into_its_span():
 def test_a_generate_canvas_counts_its_committed_ids():
     tokenizer = PromptTokenizer.from_dir(BUNDLED_MODEL_DIR)
     prepared = prepare_job(GenerateJobCreate(prompt="x = "), ModelInfo(tokenizer, 32, 32))
-    assert prepared.produced_tokens(StepOutput("r", "canvas", 0, 3, (5, 6, 7), "")) == 3
+    assert prepared.produced_tokens(StepOutput("r", "canvas", 0, 3, (5, 6, 7))) == 3
 
 
 def test_gpu_labels_are_unique_per_card_across_nodes():

@@ -1,19 +1,20 @@
-"""Worker parts that need no model: metrics exposition, heartbeat, the store-writer thread against a real
-Redis job store, Celery configuration, the launcher's environment and job preparation."""
+"""Worker parts that need no model: metrics exposition, the heartbeat record and readiness, the store-writer
+thread against a real Redis job store, Celery configuration, the launcher's environment and job preparation."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import urllib.request
 
 import pytest
 
-from services.jobs import JobStore
+from services.jobs import WORKER_INFO_KEY, WORKERS_KEY, JobStore
 from services.schemas import GenerateJobCreate
 from services.settings import Settings
-from tests.support.processes import free_port, wait_until
+from tests.support.processes import free_port
 from worker.__main__ import celery_argv, parse_args, worker_environment
 from worker.celery_app import TASK_NAME, celery_config
 from worker.heartbeat import Heartbeat
@@ -25,7 +26,7 @@ WORKER_METRIC_NAMES = (
     "dgserve_generated_tokens_total", "dgserve_denoising_steps_total", "dgserve_canvases_total",
     "dgserve_steps_per_canvas_bucket", "dgserve_batch_size_canvases_bucket", "dgserve_forward_seconds_bucket",
     "dgserve_job_e2e_seconds_bucket", "dgserve_job_queue_wait_seconds_bucket", "dgserve_job_run_seconds_bucket",
-    "dgserve_canvases_in_flight", "dgserve_canvases_waiting", "dgserve_gpu_memory_used_bytes",
+    "dgserve_requests_running", "dgserve_requests_waiting", "dgserve_gpu_memory_used_bytes",
     "dgserve_gpu_memory_total_bytes",
 )
 
@@ -82,41 +83,40 @@ def test_prefix_cache_and_kv_block_series_follow_the_engine_totals():
     assert 'dgserve_kv_blocks_total{gpu="0",model="m",pool="sliding"} 16.0' in body
 
 
-def test_heartbeat_throttles_and_touches_file_and_remote(tmp_path):
-    calls = []
-    beat = Heartbeat(tmp_path / "hb" / "worker.heartbeat", remote=lambda: calls.append(1), interval_s=60)
-    assert beat.beat() is True
-    assert beat.beat() is False  # throttled
-    assert beat.beat(force=True) is True
-    assert len(calls) == 2
-    assert beat.age_seconds() is not None and beat.age_seconds() < 5
+def test_live_workers_are_records_of_the_running_redis_written_within_three_beats(fresh_redis_url):
+    store = JobStore.from_settings(Settings(redis_url=fresh_redis_url, model="tiny-test", heartbeat_ttl_seconds=60))
+    beat = Heartbeat(store, "w-live", {"queue": store.settings.queue_name}, interval_s=0.2)
+    beat.beat()
+    (live,) = store.live_workers()
+    assert live["worker_id"] == "w-live" and live["beat_interval_s"] == 0.2
+    assert live["redis_run_id"] == store.redis.info("server")["run_id"]
+    # A record restored from the AOF after a restart carries the run id of the server that wrote it.
+    store.redis.zadd(WORKERS_KEY, {"w-restored": time.time()})
+    store.redis.hset(WORKER_INFO_KEY, "w-restored", json.dumps({"redis_run_id": "0" * 40, "beat_interval_s": 2}))
+    assert [w["worker_id"] for w in store.live_workers()] == ["w-live"]
+    # A worker that stopped beating stops counting after three of its intervals, long before the TTL.
+    time.sleep(3 * 0.2 + 0.1)
+    assert store.live_workers() == []
+    beat.beat()
+    assert len(store.live_workers()) == 1
+    beat.remove()  # a clean shutdown
+    assert store.live_workers() == []
     with pytest.raises(ValueError, match="interval"):
-        Heartbeat(None, interval_s=0)
+        Heartbeat(store, "w", {}, interval_s=0)
 
 
-def test_heartbeat_survives_a_failing_remote(tmp_path):
-    def broken() -> None:
-        raise ConnectionError("redis down")
-
-    beat = Heartbeat(tmp_path / "w.hb", remote=broken, interval_s=1)
-    assert beat.beat() is True
-    assert (tmp_path / "w.hb").exists()
-
-
-def test_store_writer_keeps_order_and_polls_cancel_flags(fresh_redis_url):
+def test_store_writer_keeps_order_and_skips_a_broken_write(fresh_redis_url):
     settings = Settings(redis_url=fresh_redis_url, model="tiny-test")
     store = JobStore.from_settings(settings)
     job_id = store.create(GenerateJobCreate(prompt="hello")).job_id
     assert store.try_start(job_id, "w1").should_run
-    writer = StoreWriter(store.is_cancel_requested, cancel_poll_s=0.02)
+    writer = StoreWriter()
     writer.start()
-    writer.watch(job_id)
     for step in range(1, 6):
         writer.submit(lambda step=step: store.append_event(job_id, "draft", {"step": step}))
+        if step == 3:
+            writer.submit(lambda: 1 / 0)  # a bug in one write: logged and skipped, the others go on
     writer.submit(lambda: store.succeed(job_id, {"text": "x"}))
-    assert writer.cancel_requested(job_id) is False
-    store.redis.hset(store.job_key(job_id), "cancel_requested", "1")
-    wait_until(lambda: writer.cancel_requested(job_id), timeout=5, what="cancel flag seen")
     writer.stop()
     events = store.redis.xrange(store.events_key(job_id))
     types = [fields["type"] for _, fields in events]
@@ -127,16 +127,6 @@ def test_store_writer_keeps_order_and_polls_cancel_flags(fresh_redis_url):
         writer.submit(lambda: None)
 
 
-def test_store_writer_survives_a_failing_write():
-    done = []
-    writer = StoreWriter(lambda job_id: False)
-    writer.start()
-    writer.submit(lambda: 1 / 0)
-    writer.submit(lambda: done.append(time.time()))
-    writer.stop()
-    assert len(done) == 1
-
-
 def test_celery_config_is_json_only_acks_late_and_sized_to_the_engine():
     settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", model="/models/tiny", worker_concurrency=8,
                               job_deadline_seconds=300)
@@ -145,7 +135,9 @@ def test_celery_config_is_json_only_acks_late_and_sized_to_the_engine():
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["worker_prefetch_multiplier"] == 1 and conf["worker_concurrency"] == 8
     assert conf["broker_transport_options"]["visibility_timeout"] > settings.job_deadline_seconds
-    assert conf["result_backend_transport_options"]["visibility_timeout"] > settings.job_deadline_seconds
+    assert "visibility_timeout" not in conf and "result_backend_transport_options" not in conf  # kombu never reads them
+    assert conf["broker_transport"] == "worker.broker:OutageTolerantRedisTransport"
+    assert conf["broker_connection_max_retries"] is None
     assert conf["task_routes"][TASK_NAME]["queue"] == "dgemma.tiny"
 
 
