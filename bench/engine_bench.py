@@ -1,8 +1,15 @@
 """Engine throughput: our engine and the `transformers` reference on the same random weights, in one process.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/engine_bench.py --preset tiny --batches 1,4,16 --steps 16 \
-        --json /tmp/engine_bench.json
+    OMP_NUM_THREADS=2 .venv/bin/python bench/engine_bench.py --preset tiny --batches 1,16 --steps 16 \
+        --impls ours-eager,ours-compiled,reference,reference-static --json /tmp/engine_bench.json
     python bench/engine_bench.py --preset full --device cuda --dtype bfloat16 --batches 1,16 --steps 16
+
+Implementations (`--impls`, side by side in one run): `ours` (compiled or not per `--compile on|off`, which sets
+`EngineConfig.compile_step`), `ours-eager`, `ours-compiled`, `reference` (eager, dynamic cache) and
+`reference-static` (the reference's `cache_implementation="static"`, with which its `generate` compiles the
+encoder, decoder and sampler with torch.compile; a point where that fails is reported with its error, not
+dropped). Any preset of engine/config.py runs (`tiny`, `small`, `full`, and the wide-vocabulary one where the
+tree has it).
 
 The reference `DiffusionGemmaForBlockDiffusion` is built with random weights and our model is given the very
 same tensors (no copy). Both run B identical-length random prompts for `--canvases` canvases at `--steps`
@@ -11,12 +18,14 @@ reaches; stop tokens are disabled on both sides (an id outside the vocabulary), 
 canvas. Each measurement is the median of `--repeats` runs after one warm-up run; ours and the reference
 alternate so that drift on a shared machine hits both. "Forwards" counts model passes (encoder and decoder
 passes, as docs/performance.md counts them). Peak memory is CUDA's allocator peak; on CPU it is not
-measured (null). Prints a table and, with --json, writes {"rows": [...], "ratios": [...], "settings": {...}}.
+measured (null). Prints a table and, with --json, writes {"rows": [...], "ratios": [...], "settings": {...}};
+ratios are each of our implementations' speed over each reference implementation's at the same batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -47,12 +56,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--impls", default="ours,reference", help="which implementations to run")
+    parser.add_argument("--impls", default="ours,reference",
+                        help=f"comma-separated, from {', '.join(IMPLEMENTATIONS)}")
+    parser.add_argument("--compile", default="off", choices=["on", "off"],
+                        help="EngineConfig.compile_step for the `ours` implementation")
     parser.add_argument("--compile-sampler", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile our sampler's vocabulary scan (auto: on CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.impl_list = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = sorted(set(args.impl_list) - set(IMPLEMENTATIONS))
+    if unknown:
+        parser.error(f"--impls: unknown implementation(s) {unknown}; choose from {', '.join(IMPLEMENTATIONS)}")
+    wants_compiled = "ours-compiled" in args.impl_list or ("ours" in args.impl_list and args.compile == "on")
+    if wants_compiled and not has_compile_step():
+        parser.error("--compile on / ours-compiled need EngineConfig.compile_step (the compiled whole step of "
+                     "issue 14), which this engine does not have yet")
+    return args
+
+
+IMPLEMENTATIONS = ("ours", "ours-eager", "ours-compiled", "reference", "reference-static")
+REFERENCES = ("reference", "reference-static")
+
+
+def has_compile_step() -> bool:
+    return "compile_step" in {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 def build_models(preset: str, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[LoadedModel, Any]:
@@ -86,10 +115,11 @@ def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> lis
 
 
 def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_tokens: int,
-                compile_sampler: bool | None) -> Callable[[], int]:
+                compile_sampler: bool | None, compile_step: bool) -> Callable[[], int]:
     """A closure that runs the batch through one Engine (built once) and returns the forwards it ran."""
+    options: dict[str, Any] = {"compile_step": compile_step} if has_compile_step() else {}
     config = EngineConfig(max_canvases_in_flight=len(prompts), max_tokens_per_forward=sum(map(len, prompts)),
-                          max_context=len(prompts[0]) + new_tokens, compile_sampler=compile_sampler)
+                          max_context=len(prompts[0]) + new_tokens, compile_sampler=compile_sampler, **options)
     engine = Engine(loaded, config)
     params = SamplingParams(max_new_tokens=new_tokens, max_denoising_steps=steps, fixed_steps=True, seed=1)
 
@@ -106,14 +136,17 @@ def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_t
     return run
 
 
-def reference_runner(reference: Any, prompts: list[list[int]], steps: int, new_tokens: int, never: int
-                     ) -> Callable[[], int]:
+def reference_runner(reference: Any, prompts: list[list[int]], steps: int, new_tokens: int, never: int,
+                     static_cache: bool = False) -> Callable[[], int]:
+    """The reference's own `generate`; `static_cache` asks for its static cache, with which it compiles."""
     input_ids = torch.tensor(prompts, device=reference.device)
     canvases = -(-new_tokens // reference.config.canvas_length)
+    cache_options = {"cache_implementation": "static"} if static_cache else {}
 
     def run() -> int:
         reference.generate(input_ids, max_new_tokens=new_tokens, max_denoising_steps=steps,
-                           stability_threshold=1, confidence_threshold=1e-30, eos_token_id=[never], pad_token_id=0)
+                           stability_threshold=1, confidence_threshold=1e-30, eos_token_id=[never], pad_token_id=0,
+                           **cache_options)
         return canvases * (steps + 1)  # one encoder pass per canvas plus `steps` decoder passes
 
     return run
@@ -133,27 +166,51 @@ def measure(run: Callable[[], int], device: torch.device) -> tuple[float, int, i
     return seconds, forwards, peak
 
 
+Sample = tuple[float, int, int | None]
+
+
 def bench_batch(runners: dict[str, Callable[[], int]], repeats: int, device: torch.device
-                ) -> dict[str, tuple[float, int, int | None]]:
-    """Warm each implementation up once, then alternate timed runs; median seconds per implementation."""
-    for run in runners.values():
-        run()
-    samples: dict[str, list[tuple[float, int, int | None]]] = {name: [] for name in runners}
+                ) -> dict[str, Sample | str]:
+    """Warm each implementation up once (an implementation whose warm-up raises is reported by its error),
+    then alternate timed runs; median seconds per implementation."""
+    failed: dict[str, Sample | str] = {}
+    for name, run in runners.items():
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 (e.g. the reference's compiled static cache on this device)
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    samples: dict[str, list[Sample]] = {name: [] for name in runners if name not in failed}
     for _ in range(repeats):
-        for name, run in runners.items():
-            samples[name].append(measure(run, device))
-    result = {}
-    for name, runs in samples.items():
-        seconds = statistics.median(s for s, _, _ in runs)
+        for name in samples:
+            samples[name].append(measure(runners[name], device))
+    result: dict[str, Sample | str] = {}
+    for name in runners:
+        if name in failed:
+            result[name] = failed[name]
+            continue
+        runs = samples[name]
         peaks = [p for _, _, p in runs if p is not None]
-        result[name] = (seconds, runs[0][1], max(peaks) if peaks else None)
+        result[name] = (statistics.median(s for s, _, _ in runs), runs[0][1], max(peaks) if peaks else None)
     return result
+
+
+def make_runners(args: argparse.Namespace, loaded: LoadedModel, reference: Any, prompts: list[list[int]],
+                 new_tokens: int) -> dict[str, Callable[[], int]]:
+    compile_sampler = {"auto": None, "on": True, "off": False}[args.compile_sampler]
+    never = loaded.config.vocab_size
+    factories: dict[str, Callable[[], Callable[[], int]]] = {
+        "ours": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, args.compile == "on"),
+        "ours-eager": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, False),
+        "ours-compiled": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, True),
+        "reference": lambda: reference_runner(reference, prompts, args.steps, new_tokens, never),
+        "reference-static": lambda: reference_runner(reference, prompts, args.steps, new_tokens, never, True),
+    }
+    return {name: factories[name]() for name in args.impl_list}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
     loaded, reference = build_models(args.preset, device, dtype, args.seed)
     canvas_length = loaded.config.canvas_length
     prompt_len = args.prompt_len or canvas_length
@@ -161,22 +218,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, ratios = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = make_prompts(batch, prompt_len, loaded.config.vocab_size, args.seed + batch)
-        runners: dict[str, Callable[[], int]] = {}
-        if "ours" in impls:
-            compile_sampler = {"auto": None, "on": True, "off": False}[args.compile_sampler]
-            runners["ours"] = ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler)
-        if "reference" in impls:
-            runners["reference"] = reference_runner(reference, prompts, args.steps, new_tokens,
-                                                    loaded.config.vocab_size)
-        results = bench_batch(runners, args.repeats, device)
-        for impl, (seconds, forwards, peak) in results.items():
+        results = bench_batch(make_runners(args, loaded, reference, prompts, new_tokens), args.repeats, device)
+        for impl, outcome in results.items():
+            seconds, forwards, peak = outcome if isinstance(outcome, tuple) else (None, None, None)
             rows.append({"impl": impl, "preset": args.preset, "device": str(device), "batch": batch,
                          "steps_per_canvas": args.steps, "new_tokens": batch * new_tokens,
-                         "tok_per_s": batch * new_tokens / seconds, "ms_per_forward": 1000 * seconds / forwards,
-                         "peak_mem_bytes": peak})
-        if {"ours", "reference"} <= results.keys():
-            ratio = results["reference"][0] / results["ours"][0]  # equal token counts: time ratio = tok/s ratio
-            ratios.append({"batch": batch, "ratio_ours_over_reference": ratio})
+                         "tok_per_s": batch * new_tokens / seconds if seconds else None,
+                         "ms_per_forward": 1000 * seconds / forwards if seconds and forwards else None,
+                         "peak_mem_bytes": peak, "error": outcome if isinstance(outcome, str) else None})
+        timed = {impl: outcome[0] for impl, outcome in results.items() if isinstance(outcome, tuple)}
+        for ours in (impl for impl in timed if impl.startswith("ours")):
+            for baseline in (impl for impl in REFERENCES if impl in timed):
+                # Equal token counts: the time ratio is the tok/s ratio.
+                ratios.append({"batch": batch, "impl": ours, "baseline": baseline,
+                               "speedup": timed[baseline] / timed[ours]})
     print_table(rows, ratios)
     report = {"rows": rows, "ratios": ratios,
               "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -188,15 +243,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> None:
-    header = f"{'impl':<10}{'batch':>6}{'steps':>6}{'tokens':>8}{'tok/s':>10}{'ms/fwd':>9}{'peak MiB':>10}"
+    header = f"{'impl':<18}{'batch':>6}{'steps':>6}{'tokens':>8}{'tok/s':>10}{'ms/fwd':>9}{'peak MiB':>10}"
     print(header)
     print("-" * len(header))
     for row in rows:
+        if row["error"] is not None:
+            print(f"{row['impl']:<18}{row['batch']:>6}  failed: {row['error']}")
+            continue
         peak = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.0f}"
-        print(f"{row['impl']:<10}{row['batch']:>6}{row['steps_per_canvas']:>6}{row['new_tokens']:>8}"
+        print(f"{row['impl']:<18}{row['batch']:>6}{row['steps_per_canvas']:>6}{row['new_tokens']:>8}"
               f"{row['tok_per_s']:>10.1f}{row['ms_per_forward']:>9.2f}{peak:>10}")
     for ratio in ratios:
-        print(f"batch {ratio['batch']:>3}: ours / reference = {ratio['ratio_ours_over_reference']:.2f}x")
+        print(f"batch {ratio['batch']:>3}: {ratio['impl']} / {ratio['baseline']} = {ratio['speedup']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dgtext.request_rules import RequestFieldError
+
 
 class EditTokenizer(Protocol):
     """The part of ``dgtext.tokenizer.PromptTokenizer`` that edit planning uses."""
@@ -52,12 +54,8 @@ class EditTokenizer(Protocol):
     def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]: ...
 
 
-class EditValidationError(ValueError):
+class EditValidationError(RequestFieldError):
     """An edit request that cannot be planned; ``field`` names the offending part (``edits[2]``, ``document``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -271,3 +269,11 @@ def plan_edits(
         empty_position_ids=frozenset((tokenizer.pad_id, *tokenizer.eos_ids)),
         canvas_length=canvas_length,
     )
+
+
+def require_something_to_write(plan: EditPlan) -> None:
+    """Raise ``EditValidationError("edits")`` for a plan without any canvas: every edit has a zero-token
+    budget, so the model has nothing to write (the API refuses it at submit, the worker before the engine)."""
+    if not plan.canvases:
+        raise EditValidationError("edits", "every edit has a zero-token budget (max_tokens 0, or an empty span "
+                                  "with nothing to insert), so there is nothing for the model to write")

@@ -66,6 +66,13 @@ class ModelConfig:
         unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
         if unknown:
             raise ValueError(f"unsupported layer types {unknown}; expected {SLIDING!r} or {FULL!r}")
+        if self.layer_types and self.layer_types[-1] != FULL:
+            raise ValueError(f"layer_types ends with {self.layer_types[-1]!r}, but the last layer must be {FULL!r} "
+                             "(the transformers reference forces it to full attention, so this config would not run "
+                             "as written); make the last entry of layer_types 'full_attention'")
+        if not self.final_logit_softcapping > 0:
+            raise ValueError(f"final_logit_softcapping must be a positive number, got {self.final_logit_softcapping!r}"
+                             "; DiffusionGemma divides its logits by it (the reference cannot run without it)")
         for heads_name in ("num_key_value_heads", "num_global_key_value_heads"):
             if self.num_attention_heads % getattr(self, heads_name):
                 raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -150,7 +157,8 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
     """Map the `text_config` dict onto ModelConfig fields, rejecting variants the engine does not implement."""
     _reject_unsupported(text)
     num_layers = int(text["num_hidden_layers"])
-    layer_types = text.get("layer_types") or _layer_pattern(num_layers, RELEASE_FULL_EVERY)
+    # Absent layer_types: the released pattern with the last layer full, as the reference builds it.
+    layer_types = text.get("layer_types") or (*_layer_pattern(num_layers, RELEASE_FULL_EVERY)[:-1], FULL)[:num_layers]
     if len(layer_types) != num_layers:
         raise ValueError(f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
                          "give one type per layer")
@@ -169,7 +177,7 @@ def _text_fields(text: dict[str, Any]) -> dict[str, Any]:
         "moe_intermediate_size": int(text["moe_intermediate_size"]),
         "max_position_embeddings": int(text.get("max_position_embeddings", _FIELD_DEFAULTS["max_position_embeddings"])),
         "rms_norm_eps": float(text.get("rms_norm_eps", _FIELD_DEFAULTS["rms_norm_eps"])),
-        "final_logit_softcapping": float(text.get("final_logit_softcapping") or _FIELD_DEFAULTS["final_logit_softcapping"]),
+        "final_logit_softcapping": _softcap(text),
         **_rope_fields(text.get("rope_parameters") or {}),
         "pad_token_id": _int_or(text.get("pad_token_id"), _FIELD_DEFAULTS["pad_token_id"]),
         "bos_token_id": _int_or(text.get("bos_token_id"), _FIELD_DEFAULTS["bos_token_id"]),
@@ -208,6 +216,17 @@ def _rope_fields(rope: dict[str, Any]) -> dict[str, Any]:
                                             if full_type == "proportional" else 1.0),
         "full_rope_factor": float(full_rope.get("factor", _FIELD_DEFAULTS["full_rope_factor"])),
     }
+
+
+def _softcap(text: dict[str, Any]) -> float:
+    """The published 30.0 when the field is absent; null or non-numbers are refused (never silently replaced)."""
+    if "final_logit_softcapping" not in text:
+        return float(_FIELD_DEFAULTS["final_logit_softcapping"])
+    value = text["final_logit_softcapping"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"final_logit_softcapping must be a positive number, got {value!r}; DiffusionGemma divides "
+                         "its logits by it (the reference cannot run without it)")
+    return float(value)
 
 
 def _int_or(value: Any, default: int) -> int:

@@ -8,7 +8,6 @@ Not thread-safe: one thread owns an Engine and calls all of its methods.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 import uuid
@@ -17,6 +16,12 @@ from typing import Any
 
 import torch
 
+from dgtext.request_rules import (
+    ModelLimits,
+    check_generate_positions,
+    check_infill_positions,
+    open_ended_canvases,
+)
 from engine.block_manager import PrefixCacheStats
 from engine.runner import CanvasResult, ModelRunner
 from engine.scheduler import Scheduler, SequenceState
@@ -69,20 +74,18 @@ class Engine:
         seed = req.params.seed
         if seed is None:  # greedy requests are reproducible without a seed: the noise comes from seed 0
             seed = 0 if req.params.temperature == 0 else self._seed_source.getrandbits(63)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
         params = resolve_params(req.params, self.generation_defaults, seed)
         infill = self._validated_infill(req)
-        length = self.config.canvas_length
-        num_canvases = len(infill) if infill is not None else math.ceil(params.max_new_tokens / length)
-        leading = sum(len(canvas.leading_token_ids) for canvas in infill or ())
-        needed = len(prompt_ids) + leading + num_canvases * length
-        limit = min(self.engine_config.max_context, self.config.max_position_embeddings)
-        if needed > limit:
-            raise ValueError(
-                f"prompt too long: {len(prompt_ids)} prompt tokens + {leading} infill tokens + {num_canvases} "
-                f"canvas(es) of {length} = {needed} positions, over the engine's max_context of {limit}; "
-                "shorten the prompt or lower max_new_tokens")
+        limits = self.request_limits
+        if infill is None:
+            num_canvases = open_ended_canvases(params.max_new_tokens, limits.canvas_length)
+            check_generate_positions(len(prompt_ids), params.max_new_tokens, limits)
+        else:
+            num_canvases = len(infill)
+            leading = sum(len(canvas.leading_token_ids) for canvas in infill)
+            check_infill_positions(len(prompt_ids), leading, num_canvases, limits, field_name="prompt_token_ids")
+        needed = len(prompt_ids) + sum(len(c.leading_token_ids) for c in infill or ()) \
+            + num_canvases * self.config.canvas_length
         if not self.runner.kv.fits_at_all(needed):
             raise ValueError(f"prompt too long: {needed} positions need more KV blocks than the engine's cache "
                              "holds; shorten the prompt or lower max_new_tokens")
@@ -91,6 +94,15 @@ class Engine:
             infill=infill, added_at=time.monotonic())
         self.scheduler.add(seq)
         return request_id
+
+    @property
+    def request_limits(self) -> ModelLimits:
+        """What one request may use here (the API checks submissions against the same limits, which workers
+        publish): context positions per request (max_context, capped by the model's position table), the
+        canvas length and the checkpoint's sampler defaults."""
+        return ModelLimits(canvas_length=self.config.canvas_length,
+                           max_positions=min(self.engine_config.max_context, self.config.max_position_embeddings),
+                           sampling_defaults=self.generation_defaults.sampling_defaults())
 
     def abort(self, request_id: str) -> None:
         """Drop a request now (its KV slot is freed); the next step() reports it finished with "aborted".
@@ -121,30 +133,40 @@ class Engine:
         if plan.is_empty:
             self.last_step_stats = StepStats()
             return outputs
+        touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
+        step_outputs: list[StepOutput] = []
         try:
             result = self.runner.execute(plan, self._sequences)
-        except RuntimeError as err:  # device errors (e.g. out of memory): fail this step's requests, keep serving
-            touched = {w.request_id for w in plan.encodes} | {w.request_id for w in plan.denoises}
-            for request_id in touched:
-                outputs.append(self._finish(self._sequences[request_id], "error", 0, message=str(err)))
+            for work in plan.encodes:  # written now: name the completed blocks, release out-of-window ones
+                self.scheduler.kv.after_write(work.request_id, work.token_ids)
+            self._collect_outputs(result, step_outputs)
+        except Exception as err:  # noqa: BLE001 (whatever failed, only this step's requests fail; the loop goes on)
+            # Outputs collected before the failure stand (a request that finished keeps its finish).
             self.last_step_stats = StepStats()
-            return outputs
-        for work in plan.encodes:  # written now: name the completed blocks, release out-of-window ones
-            self.scheduler.kv.after_write(work.request_id, work.token_ids)
+            return outputs + step_outputs + self._fail_requests(touched, err)
+        self.last_step_stats = StepStats(
+            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
+            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
+            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
+            committed_tokens=sum(len(o.token_ids) for o in step_outputs if o.kind == "canvas"),
+            forward_seconds=result.forward_seconds)
+        return outputs + step_outputs
+
+    def _collect_outputs(self, result: Any, outputs: list[StepOutput]) -> None:
+        """Append the drafts, committed canvases and finished requests of one executed plan to `outputs`."""
         now = time.monotonic()
-        committed_before = sum(len(o.token_ids) for o in outputs if o.kind == "canvas")
         for canvas in result.canvases:
             seq = self._sequences[canvas.work.request_id]
             if seq.first_canvas_at is None:
                 seq.first_canvas_at = now
             outputs.extend(self._after_denoise_step(seq, canvas))
-        self.last_step_stats = StepStats(
-            num_denoising_canvases=len(plan.denoises), num_encoder_tokens=plan.num_encoder_tokens,
-            num_prefill_requests=sum(1 for work in plan.encodes if work.is_prefill),
-            num_committed_canvases=sum(1 for work in plan.encodes if not work.is_prefill),
-            committed_tokens=sum(len(o.token_ids) for o in outputs if o.kind == "canvas") - committed_before,
-            forward_seconds=result.forward_seconds)
-        return outputs
+
+    def _fail_requests(self, request_ids: set[str], err: Exception) -> list[StepOutput]:
+        """Finish every still-running request of a failed step with "error"; the message names the failure
+        (device out of memory, or an engine bug on an unusual configuration) so the job's error is clear."""
+        message = f"the engine failed on this step ({type(err).__name__}: {err})"
+        return [self._finish(self._sequences[request_id], "error", 0, message=message)
+                for request_id in sorted(request_ids) if request_id in self._sequences]
 
     def _after_denoise_step(self, seq: SequenceState, canvas: CanvasResult) -> list[StepOutput]:
         work, outputs = canvas.work, []

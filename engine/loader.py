@@ -4,7 +4,12 @@ Weights stream tensor by tensor from safetensors (single file or sharded with
 `model.safetensors.index.json`) straight into a model allocated empty on the target device and dtype, so
 the host never holds a full copy. Key layout of the release: text weights under `model.decoder.`, the
 tied `lm_head.weight` and encoder text weights absent, `model.encoder.language_model.layers.{i}.layer_scalar`
-a duplicate of the decoder's, vision tower / embedder keys skipped.
+a duplicate of the decoder's (the loader checks that it equals the decoder's: the engine runs one weight stack
+in both modes), vision tower / embedder keys skipped.
+
+FP8-dynamic checkpoints (compressed-tensors, engine/quantization.py) are dequantised at load into `dtype`, or
+with `fp8_weights` kept in FP8 for `torch._scaled_mm` (engine/model/fp8.py); engine/weight_map.py routes the
+tensors, including the per-expert layout onto our packed experts.
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ from .errors import (
     CheckpointError,
     CorruptShardError,
     MissingCheckpointFileError,
-    MissingTensorsError,
-    TensorShapeError,
     UnsupportedModelError,
 )
 from .model import DiffusionGemmaModel
+from .quantization import read_quantization
 from .types import GenerationDefaults
+from .weight_map import SCALE_SUFFIX, WEIGHT_PREFIX, WeightSink, keep_fp8_weights
 
-WEIGHT_PREFIX = "model.decoder."
+ENCODER_LAYER_PREFIX = "model.encoder.language_model.layers."
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 # The sampler fields of generation_config.json; their published defaults are GenerationDefaults' field defaults.
@@ -52,18 +57,45 @@ class LoadedModel:
     generation_defaults: GenerationDefaults
     path: Path
     generation_config: dict[str, Any] = field(default_factory=dict)
+    weights_format: str = "dense"  # "dense", "fp8-dequantized" or "fp8" (weights kept in FP8)
 
 
-def load_model(model: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               fp8_weights: bool | None = None) -> LoadedModel:
     """Load `model` (folder or repo id) onto `device` in `dtype`, in eval mode without gradients.
+    FP8 checkpoints: `fp8_weights` True keeps the quantized weights in FP8 (matmuls in `torch._scaled_mm`,
+    activations quantised per token), False dequantises them into `dtype` at load; None chooses FP8 on CUDA
+    cards with FP8 matmuls (compute capability 8.9+) in bfloat16, dequantisation elsewhere.
     Raises CheckpointError subclasses (see engine.errors) with messages naming the file or tensor."""
     folder = resolve_model_dir(model)  # default patterns: the serving files
     config = read_model_config(folder)
     net = build_empty_model(config, torch.device(device), dtype)
-    load_weights(net, folder)
+    quantized = quantized_weight_names(folder) if is_fp8_checkpoint(folder) else set()
+    keep = bool(quantized) and (fp8_weights if fp8_weights is not None else _fp8_matmuls_pay(net, dtype))
+    if keep:
+        keep_fp8_weights(net, quantized)
+    load_weights(net, folder, quantized)
     tokenizer = PromptTokenizer.from_dir(folder)
     defaults, generation_config = read_generation_config(folder, config)
-    return LoadedModel(net, config, tokenizer, defaults, folder, generation_config)
+    weights_format = ("fp8" if keep else "fp8-dequantized") if quantized else "dense"
+    return LoadedModel(net, config, tokenizer, defaults, folder, generation_config, weights_format)
+
+
+def _fp8_matmuls_pay(net: DiffusionGemmaModel, dtype: torch.dtype) -> bool:
+    device = net.embed_tokens.weight.device
+    return (device.type == "cuda" and dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def is_fp8_checkpoint(folder: Path) -> bool:
+    """Whether config.json declares the FP8-dynamic scheme; another quantization format raises
+    UnsupportedModelError naming the field."""
+    try:
+        return read_quantization(_read_json(folder, "config.json", required=True)) is not None
+    except ValueError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise UnsupportedModelError(f"{folder / 'config.json'}: {exc}") from exc
 
 
 def read_model_config(folder: Path) -> ModelConfig:
@@ -98,28 +130,53 @@ def build_empty_model(config: ModelConfig, device: torch.device, dtype: torch.dt
     return net.eval().requires_grad_(False)
 
 
-def load_weights(net: DiffusionGemmaModel, folder: Path) -> None:
-    """Copy every checkpoint tensor into `net` (casting to its dtype); check names and shapes."""
-    targets = dict(net.state_dict(keep_vars=True))
-    loaded: set[str] = set()
+def load_weights(net: DiffusionGemmaModel, folder: Path, quantized: set[str] | None = None) -> None:
+    """Copy every checkpoint tensor into `net` (casting to its dtype, dequantising FP8 weights unless `net`
+    keeps them in FP8); check names, shapes and the encoder's copy of each layer_scalar. `quantized`: the local
+    names of the weights that ship a weight_scale (`quantized_weight_names`)."""
+    sink = WeightSink(net, quantized or set())
+    encoder_scalars: dict[int, torch.Tensor] = {}
     device = next(net.parameters()).device
     for filename in weight_files(folder):
         for name, stored_shape, read in _iter_tensors(folder / filename, device):
-            if not name.startswith(WEIGHT_PREFIX):
-                continue  # encoder duplicates, tied head, vision tower: nothing the text model reads
-            local = name[len(WEIGHT_PREFIX):]
-            target = targets.get(local)
-            if target is None:
-                raise UnsupportedModelError(f"{filename}: unexpected tensor {name} for this config.json "
-                                            "(e.g. a v_proj on a full-attention layer); the weights do not match it")
-            if tuple(stored_shape) != tuple(target.shape):
-                raise TensorShapeError(name, target.shape, stored_shape, filename)
-            with torch.no_grad():
-                target.copy_(read())
-            loaded.add(local)
-    missing = [WEIGHT_PREFIX + k for k in targets if k not in loaded]
-    if missing:
-        raise MissingTensorsError(folder, missing)
+            if name.startswith(ENCODER_LAYER_PREFIX) and name.endswith(".layer_scalar"):
+                encoder_scalars[int(name[len(ENCODER_LAYER_PREFIX):].split(".")[0])] = read()
+            elif name.startswith(WEIGHT_PREFIX):
+                sink.put(name[len(WEIGHT_PREFIX):], stored_shape, read, filename)
+            # else: the tied head, the vision tower: nothing the text model reads
+    sink.check_complete(folder)
+    _check_encoder_layer_scalars(net, encoder_scalars, folder)
+
+
+def _check_encoder_layer_scalars(net: DiffusionGemmaModel, encoder: dict[int, torch.Tensor], folder: Path) -> None:
+    """The reference keeps the encoder's `layer_scalar` as a separate buffer (1.0 when the checkpoint has none)
+    and multiplies encoder-mode outputs by it; our one weight stack uses the decoder's in both modes, so refuse
+    a checkpoint where the two differ (compared in the model dtype) rather than give other encoder logits."""
+    differing = []
+    for index, layer in enumerate(net.layers):
+        decoder = layer.get_buffer("layer_scalar")
+        stored = encoder.get(index)
+        value = stored.to(decoder.device, decoder.dtype) if stored is not None else torch.ones_like(decoder)
+        if value.shape != decoder.shape or not torch.equal(value, decoder):
+            differing.append(f"layer {index}: encoder {'absent (1.0)' if stored is None else value.tolist()} "
+                             f"vs decoder {decoder.tolist()}")
+    if differing:
+        raise UnsupportedModelError(
+            f"{folder}: the encoder's layer_scalar differs from the decoder's ({'; '.join(differing[:5])}"
+            f"{'; ...' if len(differing) > 5 else ''}); this engine runs one weight stack in encoder and decoder "
+            f"mode, so it serves only checkpoints where {ENCODER_LAYER_PREFIX}{{i}}.layer_scalar equals "
+            f"{WEIGHT_PREFIX}layers.{{i}}.layer_scalar")
+
+
+def quantized_weight_names(folder: Path) -> set[str]:
+    """Local names (after `model.decoder.`) of the weights that come with a `weight_scale`: the FP8 ones."""
+    suffix = ".weight" + SCALE_SUFFIX
+    names = set()
+    for filename in weight_files(folder):
+        for name, _, _ in _iter_tensors(folder / filename, torch.device("cpu")):
+            if name.startswith(WEIGHT_PREFIX) and name.endswith(suffix):
+                names.add(name[len(WEIGHT_PREFIX):-len(SCALE_SUFFIX)])
+    return names
 
 
 def weight_files(folder: Path) -> list[str]:

@@ -1,8 +1,9 @@
 """Counter-based randomness: every random number is a pure function of (seed, canvas, step, position).
 
-Why: a seeded request must produce the same tokens whether it runs alone or batched with others, so no
+Why: a seeded request must draw the same random numbers whether it runs alone or batched with others, so no
 random number may depend on the batch layout or on how many numbers were drawn before it (a stateful
-generator would). Each (request seed, canvas index, denoising step, stream) tuple is folded on the host
+generator would). (Its tokens can still differ alone vs batched where two candidates nearly tie, because the
+model's GEMMs round differently at different row counts: docs/architecture.md, "Seeds and batching".) Each (request seed, canvas index, denoising step, stream) tuple is folded on the host
 into one 64-bit key (`stream_key`). On the device a SplitMix64 finaliser maps key + position * golden-ratio
 to 64 mixed bits: one uniform token id or one uniform float per position. Nothing is drawn per vocabulary id
 (the sampler draws by inverse CDF from one uniform per position).

@@ -8,8 +8,15 @@ What the worker hands `Engine.add_request` (`EngineRequest`, `SamplingParams`, `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from dgtext.request_rules import (
+    DEFAULTED_KNOBS,
+    REFERENCE_SAMPLING_DEFAULTS,
+    resolve_sampling,
+    sampling_defaults_from_generation_config,
+)
 
 FinishReason = Literal["stop", "length", "aborted", "error"]
 OutputKind = Literal["draft", "canvas", "finished"]
@@ -26,7 +33,10 @@ class SamplingParams:
     t_max: float | None = None
     confidence_threshold: float | None = None
     stability_threshold: int | None = None
-    seed: int | None = None  # same seed -> the same random draws whatever the batch (see engine/rng.py)
+    # Same seed -> the same random draws whatever the batch (engine/rng.py); the same tokens when the batch is
+    # the same too. Alone vs batched, tokens can differ where logits nearly tie: GEMMs round differently at
+    # different row counts (docs/architecture.md, "Seeds and batching").
+    seed: int | None = None
     stream_drafts: bool = False
     fixed_steps: bool = False  # benchmarks: never stop a canvas early
     # Per-request draw knobs (engine/sampler.py, "Per-request knobs", has the exact rules):
@@ -134,13 +144,13 @@ class GenerationDefaults:
     """
 
     stop_token_ids: tuple[int, ...]
-    max_new_tokens: int = 256
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
+    max_new_tokens: int = int(REFERENCE_SAMPLING_DEFAULTS["max_new_tokens"])
+    max_denoising_steps: int = int(REFERENCE_SAMPLING_DEFAULTS["max_denoising_steps"])
+    entropy_bound: float = REFERENCE_SAMPLING_DEFAULTS["entropy_bound"]
+    t_min: float = REFERENCE_SAMPLING_DEFAULTS["t_min"]
+    t_max: float = REFERENCE_SAMPLING_DEFAULTS["t_max"]
+    stability_threshold: int = int(REFERENCE_SAMPLING_DEFAULTS["stability_threshold"])
+    confidence_threshold: float = REFERENCE_SAMPLING_DEFAULTS["confidence_threshold"]
 
     @classmethod
     def from_generation_config(cls, generation_config: dict[str, Any],
@@ -151,14 +161,12 @@ class GenerationDefaults:
             stop_ids = tuple(fallback_stop_ids)
         else:
             stop_ids = (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
-        values: dict[str, Any] = {"stop_token_ids": stop_ids}
-        sampler_config = generation_config.get("sampler_config")
-        if isinstance(sampler_config, dict) and sampler_config.get("entropy_bound") is not None:
-            values["entropy_bound"] = float(sampler_config["entropy_bound"])
-        for f in fields(cls):
-            if f.name != "stop_token_ids" and generation_config.get(f.name) is not None:
-                values[f.name] = generation_config[f.name]
-        return cls(**values)
+        defaults: dict[str, Any] = sampling_defaults_from_generation_config(generation_config)
+        return cls(stop_token_ids=stop_ids, **defaults)
+
+    def sampling_defaults(self) -> dict[str, int | float]:
+        """The knob defaults by name, as `dgtext.request_rules` takes them."""
+        return {name: getattr(self, name) for name in DEFAULTED_KNOBS}
 
     def to_generation_config(self) -> dict[str, Any]:
         """The inverse of `from_generation_config`, in the layout the reference reads."""
@@ -200,21 +208,12 @@ class ResolvedParams:
 
 
 def resolve_params(params: SamplingParams, defaults: GenerationDefaults, seed: int) -> ResolvedParams:
-    """Fill `None`s from the checkpoint defaults and validate; raises ValueError naming the bad field."""
-
-    def pick(name: str) -> Any:
-        value = getattr(params, name)
-        return getattr(defaults, name) if value is None else value
-
-    resolved = ResolvedParams(
-        max_new_tokens=pick("max_new_tokens"), max_denoising_steps=pick("max_denoising_steps"),
-        entropy_bound=pick("entropy_bound"), t_min=pick("t_min"), t_max=pick("t_max"),
-        confidence_threshold=pick("confidence_threshold"), stability_threshold=pick("stability_threshold"),
-        seed=seed, stream_drafts=bool(params.stream_drafts), fixed_steps=bool(params.fixed_steps),
-        **_validated_draw_knobs(params),
-    )
-    _validate_resolved(resolved)
-    return resolved
+    """Fill `None`s from the checkpoint defaults and validate with the API's own rules
+    (`dgtext.request_rules.resolve_sampling`); raises ValueError (`RequestFieldError`) naming the bad field."""
+    given = {name: getattr(params, name) for name in DEFAULTED_KNOBS}
+    resolved = resolve_sampling({**given, "seed": seed}, defaults.sampling_defaults())
+    return ResolvedParams(**resolved, stream_drafts=bool(params.stream_drafts), fixed_steps=bool(params.fixed_steps),
+                          **_validated_draw_knobs(params))
 
 
 def _validated_draw_knobs(params: SamplingParams) -> dict[str, Any]:
@@ -237,30 +236,6 @@ def _validated_draw_knobs(params: SamplingParams) -> dict[str, Any]:
     if params.logprobs is not None and (not is_int(params.logprobs) or not 0 <= params.logprobs <= MAX_LOGPROBS):
         raise ValueError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} or None, got {params.logprobs!r}")
     return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p), "logprobs": params.logprobs}
-
-
-def _validate_resolved(p: ResolvedParams) -> None:
-    for name in ("max_new_tokens", "max_denoising_steps"):
-        value = getattr(p, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(p.stability_threshold, bool) or not isinstance(p.stability_threshold, int) \
-            or p.stability_threshold < 0:
-        raise ValueError(f"stability_threshold must be an integer >= 0, got {p.stability_threshold!r}")
-    for name in ("entropy_bound", "confidence_threshold", "t_min", "t_max"):
-        value = getattr(p, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if p.entropy_bound <= 0:
-        raise ValueError(f"entropy_bound must be > 0, got {p.entropy_bound}")
-    if p.confidence_threshold <= 0:
-        raise ValueError(f"confidence_threshold must be > 0, got {p.confidence_threshold}")
-    if p.t_min < 0:
-        raise ValueError(f"t_min must be >= 0, got {p.t_min}")
-    if p.t_max <= 0:
-        raise ValueError(f"t_max must be > 0 (the temperature divides the logits), got {p.t_max}")
-    if p.t_max < p.t_min:
-        raise ValueError(f"t_max must be >= t_min, got t_max={p.t_max} < t_min={p.t_min}")
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, cast
 
-from services.schemas import TERMINAL_STATUSES, EditJobCreate, GenerateJobCreate, JobPublic, parse_job_create
+from services.schemas import (
+    TERMINAL_STATUSES,
+    EditJobCreate,
+    GenerateJobCreate,
+    JobKind,
+    JobPublic,
+    JobStatus,
+    parse_job_create,
+)
 
 
 @dataclass(frozen=True)
 class JobRecord:
-    """A decoded `job:{id}` hash. `request` is the validated wire request the job was created from."""
+    """A decoded `job:{id}` hash. `request` is the validated wire request the job was created from, parsed
+    from `payload` on first use only: reading a job's status (GET, SSE open) never re-validates its request."""
 
     id: str
-    kind: str
-    status: str
+    kind: JobKind
+    status: JobStatus
     owner: str
-    request: GenerateJobCreate | EditJobCreate
+    payload: str  # the request as stored (JSON)
     created_at: float
     deadline_at: float
     expires_at: float
@@ -29,6 +39,11 @@ class JobRecord:
     result: dict[str, Any] | None
     error: tuple[str, str] | None  # (code, message)
     cancel_requested: bool
+
+    @cached_property
+    def request(self) -> GenerateJobCreate | EditJobCreate:
+        """The parsed request (pydantic's ValidationError, a ValueError, for a payload this version refuses)."""
+        return parse_job_create(json.loads(self.payload))
 
     @property
     def is_finished(self) -> bool:
@@ -57,11 +72,13 @@ def _optional_float(value: str | None) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
-def decode_record(job_id: str, raw: dict[str, str]) -> JobRecord:
+def decode_record(job_id: str, raw: dict[str, str],
+                  request: GenerateJobCreate | EditJobCreate | None = None) -> JobRecord:
+    """The record of a `job:{id}` hash; `request`, when the caller holds it already, spares the parse."""
     canvas, step = raw.get("progress_canvas"), raw.get("progress_step")
-    return JobRecord(
-        id=job_id, kind=raw["kind"], status=raw["status"], owner=raw.get("owner", ""),
-        request=parse_job_create(json.loads(raw["payload"])),
+    record = JobRecord(
+        id=job_id, kind=cast(JobKind, raw["kind"]), status=cast(JobStatus, raw["status"]),
+        owner=raw.get("owner", ""), payload=raw["payload"],
         created_at=float(raw["created_at"]), deadline_at=float(raw["deadline_at"]),
         expires_at=float(raw["expires_at"]),
         started_at=_optional_float(raw.get("started_at")), finished_at=_optional_float(raw.get("finished_at")),
@@ -71,3 +88,6 @@ def decode_record(job_id: str, raw: dict[str, str]) -> JobRecord:
         error=(raw["error_code"], raw.get("error_message", "")) if raw.get("error_code") else None,
         cancel_requested=raw.get("cancel_requested") == "1",
     )
+    if request is not None:
+        record.__dict__["request"] = request  # what cached_property stores; the record stays frozen
+    return record

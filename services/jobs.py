@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ import redis
 
 from services import job_scripts
 from services.job_record import JobRecord, decode_record
+from services.redis_options import redis_client_options
 from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
 
 WORKERS_KEY = "dgserve:workers"
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 WORKER_INFO_KEY = "dgserve:worker_info"
 StartOutcome = Literal[
     "started", "restarted", "not_found", "already_finished", "running_elsewhere", "expired", "attempts_exhausted"
@@ -76,6 +79,11 @@ class StartDecision:
         return self.outcome in ("started", "restarted")
 
 
+def is_job_id(text: str) -> bool:
+    """Whether `text` has the shape of the ids `JobStore.create` makes (32 lowercase hex digits)."""
+    return _JOB_ID.fullmatch(text) is not None
+
+
 def request_fingerprint(request: GenerateJobCreate | EditJobCreate) -> str:
     """sha256 of the request's canonical JSON: equal for semantically identical bodies."""
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -99,7 +107,8 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
+                                      **redis_client_options(settings))
         return cls(client, settings)
 
     # ---- key names (shared with the SSE reader) -------------------------------------------------
@@ -163,7 +172,7 @@ class JobStore:
             self.redis.delete(idem_key)
             return self.create(request, owner, idempotency_key)
         if outcome == "created":
-            return CreateOutcome(job_id=job_id, created=True, record=decode_record(job_id, fields))
+            return CreateOutcome(job_id=job_id, created=True, record=decode_record(job_id, fields, request))
         return CreateOutcome(job_id=existing, created=False)
 
     def get_for_owner(self, job_id: str, owner: str) -> JobRecord | None:
@@ -248,12 +257,12 @@ class JobStore:
         _, renewed = pipe.execute()
         return bool(renewed)
 
-    def _append_event_script(self, job_id: str, type: str, data: dict[str, Any], client: Any = None) -> Any:
+    def _append_event_script(self, job_id: str, type: str, data: dict[str, Any], client: redis.client.Pipeline | None = None) -> Any:
         return self._append_event(keys=[self.job_key(job_id), self.events_key(job_id)],
                                   args=[type, json.dumps(data), self.settings.events_max_len], client=client)
 
     def _renew_lease_script(self, job_id: str, canvas: int, step: int, worker_id: str | None,
-                            client: Any = None) -> Any:
+                            client: redis.client.Pipeline | None = None) -> Any:
         lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
         return self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
             job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step], client=client)

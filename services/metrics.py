@@ -1,4 +1,5 @@
-"""Prometheus metrics of the API process (names per ../shared/docs/service.md: `dgserve_*`, base units).
+"""Prometheus metrics of the API process (naming rules in docs/api.md,
+"Metrics": `dgserve_*`, base units).
 
 Each app gets its own `CollectorRegistry`, so several apps (tests, embedded launcher) never collide on
 the process-global default registry. Labels never carry a job id.

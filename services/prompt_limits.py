@@ -1,17 +1,51 @@
-"""Deployment limits on a job request that the wire schema cannot know: they come from `Settings`, and
-prompt length is counted in tokens with the model's own tokenizer (torch-free, from `dgtext`).
+"""Everything the API checks at submit beyond the wire schema, so that an accepted job is one the engine runs.
 
-The API calls `RequestLimits.check(request)` before anything is stored or enqueued.
+Two sources of limits:
+
+* **Deployment limits** from `Settings` (`max_new_tokens_limit`, `max_document_chars`, `max_prompt_tokens`),
+  prompt length counted with the model's own tokenizer (torch-free, from `dgtext`).
+* **The served model's limits** (`dgtext.request_rules.ModelLimits`: context positions per request, canvas
+  length, sampler defaults), checked with the same `dgtext.request_rules` functions `Engine.add_request`
+  calls. Workers publish theirs with every heartbeat (`limits` in the heartbeat info); the API takes the
+  most restrictive of the live workers of its queue (any of them may get the job), refreshed every
+  `REFRESH_SECONDS`. Before any worker has published (none started yet), the API uses the checkpoint's own
+  limits from its `config.json` and `generation_config.json` (the folder the tokenizer comes from): the
+  model's position table, canvas length and sampler defaults. The one thing it cannot know then is a
+  worker's smaller `max_context` setting; a job accepted in that window that needs more positions than the
+  worker holds fails with `invalid_request` when the worker prepares it. Without a `config.json` (a
+  tokenizer-only folder) only the wire schema and the deployment limits apply until a worker publishes.
+
+`RequestLimits.check(request)` runs before anything is stored or enqueued.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
 
 from dgtext.checkpoint_files import TOKENIZER_FILE_PATTERNS, resolve_model_dir
+from dgtext.edits import plan_edits, require_something_to_write
+from dgtext.request_rules import (
+    ModelLimits,
+    RequestFieldError,
+    check_generate_positions,
+    check_infill_positions,
+    resolve_sampling,
+    sampling_defaults_from_generation_config,
+)
 from dgtext.tokenizer import PromptTokenizer
 from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
+
+logger = logging.getLogger(__name__)
+REFRESH_SECONDS = 1.0  # published limits are re-read at most this often (one Redis read, not one per submit)
+# Fallbacks of engine/config.py for a config.json that leaves these out.
+DEFAULT_CANVAS_LENGTH = 256
+DEFAULT_MAX_POSITION_EMBEDDINGS = 262_144
 
 
 class LimitExceeded(ValueError):
@@ -24,12 +58,48 @@ class LimitExceeded(ValueError):
         self.reason = reason
 
 
-class RequestLimits:
-    """Checks requests against `Settings` limits; loads the tokenizer once, on first use."""
+class WorkerDirectory(Protocol):
+    """Where the workers' heartbeats are read (`services.jobs.JobStore`)."""
 
-    def __init__(self, settings: Settings):
+    def live_workers(self) -> list[dict[str, Any]]: ...
+
+
+def checkpoint_limits(folder: Path) -> ModelLimits | None:
+    """The limits a checkpoint folder states itself (None without a `config.json`)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    generation_path = folder / "generation_config.json"
+    generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else {}
+    return ModelLimits(canvas_length=int(config.get("canvas_length") or DEFAULT_CANVAS_LENGTH),
+                       max_positions=int(text.get("max_position_embeddings") or DEFAULT_MAX_POSITION_EMBEDDINGS),
+                       sampling_defaults=sampling_defaults_from_generation_config(generation))
+
+
+def published_limits(workers: list[dict[str, Any]], queue: str) -> ModelLimits | None:
+    """The most restrictive limits published by live workers of `queue` (malformed entries are skipped)."""
+    found = []
+    for worker in workers:
+        if worker.get("queue") not in (None, queue) or not isinstance(worker.get("limits"), dict):
+            continue
+        try:
+            found.append(ModelLimits.from_json_dict(worker["limits"]))
+        except ValueError:
+            logger.warning("worker %s published malformed limits; ignored", worker.get("worker_id"))
+    return ModelLimits.most_restrictive(found)
+
+
+class RequestLimits:
+    """Checks requests against `Settings` and the served model's limits; loads the tokenizer once."""
+
+    def __init__(self, settings: Settings, workers: WorkerDirectory | None = None):
         self.settings = settings
+        self.workers = workers
         self._tokenizer: PromptTokenizer | None = None
+        self._checkpoint_limits: ModelLimits | None = None
+        self._published: tuple[float, ModelLimits | None] = (float("-inf"), None)
         self._lock = threading.Lock()
 
     def tokenizer(self) -> PromptTokenizer:
@@ -37,8 +107,21 @@ class RequestLimits:
         with self._lock:
             if self._tokenizer is None:
                 folder = resolve_model_dir(self.settings.model, allow_patterns=TOKENIZER_FILE_PATTERNS)
+                self._checkpoint_limits = checkpoint_limits(folder)
                 self._tokenizer = PromptTokenizer.from_dir(folder)
             return self._tokenizer
+
+    def model_limits(self) -> ModelLimits | None:
+        """The limits submissions are checked against now (see the module docstring for the order)."""
+        self.tokenizer()
+        if self.workers is not None:
+            read_at, limits = self._published
+            if time.monotonic() - read_at > REFRESH_SECONDS:
+                limits = published_limits(self.workers.live_workers(), self.settings.queue_name)
+                self._published = (time.monotonic(), limits)
+            if limits is not None:
+                return limits
+        return self._checkpoint_limits
 
     def check(self, request: GenerateJobCreate | EditJobCreate) -> None:
         """Raise `LimitExceeded` for the first limit the request breaks."""
@@ -46,17 +129,23 @@ class RequestLimits:
         if request.max_new_tokens is not None and request.max_new_tokens > limit:
             raise LimitExceeded("max_new_tokens", f"{request.max_new_tokens} is above this server's limit of "
                                 f"{limit} (max_new_tokens_limit)")
+        model = self.model_limits()
+        try:
+            sampling = None if model is None else resolve_sampling(request.sampling_params(), model.sampling_defaults)
+        except RequestFieldError as exc:
+            raise LimitExceeded(exc.field, exc.message) from exc
         if isinstance(request, GenerateJobCreate):
-            self._check_prompt(request)
+            self._check_prompt(request, model, sampling)
         else:
-            self._check_edit(request)
+            self._check_edit(request, model, sampling)
 
     def _too_long(self, field: str, what: str, count: int) -> LimitExceeded:
         return LimitExceeded(field, f"{what} is {count} tokens with the model's tokenizer; this server accepts "
                              f"at most {self.settings.max_prompt_tokens} (max_prompt_tokens)",
                              reason="prompt_too_long")
 
-    def _check_prompt(self, request: GenerateJobCreate) -> None:
+    def _check_prompt(self, request: GenerateJobCreate, model: ModelLimits | None,
+                      sampling: dict[str, Any] | None) -> None:
         field = "prompt" if request.prompt is not None else "messages"
         messages = None if request.messages is None else [m.model_dump() for m in request.messages]
         try:
@@ -65,8 +154,14 @@ class RequestLimits:
             raise LimitExceeded(field, str(exc)) from exc
         if count > self.settings.max_prompt_tokens:
             raise self._too_long(field, "the prompt" if field == "prompt" else "the rendered chat", count)
+        if model is not None and sampling is not None:
+            try:
+                check_generate_positions(count, sampling["max_new_tokens"], model, prompt_field=field)
+            except RequestFieldError as exc:
+                raise LimitExceeded(exc.field, exc.message, reason="prompt_too_long") from exc
 
-    def _check_edit(self, request: EditJobCreate) -> None:
+    def _check_edit(self, request: EditJobCreate, model: ModelLimits | None,
+                    sampling: dict[str, Any] | None) -> None:
         max_chars = self.settings.max_document_chars
         if len(request.document) > max_chars:
             raise LimitExceeded("document", f"{len(request.document)} characters is above this server's limit of "
@@ -80,3 +175,17 @@ class RequestLimits:
         count += sum(len(tokenizer.encode(edit.instruction)) for edit in request.edits if edit.instruction)
         if count > self.settings.max_prompt_tokens:
             raise self._too_long("document", "the document with its instructions", count)
+        if model is not None and sampling is not None:
+            self._check_edit_plan(request, model, sampling["max_new_tokens"])
+
+    def _check_edit_plan(self, request: EditJobCreate, model: ModelLimits, insertion_tokens: int) -> None:
+        """Plan the edit exactly as the worker will (`dgtext.edits.plan_edits`) and check what it needs."""
+        plan = plan_edits(request.document, request.resolved_edits(), self.tokenizer(), model.canvas_length,
+                          insertion_tokens)
+        leading = sum(len(canvas.leading_token_ids) for canvas in plan.canvases)
+        try:
+            require_something_to_write(plan)
+            check_infill_positions(len(plan.prompt_token_ids), leading, len(plan.canvases), model)
+        except RequestFieldError as exc:
+            reason = "prompt_too_long" if exc.field == "document" else "invalid"
+            raise LimitExceeded(exc.field, exc.message, reason=reason) from exc

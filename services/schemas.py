@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
 
+from dgtext import edits as edit_planning
+from dgtext.request_rules import SAMPLING_BOUNDS, RequestFieldError
+
 SCHEMA_VERSION = "v1"
 # Static ceilings of the wire format; deployments configure tighter limits in Settings.
 MAX_PROMPT_CHARS = 1_000_000
@@ -29,33 +32,43 @@ TERMINAL_EVENTS: frozenset[str] = frozenset({"done", "failed", "cancelled", "exp
 JobKind = Literal["generate", "edit"]
 
 
-class FieldValueError(ValueError):
-    """A validation failure that knows which field (e.g. `edits[2]`) it is about; the API reports that field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+# A validation failure that names its field (e.g. `edits[2]`); the API reports that field. One class for the
+# schema, the request rules of dgtext and the edit planner, so every refusal reads the same.
+FieldValueError = RequestFieldError
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are refused and types are strict: `true`, `"8"` or `8.0` are not an integer, `0` is
+    not a boolean, `"0.5"` is not a number (an integer is a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _knob(name: str, description: str) -> Any:
+    """The wire field of a sampler knob, bounded by `dgtext.request_rules.SAMPLING_BOUNDS` (the engine checks
+    the same bounds) and strict: `true`, `"8"` or `8.0` are not an integer, `"0.5"` is not a number."""
+    bound = SAMPLING_BOUNDS[name]
+    low: dict[str, Any] = {"ge": bound.minimum} if bound.minimum_inclusive else {"gt": bound.minimum}
+    return Field(default=None, strict=True, le=bound.maximum, description=description, **low)
 
 
 class DiffusionKnobs(WireModel):
     """The denoising controls of `engine.types.SamplingParams`; None means the model's default."""
 
-    max_denoising_steps: int | None = Field(default=None, ge=1, le=4096, description="step cap per canvas")
-    entropy_bound: float | None = Field(default=None, gt=0, le=1000, description="entropy budget per step")
-    t_min: float | None = Field(default=None, ge=0, le=100, description="temperature at the last step")
-    t_max: float | None = Field(default=None, ge=0, le=100, description="temperature at the first step")
-    confidence_threshold: float | None = Field(default=None, gt=0, le=1000, description="mean entropy to stop")
-    stability_threshold: int | None = Field(default=None, ge=0, le=4096, description="unchanged steps to stop")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_denoising_steps: int | None = _knob("max_denoising_steps", "step cap per canvas")
+    entropy_bound: float | None = _knob("entropy_bound", "entropy budget per step")
+    t_min: float | None = _knob("t_min", "temperature at the last step; at most t_max")
+    t_max: float | None = _knob("t_max", "temperature at the first step; at least t_min")
+    confidence_threshold: float | None = _knob("confidence_threshold", "mean entropy to stop")
+    stability_threshold: int | None = _knob("stability_threshold", "unchanged steps to stop")
+    seed: int | None = _knob("seed", "same seed, same tokens whatever the batch")
 
     @model_validator(mode="after")
     def _check_temperatures(self) -> DiffusionKnobs:
-        if self.t_min is not None and self.t_max is not None and not self.t_min < self.t_max:
-            raise FieldValueError("t_min", f"must be below t_max (got t_min={self.t_min}, t_max={self.t_max})")
+        # Against the model's defaults the API checks again at submit (services/prompt_limits.py).
+        if self.t_min is not None and self.t_max is not None and self.t_min > self.t_max:
+            raise FieldValueError("t_max", f"t_max {self.t_max} is below t_min {self.t_min}; t_min <= t_max is "
+                                  "required")
         return self
 
     def knob_values(self) -> dict[str, Any]:
@@ -66,8 +79,9 @@ class DiffusionKnobs(WireModel):
 class SamplingOptions(DiffusionKnobs):
     """Sampler parameters, mirroring `engine.types.SamplingParams`; None means the model's default."""
 
-    max_new_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    stream_drafts: bool = Field(default=False, description="emit a `draft` event after every denoising step")
+    max_new_tokens: int | None = _knob("max_new_tokens", "tokens to generate at most")
+    stream_drafts: bool = Field(default=False, strict=True,
+                                description="emit a `draft` event after every denoising step")
 
     def sampling_params(self) -> dict[str, Any]:
         """Keyword arguments for `engine.types.SamplingParams` (unset values left out)."""
@@ -79,8 +93,23 @@ class ChatMessage(WireModel):
     content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+def _exactly_one_of(*alternatives: tuple[tuple[str, ...], dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema `oneOf` for "exactly one of these groups of fields": each alternative requires its fields
+    (with their non-null type) and leaves the other groups' fields absent or null."""
+    every = {name: kind for names, kind in alternatives for name in names}
+    branches = []
+    for names, kind in alternatives:
+        properties = {name: {"type": "null"} for name in every if name not in names}
+        properties.update({name: kind for name in names})
+        branches.append({"required": list(names), "properties": properties})
+    return {"oneOf": branches}
+
+
 class GenerateJobCreate(SamplingOptions):
     """Open-ended generation from a raw `prompt` or chat `messages` (exactly one)."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of(
+        (("prompt",), {"type": "string"}), (("messages",), {"type": "array"})))
 
     kind: Literal["generate"] = "generate"
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -94,45 +123,30 @@ class GenerateJobCreate(SamplingOptions):
 
 
 class EditSpec(WireModel):
-    """One span to regenerate: `start`/`end` character offsets, or `find`, a string occurring exactly once."""
+    """One span to regenerate: `start`/`end` character offsets, or `find`, a string occurring exactly once.
+    `max_tokens` 0 deletes the span."""
 
-    start: int | None = Field(default=None, ge=0)
-    end: int | None = Field(default=None, ge=0)
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of(
+        (("find",), {"type": "string"}), (("start", "end"), {"type": "integer"})))
+
+    start: int | None = Field(default=None, ge=0, strict=True)
+    end: int | None = Field(default=None, ge=0, strict=True)
     find: str | None = Field(default=None, min_length=1, max_length=MAX_DOCUMENT_CHARS)
     instruction: str | None = Field(default=None, max_length=MAX_INSTRUCTION_CHARS)
-    max_tokens: int | None = Field(default=None, ge=1, le=65_536, description="cap on the replacement length")
+    max_tokens: int | None = Field(default=None, ge=0, le=65_536, strict=True,
+                                   description="cap on the replacement length (0 deletes the span)")
 
-
-def _find_unique(document: str, needle: str, index: int) -> tuple[int, int]:
-    first = document.find(needle)
-    if first < 0:
-        raise FieldValueError(f"edits[{index}]", f"find string {needle[:60]!r} does not occur in the document")
-    if document.find(needle, first + 1) >= 0:
-        raise FieldValueError(
-            f"edits[{index}]", f"find string {needle[:60]!r} occurs more than once; give start/end offsets instead"
-        )
-    return first, first + len(needle)
-
-
-def _span_of(edit: EditSpec, document: str, index: int) -> tuple[int, int]:
-    has_offsets = edit.start is not None or edit.end is not None
-    if has_offsets == (edit.find is not None):
-        raise FieldValueError(f"edits[{index}]", "give either `start` and `end` or `find`, not both or neither")
-    if edit.find is not None:
-        return _find_unique(document, edit.find, index)
-    if edit.start is None or edit.end is None:
-        raise FieldValueError(f"edits[{index}]", "`start` and `end` must be given together")
-    if edit.start > edit.end:
-        raise FieldValueError(f"edits[{index}]", f"start {edit.start} is after end {edit.end}")
-    if edit.end > len(document):
-        raise FieldValueError(
-            f"edits[{index}]", f"span [{edit.start}, {edit.end}) is outside the document ({len(document)} characters)"
-        )
-    return edit.start, edit.end
+    def as_plan_spec(self) -> edit_planning.EditSpec:
+        return edit_planning.EditSpec(self.start, self.end, self.find, self.instruction, self.max_tokens)
 
 
 class EditJobCreate(SamplingOptions):
-    """Regenerate spans of `document` in place, with the text on both sides in view (issue 4)."""
+    """Regenerate spans of `document` in place, with the text on both sides in view (issue 4).
+
+    Spans are checked by `dgtext.edits.resolve_edits`, the function the worker plans with: inside the
+    document, not reversed, `find` occurring exactly once, disjoint (touching is fine; two insertions at one
+    offset are not).
+    """
 
     kind: Literal["edit"] = "edit"
     document: str = Field(max_length=MAX_DOCUMENT_CHARS)
@@ -140,21 +154,17 @@ class EditJobCreate(SamplingOptions):
 
     @model_validator(mode="after")
     def _check_spans(self) -> EditJobCreate:
-        spans = self.resolved_spans()
-        order = sorted(range(len(spans)), key=lambda i: spans[i])
-        for before, after in zip(order, order[1:], strict=False):
-            (start_a, end_a), (start_b, end_b) = spans[before], spans[after]
-            touching_insertions = start_a == end_a == start_b
-            if end_a > start_b or touching_insertions:
-                raise FieldValueError(
-                    f"edits[{max(before, after)}]",
-                    f"span [{start_b}, {end_b}) overlaps edits[{min(before, after)}] span [{start_a}, {end_a})",
-                )
+        self.resolved_edits()
         return self
+
+    def resolved_edits(self) -> list[edit_planning.ResolvedEdit]:
+        """The edits validated and sorted by position (raises `EditValidationError`, a `FieldValueError`)."""
+        return edit_planning.resolve_edits(self.document, [edit.as_plan_spec() for edit in self.edits])
 
     def resolved_spans(self) -> list[tuple[int, int]]:
         """`(start, end)` character offsets of each edit, in the order given (find strings resolved)."""
-        return [_span_of(edit, self.document, index) for index, edit in enumerate(self.edits)]
+        by_index = {edit.index: (edit.start, edit.end) for edit in self.resolved_edits()}
+        return [by_index[index] for index in range(len(self.edits))]
 
 
 def _job_kind(value: Any) -> str:
@@ -234,3 +244,14 @@ class ErrorBody(WireModel):
     """The one error shape of every non-2xx response."""
 
     error: ErrorDetail
+
+
+class Readiness(WireModel):
+    """Body of `GET /readyz`: 200 when jobs can run now, 503 with `reason` otherwise."""
+
+    ready: bool
+    redis: bool = Field(description="Redis answered")
+    workers: int = Field(ge=0, description="live workers of this API's model queue")
+    queue: str | None = None
+    model: str | None = None
+    reason: str | None = Field(default=None, description="why not ready")

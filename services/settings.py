@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         "never delivered twice. Jobs of a killed worker do not wait for it: live workers requeue them once "
         "their lease lapses (heartbeat_ttl_seconds). A lower value is safe too: a redelivery of a job whose "
         "lease is alive is only retried later, never run twice"))
+    redis_socket_timeout_seconds: float = Field(default=3.0, gt=0, le=300, description=(
+        "a Redis command (or connection attempt) that gets no answer this long fails, so a paused or "
+        "partitioned Redis turns into a 503 instead of a request that hangs"))
     sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300, description="comment line after this silence")
 
     api_keys: Annotated[frozenset[str], NoDecode] = Field(

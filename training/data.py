@@ -1,5 +1,4 @@
-"""Training examples: a clean prompt window followed by one corrupted canvas (section 7 of
-../shared/docs/diffusiongemma.md), plus edit-shaped examples where only one contiguous span of the
+"""Training examples: a clean prompt window followed by one corrupted canvas (docs/training.md), plus edit-shaped examples where only one contiguous span of the
 canvas is corrupted and the rest of the canvas stays clean (what edit and infill jobs present).
 
 Shape legend: B examples, P longest prompt in the batch, C canvas length, L = P + C.

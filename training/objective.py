@@ -1,4 +1,4 @@
-"""The training objective of section 7 (../shared/docs/diffusiongemma.md) on the engine's own model.
+"""The training objective of the released model (docs/training.md) on the engine's own model.
 
 One step: encoder-mode pass over prompt + clean canvas into a fresh KV cache (next-token loss), then
 the denoiser twice over the corrupted canvas: pass 1 without self-conditioning and without gradients,

@@ -1,6 +1,6 @@
 """The Celery application of the worker: every Celery and kombu setting lives here.
 
-Why each setting (see ../shared/docs/service.md):
+Why each setting (the delivery guarantees are in docs/architecture.md, "worker"):
 - JSON only: a message from Redis is never unpickled.
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acked only after the job's terminal state is
   committed; a worker that dies mid-job leaves it unacked. Its job is recovered long before kombu restores
@@ -23,7 +23,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from services.api.job_queue import RUN_JOB_TASK
+from services.job_messages import RUN_JOB_TASK
 from worker.settings import WorkerSettings
 
 TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import the worker)

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dgtext.edit_result import assemble_edit_result, draft_replacements
-from dgtext.edits import EditPlan, EditSpec, EditTokenizer, plan_edits, resolve_edits
+from dgtext.edits import (
+    EditPlan,
+    EditSpec,
+    EditTokenizer,
+    plan_edits,
+    require_something_to_write,
+    resolve_edits,
+)
 from engine.types import EngineRequest, InfillCanvas, RequestStats, SamplingParams, StepOutput
 from services.schemas import EditJobCreate
 
@@ -48,8 +55,7 @@ def prepare_edit(
 ) -> PreparedEdit:
     """Plan an edit job and build its engine request; ValueError for a job with nothing to generate."""
     plan = plan_for_job(job, tokenizer, canvas_length, default_max_new_tokens)
-    if not plan.canvases:
-        raise ValueError("edits: every edit has a zero-token budget, so there is nothing for the model to write")
+    require_something_to_write(plan)
     canvases = tuple(InfillCanvas(c.leading_token_ids, c.token_ids, c.is_fixed) for c in plan.canvases)
     params = SamplingParams(**job.sampling_params())
     request = EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases)

@@ -1,6 +1,6 @@
 """Prometheus collectors of one worker process and the HTTP endpoint that serves them.
 
-Names follow ../shared/docs/service.md: `dgserve_*`, base units, `_total` for counters. Labels are `model`,
+Names follow docs/api.md ("Metrics"): `dgserve_*`, base units, `_total` for counters. Labels are `model`,
 `gpu` (the card index, or "cpu" in CPU mode) and `kind` (generate|edit); never a job id, so the series count
 stays bounded whatever the traffic.
 

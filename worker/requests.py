@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dgtext.edits import EditTokenizer
 from engine.types import EngineRequest, SamplingParams, StepOutput
 from services.schemas import EditJobCreate, GenerateJobCreate, parse_job_create
 from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit, usage_of
@@ -21,7 +22,7 @@ from worker.edit_jobs import edit_draft_event, edit_result, prepare_edit, usage_
 class ModelInfo:
     """What job preparation needs to know about the loaded model."""
 
-    tokenizer: Any  # dgtext.tokenizer.PromptTokenizer (encode/decode)
+    tokenizer: EditTokenizer  # dgtext.tokenizer.PromptTokenizer
     canvas_length: int
     default_max_new_tokens: int
 

@@ -20,7 +20,7 @@ import redis
 from celery import signals
 from celery.exceptions import Reject
 
-from services.api.job_queue import PUBLISH_RETRY_POLICY
+from services.job_messages import publish_job
 from worker.celery_app import TASK_NAME, app, settings
 from worker.runtime import HandBack, RetryLater, begin_shutdown, get_runtime, start_runtime, stop_runtime
 
@@ -47,8 +47,7 @@ def run_job(self: Any, job_id: str) -> str:
 
 def resend_job(job_id: str) -> None:
     """Publish `dgserve.run_job(job_id)` by name to this worker's model queue (a reclaimed orphan)."""
-    app.send_task(TASK_NAME, args=[job_id], queue=settings.queue_name, routing_key=settings.queue_name,
-                  retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+    publish_job(app, settings.queue_name, job_id)
 
 
 @signals.worker_init.connect

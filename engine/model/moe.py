@@ -1,7 +1,8 @@
 """Feed-forward blocks: the dense GeGLU MLP, the top-k router and the packed experts.
 
 Experts run as grouped GEMMs (`torch.nn.functional.grouped_mm`) where torch supports them for the
-device/dtype, otherwise as a loop over contiguous per-expert groups of expert-sorted tokens.
+device/dtype, otherwise as a loop over contiguous per-expert groups of expert-sorted tokens. Experts kept in
+FP8 (`Experts.keep_fp8`) run the same two paths through `engine.model.fp8` (`_scaled_grouped_mm` / `_scaled_mm`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fp8 import FP8_DTYPE, scaled_grouped_linear, scaled_grouped_mm_works, scaled_linear
 
 # Shapes: N tokens, D hidden, I expert width, E experts, K experts per token, P = N*K token-expert pairs.
 
@@ -99,6 +102,18 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
         self.backend: str | None = None
+        self.is_fp8 = False
+
+    def keep_fp8(self) -> None:
+        """Hold both projections as float8_e4m3fn buffers with fp32 per-row scales (`gate_up_proj_scale` [E, 2I],
+        `down_proj_scale` [E, D]), to be filled by the loader; matmuls then quantise activations per token."""
+        for name in ("gate_up_proj", "down_proj"):
+            dense = getattr(self, name)
+            delattr(self, name)
+            self.register_buffer(name, torch.empty(dense.shape, dtype=FP8_DTYPE, device=dense.device))
+            self.register_buffer(f"{name}_scale", torch.empty(dense.shape[:2], dtype=torch.float32,
+                                                               device=dense.device))
+        self.is_fp8 = True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights fp32 [N, K], experts [N, K] -> [N, D] = sum_k w_k * expert_k(x)."""
@@ -112,7 +127,7 @@ class Experts(nn.Module):
         # Routing weights scale the [P, I] activations rather than the [P, D] outputs (down_proj is linear):
         # 4x less elementwise traffic at the released shapes.
         sorted_w = weights.reshape(-1)[order, None].to(x.dtype)
-        backend = self.backend or default_expert_backend(x.device, x.dtype)
+        backend = self.backend or self._default_backend(x)
         if backend == DENSE:
             return self._dense(x, weights, experts)
         run = self._grouped if backend == GROUPED_MM else self._loop
@@ -122,21 +137,38 @@ class Experts(nn.Module):
         pair_y = torch.empty_like(sorted_y).index_copy_(0, order, sorted_y)
         return pair_y.view(n, k, -1).sum(dim=1)
 
+    def _default_backend(self, x: torch.Tensor) -> str:
+        if self.is_fp8:
+            return GROUPED_MM if scaled_grouped_mm_works(x.device.type) else LOOP
+        return default_expert_backend(x.device, x.dtype)
+
     def _grouped(self, sorted_x: torch.Tensor, sorted_w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         offs = group_ends.to(torch.int32)
-        gate_up = F.grouped_mm(sorted_x, self.gate_up_proj.transpose(1, 2), offs=offs)
-        gate, up = gate_up.split(self.expert_size, dim=-1)
-        return F.grouped_mm(gelu_tanh(gate) * up * sorted_w, self.down_proj.transpose(1, 2), offs=offs)
+        gate, up = self._grouped_project("gate_up_proj", sorted_x, offs).split(self.expert_size, dim=-1)
+        return self._grouped_project("down_proj", gelu_tanh(gate) * up * sorted_w, offs)
+
+    def _grouped_project(self, name: str, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted x [P, in] through every expert's `name` projection -> [P, out]."""
+        if self.is_fp8:
+            return scaled_grouped_linear(x, getattr(self, name), getattr(self, f"{name}_scale"), offs)
+        return F.grouped_mm(x, getattr(self, name).transpose(1, 2), offs=offs)
+
+    def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] through one expert's `name` projection -> [n, out]."""
+        if self.is_fp8:
+            return scaled_linear(x, getattr(self, name)[expert], getattr(self, f"{name}_scale")[expert])
+        return F.linear(x, getattr(self, name)[expert])
 
     def _loop(self, sorted_x: torch.Tensor, sorted_w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-        # Group boundaries must be host ints to slice; this path serves CPU (where reading them is free)
-        # and dtypes grouped_mm lacks, never the CUDA bf16 production path.
+        # Group boundaries must be host ints to slice; this path serves CPU (where reading them is free),
+        # dtypes grouped_mm lacks and FP8 experts on cards without `_scaled_grouped_mm`; never the CUDA bf16
+        # production path.
         ends = group_ends.tolist()
         outputs, start = [], 0
         for expert, end in enumerate(ends):
             if end > start:
-                gate, up = F.linear(sorted_x[start:end], self.gate_up_proj[expert]).split(self.expert_size, dim=-1)
-                outputs.append(F.linear(gelu_tanh(gate) * up * sorted_w[start:end], self.down_proj[expert]))
+                gate, up = self._project("gate_up_proj", expert, sorted_x[start:end]).split(self.expert_size, dim=-1)
+                outputs.append(self._project("down_proj", expert, gelu_tanh(gate) * up * sorted_w[start:end]))
             start = end
         return torch.cat(outputs) if outputs else sorted_x.new_zeros(0, self.down_proj.shape[1])
 

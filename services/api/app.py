@@ -14,11 +14,13 @@ from dgtext.checkpoint_files import CheckpointError
 from services.api import routes_jobs, routes_openai, routes_ops
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
-from services.api.job_queue import JobQueue
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from services.api.openapi_doc import install_exact_openapi
+from services.job_messages import JobQueue
 from services.jobs import JobStore
 from services.metrics import ApiMetrics
 from services.prompt_limits import RequestLimits
+from services.redis_options import redis_client_options
 from services.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,12 +29,14 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     """Build the API around one `Settings`: job store and queue on `settings.redis_url`, limits, metrics."""
     metrics = ApiMetrics(model=settings.model_name, queue=settings.queue_name)
-    services = AppServices(settings=settings, store=JobStore.from_settings(settings), queue=JobQueue(settings),
-                           limits=RequestLimits(settings), metrics=metrics)
+    store = JobStore.from_settings(settings)
+    services = AppServices(settings=settings, store=store, queue=JobQueue(settings),
+                           limits=RequestLimits(settings, workers=store), metrics=metrics)
     # Event streams block in XREAD for up to `sse_keepalive_seconds`; the socket timeout must outlast that
     # block (redis-py's default of 5 s would cut any stream idle for longer than 5 s).
     async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                          socket_timeout=settings.sse_keepalive_seconds + 10.0)
+                                          **{**redis_client_options(settings, for_asyncio=True),
+                                             "socket_timeout": settings.sse_keepalive_seconds + 10.0})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.async_redis = async_redis
     install_error_handlers(app)
+    install_exact_openapi(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)

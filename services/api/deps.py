@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.api.errors import ApiError
-from services.api.job_queue import JobQueue
+from services.job_messages import JobQueue
 from services.jobs import JobStore
 from services.metrics import ApiMetrics
 from services.prompt_limits import RequestLimits

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from services.schemas import ErrorBody, FieldValueError
+
+logger = logging.getLogger(__name__)
 
 # Discriminator tags of the job union appear in pydantic locations; clients never wrote them.
 _UNION_TAGS = frozenset({"generate", "edit"})
@@ -71,6 +76,12 @@ def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
     return error_response(422, "invalid_request", message, field=described[0][0])
 
 
+def store_unavailable(retry_after_seconds: int) -> ApiError:
+    """503 for a job store (Redis) that is down, restarting or stalled: the client should retry."""
+    return ApiError(503, "store_unavailable", f"the job store (Redis) is unavailable; retry in "
+                    f"{retry_after_seconds} s", headers={"Retry-After": str(retry_after_seconds)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -84,7 +95,38 @@ def install_error_handlers(app: FastAPI) -> None:
             metrics.job_rejected("invalid")
         return validation_error_response(list(exc.errors()))
 
+    @app.exception_handler(redis.RedisError)
+    async def _store_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # One line, no traceback: an outage answers many requests; a redis-py timeout or refused connection
+        # is the expected failure, not a bug.
+        logger.warning("%s %s: job store unavailable (%s: %s)", request.method, request.url.path,
+                       type(exc).__name__, exc)
+        services = getattr(request.app.state, "services", None)
+        retry_after = services.settings.retry_after_seconds if services is not None else 5
+        error = store_unavailable(retry_after)
+        return error_response(error.status, error.code, error.message, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette still logs the traceback; the client gets the one error shape, never text/plain.
+        return error_response(500, "internal_error", "the server failed to answer this request; see its log")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8): as for bad JSON
+            return error_response(422, "invalid_request", f"body is not valid JSON ({exc.detail})", field="body")
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"}) if isinstance(route, Route) else (None, None)
+        if match is not None and match != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)

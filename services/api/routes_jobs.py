@@ -6,27 +6,61 @@ import re
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import OwnerDep, ServicesDep
 from services.api.errors import ApiError
+from services.api.openapi_doc import SSE_EVENT_SCHEMA
 from services.api.sse import SSE_HEADERS, job_event_stream
 from services.api.submission import accept_job
 from services.job_record import JobRecord
+from services.jobs import is_job_id
 from services.schemas import ErrorBody, JobAccepted, JobCreate, JobPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429, 503)}
+# A Redis stream id is two unsigned 64-bit integers; up to 19 digits each is always in range (ids are
+# millisecond times and small sequence numbers), and the rule is one regular expression the OpenAPI
+# document can state exactly.
+STREAM_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
+_STREAM_ID = re.compile(STREAM_ID_PATTERN)
+# The error statuses every route shares are documented by services/api/openapi_doc.py; here only the
+# route's own answers.
+_SUBMITTED: dict[int | str, dict[str, Any]] = {202: {"headers": {
+    "Location": {"description": "the job's URL, `/v1/jobs/{id}`", "required": True, "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "`true` when an earlier job of the same Idempotency-Key and body is "
+                            "returned (nothing was enqueued again)", "schema": {"type": "string", "enum": ["true"]}},
+}}}
+_EVENT_STREAM: dict[int | str, dict[str, Any]] = {200: {
+    "description": "`text/event-stream`: frames `id`, `event`, `data` (JSON); `: keep-alive` comments",
+    "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}}}
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+def _no_such_job() -> ApiError:
+    return ApiError(404, "not_found", "no such job (it does not exist, expired, or belongs to another API key)")
 
 
 def _owned_job(services: ServicesDep, job_id: str, owner: str) -> JobRecord:
-    record = services.store.get_for_owner(job_id, owner) if len(job_id) <= 64 else None
+    """The caller's job, or 404. Anything that is not a job id is 404 before Redis is asked (so a path like
+    `<id>:events` never reaches another key), and another key's job reads exactly like an unknown one."""
+    record = services.store.get_for_owner(job_id, owner) if is_job_id(job_id) else None
     if record is None:
-        raise ApiError(404, "not_found", f"job {job_id[:64]!r} does not exist (or belongs to another API key)")
+        raise _no_such_job()
     return _expire_if_overdue(services, record)
+
+
+def _resume_point(last_event_id: str | None) -> str:
+    """The stream id to resume after; 422 for anything Redis would not take as one."""
+    resume_from = last_event_id or "0-0"
+    if _STREAM_ID.match(resume_from) is None:
+        raise ApiError(422, "invalid_request", "Last-Event-ID: must be an event id received from this stream, "
+                       "like 1712345678901-0", field="Last-Event-ID")
+    return resume_from
 
 
 def _expire_if_overdue(services: ServicesDep, record: JobRecord) -> JobRecord:
@@ -40,7 +74,7 @@ def _expire_if_overdue(services: ServicesDep, record: JobRecord) -> JobRecord:
     return services.store.get(record.id) or record
 
 
-@router.post("", status_code=202, response_model=JobAccepted, responses=_ERRORS,
+@router.post("", status_code=202, response_model=JobAccepted, responses=_SUBMITTED,
              summary="Submit a generate or edit job")
 def submit_job(job: Annotated[JobCreate, Body()], services: ServicesDep, owner: OwnerDep, response: Response,
                idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
@@ -56,39 +90,41 @@ def submit_job(job: Annotated[JobCreate, Body()], services: ServicesDep, owner: 
                                        "location": location})
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Status, progress and result")
+@router.get("/{job_id}", response_model=JobPublic, summary="Status, progress and result")
 def get_job(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobPublic:
     return _owned_job(services, job_id, owner).to_public()
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobPublic,
-               responses={**_ERRORS, 409: {"model": ErrorBody}}, summary="Cancel a job")
+               responses={409: {"model": ErrorBody}}, summary="Cancel a job")
 def cancel_job(job_id: str, services: ServicesDep, owner: OwnerDep) -> JobPublic:
     """Queued jobs are cancelled at once; running ones at the worker's next step. 409 if already finished."""
     _owned_job(services, job_id, owner)
     outcome = services.store.cancel(job_id)
     if outcome == "not_found":
-        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+        raise _no_such_job()
     record = services.store.get(job_id)
     if outcome == "finished" and record is not None:
         raise ApiError(409, "job_finished", f"job {job_id} already finished with status {record.status!r}")
     if record is None:
-        raise ApiError(404, "not_found", f"job {job_id!r} does not exist")
+        raise _no_such_job()
     return record.to_public()
 
 
-@router.get("/{job_id}/events", responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+@router.get("/{job_id}/events", response_class=EventStreamResponse, responses=_EVENT_STREAM,
             summary="Server-Sent Events of the job (resumable with Last-Event-ID)")
 async def job_events(job_id: str, request: Request, services: ServicesDep, owner: OwnerDep,
-                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description=(
+                         "resume after this event id"), json_schema_extra={"pattern": STREAM_ID_PATTERN})] = None,
+                     last_event_id_query: Annotated[str | None, Query(alias="last_event_id", description=(
+                         "the same, for clients that cannot set headers (EventSource)"),
+                         json_schema_extra={"pattern": STREAM_ID_PATTERN})] = None,
+                     ) -> EventStreamResponse:
     """Events `queued`, `started`, `draft`, `canvas`, then one of `done`/`failed`/`cancelled`/`expired`,
     which ends the stream. Each event's `id` is its Redis stream id; send it back as `Last-Event-ID`
     (header, or `last_event_id` query parameter) to resume after it."""
-    resume_from = last_event_id or request.query_params.get("last_event_id") or "0-0"
-    if not _STREAM_ID.match(resume_from):
-        raise ApiError(422, "invalid_request", "Last-Event-ID: must be an event id received from this stream, "
-                       "like 1712345678901-0", field="Last-Event-ID")
-    await run_in_threadpool(_owned_job, services, job_id, owner)
+    await run_in_threadpool(_owned_job, services, job_id, owner)  # an unknown job is 404 whatever else is wrong
+    resume_from = _resume_point(last_event_id or last_event_id_query)
     stream = job_event_stream(request.app.state.async_redis, job_id, resume_from,
                               services.settings.sse_keepalive_seconds)
-    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStreamResponse(stream, headers=SSE_HEADERS)

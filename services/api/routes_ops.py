@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.api.deps import ServicesDep
+from services.schemas import Readiness
 
 router = APIRouter(tags=["operations"])
 
@@ -17,7 +18,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis answers and at least one worker heartbeat is fresh")
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}},
+            summary="Readiness: Redis answers and at least one worker heartbeat is fresh")
 def readyz(services: ServicesDep) -> JSONResponse:
     """200 when jobs can run now; 503 with the reason otherwise (load balancers take the API out)."""
     try:
@@ -36,7 +38,8 @@ def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if workers else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics of the API", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics of the API", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics(services: ServicesDep) -> Response:
     try:
         depth, workers = services.store.queue_depth(), len(services.store.live_workers())

@@ -215,13 +215,13 @@ def test_infill_positions_come_back_unchanged(loaded: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("request_kwargs, message", [
-    ({"prompt_token_ids": tuple(range(3, 500))}, "prompt too long"),
-    ({"prompt": "x", "params": SamplingParams(max_new_tokens=10_000)}, "prompt too long"),
+    ({"prompt_token_ids": tuple(range(3, 500))}, "leave room for no canvas"),
+    ({"prompt": "x", "params": SamplingParams(max_new_tokens=10_000)}, "^max_new_tokens: .* over the 256"),
     ({"prompt": "x", "prompt_token_ids": (3,)}, "exactly one of"),
     ({}, "exactly one of"),
     ({"prompt_token_ids": ()}, "empty"),
     ({"prompt_token_ids": (3, 10**6)}, r"\[0, 512\)"),
-    ({"prompt": "x", "params": SamplingParams(t_min=0.9, t_max=0.5)}, "t_max must be >= t_min"),
+    ({"prompt": "x", "params": SamplingParams(t_min=0.9, t_max=0.5)}, "t_max: t_max 0.5 is below t_min 0.9"),
     ({"prompt": "x", "params": SamplingParams(max_denoising_steps=0)}, "max_denoising_steps"),
     ({"prompt": "x", "params": SamplingParams(entropy_bound=0.0)}, "entropy_bound"),
     ({"prompt": "x", "params": SamplingParams(stability_threshold=-1)}, "stability_threshold"),

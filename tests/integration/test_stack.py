@@ -11,7 +11,7 @@ import pytest
 
 from dgtext.tokenizer import PromptTokenizer
 from engine.engine import Engine
-from services.api.job_queue import JobQueue
+from services.job_messages import JobQueue
 from services.jobs import JobStore
 from services.schemas import TERMINAL_STATUSES, GenerateJobCreate, parse_job_create
 from services.settings import model_short_name
@@ -129,13 +129,21 @@ def test_idempotent_resubmission_and_redelivery_of_a_finished_job(stack: Stack):
     assert types.count("started") == 1 and types.count("done") == 1
 
 
-def test_input_the_engine_rejects_fails_the_job_and_the_worker_keeps_serving(stack: Stack):
-    # Passes the API's limits but needs more positions than the worker's engine holds (max_context 4096).
+def test_the_api_refuses_what_the_engine_would_and_a_job_stored_past_it_fails_cleanly(stack: Stack):
+    # The worker publishes its engine's limits (max_context 4096) with its heartbeat; the API checks them.
     with stack.client() as client:
-        bad = submit(client, {"prompt": "x", "max_new_tokens": 4096})
+        response = client.post("/v1/jobs", json={"prompt": "x", "max_new_tokens": 4096})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["field"] == "max_new_tokens"
+        # A job stored without that check (as one accepted before any worker had published) still fails
+        # cleanly in the worker, by the same rule, and the worker keeps serving.
+        bad = stack.store().create(GenerateJobCreate(prompt="x", max_new_tokens=4096)).job_id
+        queue = JobQueue(stack.settings(queue_name=SHARED_QUEUE))
+        queue.submit(bad)
+        queue.close()
         view = wait_for_status(client, bad, TERMINAL)
         assert view["status"] == "failed" and view["error"]["code"] == "invalid_request"
-        assert "max_context" in view["error"]["message"]
+        assert "max_new_tokens" in view["error"]["message"] and "4096" in view["error"]["message"]
         good = submit(client, {"prompt": "still alive?", "seed": 5, "max_new_tokens": 16})
         assert wait_for_status(client, good, TERMINAL)["status"] == "succeeded"
 

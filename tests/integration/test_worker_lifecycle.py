@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from services.api.job_queue import JobQueue
+from services.job_messages import JobQueue
 from services.jobs import JobStore
 from services.schemas import GenerateJobCreate
 from tests.integration.conftest import Stack, extra_worker, kill_hard, store_event_types

@@ -55,7 +55,7 @@ def test_edit_offsets_are_code_points_and_find_counts_overlaps():
     document = "naïve café 😀 done"
     job = EditJobCreate(document=document, edits=[{"find": "😀"}, {"start": 0, "end": 5}])
     assert job.resolved_spans() == [(11, 12), (0, 5)] and document[0:5] == "naïve"
-    with pytest.raises(ValidationError, match=r"edits\[0\]: find string 'aa' occurs more than once"):
+    with pytest.raises(ValidationError, match=r"edits\[0\]: find text 'aa' occurs more than once"):
         EditJobCreate(document="aaa", edits=[{"find": "aa"}])
 
 
@@ -67,7 +67,7 @@ def test_edit_insertions_at_one_point_are_ambiguous_but_adjacent_spans_are_fine(
 
 def test_api_and_workers_agree_on_the_visibility_timeout(monkeypatch) -> None:
     """The producer's kombu channel gets the same visibility timeout as the workers' (override or default)."""
-    from services.api.job_queue import JobQueue
+    from services.job_messages import JobQueue
     from worker.settings import WorkerSettings
 
     assert Settings(job_deadline_seconds=60).visibility_timeout_seconds == 660
