@@ -246,6 +246,19 @@ class ErrorBody(WireModel):
     error: ErrorDetail
 
 
+class WorkerLoad(WireModel):
+    """One live worker in `GET /readyz`: numbers from its last heartbeat (`WorkerMetrics.load_snapshot`)."""
+
+    worker_id: str | None = None
+    gpu: str | None = Field(default=None, description="card index, or cpu")
+    last_seen: float | None = Field(default=None, description="unix seconds of the heartbeat")
+    generated_tokens: int | None = Field(default=None, ge=0, description="tokens generated since the worker started")
+    canvases_in_flight: int | None = Field(default=None, ge=0, description="requests being denoised")
+    canvases_waiting: int | None = Field(default=None, ge=0, description="requests waiting for a slot")
+    memory_used_bytes: int | None = Field(default=None, ge=0)
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+
+
 class Readiness(WireModel):
     """Body of `GET /readyz`: 200 when jobs can run now, 503 with `reason` otherwise."""
 
@@ -255,3 +268,5 @@ class Readiness(WireModel):
     queue: str | None = None
     model: str | None = None
     reason: str | None = Field(default=None, description="why not ready")
+    worker_load: list[WorkerLoad] = Field(default_factory=list, description="each live worker's card and load, "
+                                          "as its last heartbeat reported it (the playground's service panel)")

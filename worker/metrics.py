@@ -84,6 +84,10 @@ class WorkerMetrics:
         self._forward_seconds_child = self.forward_seconds.labels(**card)
         self._in_flight_child = self.canvases_in_flight.labels(**card)
         self._waiting_child = self.canvases_waiting.labels(**card)
+        # Plain copies of a few values for the heartbeat (`load_snapshot`): the API's /readyz shows them to
+        # the playground, which cannot reach this port. prometheus_client keeps its values private.
+        self._snapshot = {"generated_tokens": 0, "canvases_in_flight": 0, "canvases_waiting": 0,
+                          "memory_used_bytes": 0, "memory_total_bytes": 0}
 
     def card(self) -> dict[str, str]:
         return {"model": self.labels.model, "gpu": self.labels.gpu}
@@ -101,6 +105,7 @@ class WorkerMetrics:
         """A committed canvas: counted here (not at job end) so token rates are smooth in dashboards."""
         labels = self.of_kind(kind)
         self.generated_tokens.labels(**labels).inc(num_tokens)
+        self._snapshot["generated_tokens"] += num_tokens
         self.denoising_steps.labels(**labels).inc(num_steps)
         self.canvases.labels(**labels).inc()
         self.steps_per_canvas.labels(**labels).observe(num_steps)
@@ -119,15 +124,22 @@ class WorkerMetrics:
     def set_load(self, num_running: int, num_waiting: int) -> None:
         self._in_flight_child.set(num_running)
         self._waiting_child.set(num_waiting)
+        self._snapshot.update(canvases_in_flight=num_running, canvases_waiting=num_waiting)
 
     def set_memory(self, used_bytes: int, total_bytes: int, allocated_bytes: int | None = None,
                    reserved_bytes: int | None = None) -> None:
         self.gpu_memory_used.labels(**self.card()).set(used_bytes)
         self.gpu_memory_total.labels(**self.card()).set(total_bytes)
+        self._snapshot.update(memory_used_bytes=used_bytes, memory_total_bytes=total_bytes)
         if allocated_bytes is not None:
             self.torch_allocated.labels(**self.card()).set(allocated_bytes)
         if reserved_bytes is not None:
             self.torch_reserved.labels(**self.card()).set(reserved_bytes)
+
+    def load_snapshot(self) -> dict[str, int]:
+        """This worker's tokens generated since start (all kinds), requests in flight and waiting, and card
+        memory (used, total): small JSON-able numbers the worker sends with its heartbeat."""
+        return dict(self._snapshot)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> Any:
         """Start the /metrics HTTP endpoint on a daemon thread; returns the server (call shutdown() to stop)."""

@@ -171,7 +171,7 @@ class WorkerRuntime:
     def _remote_heartbeat(self) -> None:
         # On the writer thread: the engine loop never waits on Redis.
         info = {"queue": self.settings.queue_name, "model": self.settings.model_name,
-                "gpu": self.metrics.labels.gpu, "pid": os.getpid(),
+                "gpu": self.metrics.labels.gpu, "pid": os.getpid(), "load": self.metrics.load_snapshot(),
                 "limits": self.engine.request_limits.to_json_dict()}  # what the API checks submissions against
         self.writer.submit(lambda: self.store.heartbeat(self.worker_id, info))
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from dgtext.checkpoint_files import CheckpointError
-from services.api import routes_jobs, routes_openai, routes_ops
+from services.api import routes_jobs, routes_openai, routes_ops, routes_playground
 from services.api.deps import AppServices
 from services.api.errors import SUBMIT_PATHS, install_error_handlers
 from services.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_playground.router)
 
     def count_oversized(scope: Scope) -> None:
         if scope.get("path") in SUBMIT_PATHS:
