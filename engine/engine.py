@@ -85,6 +85,7 @@ class Engine:
             check_generate_positions(len(prompt_ids), params.max_new_tokens, limits)
         else:
             num_canvases = len(infill)
+            leading = sum(len(canvas.leading_token_ids) for canvas in infill)
             check_infill_positions(len(prompt_ids), leading, num_canvases, limits, field_name="prompt_token_ids")
         needed = len(prompt_ids) + leading + num_canvases * self.config.canvas_length
         if not self.runner.kv.fits_at_all(needed):

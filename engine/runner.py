@@ -20,15 +20,14 @@ import torch
 
 from engine import rng
 from engine.block_manager import BlockManager
+from engine.compiled_step import StepRegion
 from engine.config import FULL, SLIDING, ModelConfig
 from engine.kv_cache import BlockTables, PagedKVCache, blocks_for
 from engine.model.transformer import DiffusionGemmaModel
 from engine.sampler import (
-    CanvasState,
     ChunkKernels,
     CompiledWithFallback,
     SamplerInputs,
-    denoise_step,
     initial_canvas,
     temperature_at,
 )
@@ -136,6 +135,11 @@ class ModelRunner:
         if compile_sampler is None:
             compile_sampler = self.device.type == "cuda"
         self.chunk_kernels = CompiledWithFallback() if compile_sampler else ChunkKernels()
+        compile_step = engine_config.compile_step
+        if compile_step is None:
+            compile_step = self.device.type == "cuda"
+        self.step_region = StepRegion(model, self.cache, compile_step, engine_config.vocab_chunk_size,
+                                      self.chunk_kernels)
 
     def block_tables(self, request_ids: list[str], context_ends: list[int], write_ends: list[int]) -> BlockTables:
         """Tables for rows whose cached context ends at `context_ends` and whose forward writes up to (not
@@ -245,30 +249,25 @@ class ModelRunner:
         starts_host = [work.canvas_start for work in works]
         starts = torch.tensor(starts_host, device=self.device)
         positions = starts.unsqueeze(1) + self._canvas_offsets  # [B, C]
-        any_sc = any(not work.starts_canvas for work in works)
         tables = self.block_tables([work.request_id for work in works], starts_host, starts_host)
-        logits = self.model.denoise(self.canvas_ids[slots], positions, self.cache, tables, starts,
-                                    self.sc_embeds[slots] if any_sc else None,
-                                    context_bound=max(starts_host))  # fp32 [B, C, V]
-        state = CanvasState(canvas_ids=self.canvas_ids[slots], prev_argmax=self.prev_argmax[slots],
-                            stable_steps=self.stable_steps[slots], is_fixed=self.is_fixed[slots],
-                            fixed_ids=self.fixed_ids[slots])
-        inputs = self._sampler_inputs(works, sequences)
+        sampler = self._sampler_inputs(works, sequences)
+        inputs = {"canvas_ids": self.canvas_ids[slots], "positions": positions, "context_lens": starts,
+                  "full_table": tables.full, "sliding_table": tables.sliding, "sliding_first": tables.sliding_first,
+                  "sc_embeds": self.sc_embeds[slots], "prev_argmax": self.prev_argmax[slots],
+                  "stable_steps": self.stable_steps[slots], "is_fixed": self.is_fixed[slots],
+                  "fixed_ids": self.fixed_ids[slots],
+                  **{name: value for name, value in sampler.__dict__.items() if value is not None}}
         wants_logprobs = any(sequences[work.request_id].params.logprobs is not None for work in works)
-        chunk = self.engine_config.vocab_chunk_size
-        out = denoise_step(logits, state, inputs, chunk, self.chunk_kernels,
-                           logprobs_top=MAX_LOGPROBS if wants_logprobs else None, round_to=self.dtype)
-        self.sc_embeds[slots] = self.model.self_conditioning_from_logits(logits, inputs.temperature,
-                                                                         out.sc_log_norm, chunk)
-        del logits
-        if out.logprobs is not None:
-            self.logprob_selected[slots] = out.logprobs.selected
-            self.logprob_top_ids[slots] = out.logprobs.top_ids
-            self.logprob_top[slots] = out.logprobs.top_logprobs
-        self.canvas_ids[slots] = out.next_canvas
-        self.prev_argmax[slots] = out.argmax
-        self.stable_steps[slots] = out.stable_steps
-        packed = torch.cat([out.argmax, out.converged.unsqueeze(1).to(torch.int64)], dim=1).cpu()  # the one read
+        out = self.step_region.run(inputs, max(starts_host), MAX_LOGPROBS if wants_logprobs else None)
+        self.sc_embeds[slots] = out["sc_embeds"]
+        if wants_logprobs:
+            self.logprob_selected[slots] = out["logprob_selected"]
+            self.logprob_top_ids[slots] = out["logprob_top_ids"]
+            self.logprob_top[slots] = out["logprob_top"]
+        self.canvas_ids[slots] = out["next_canvas"]
+        self.prev_argmax[slots] = out["argmax"]
+        self.stable_steps[slots] = out["stable_steps"]
+        packed = torch.cat([out["argmax"], out["converged"].unsqueeze(1).to(torch.int64)], dim=1).cpu()  # the one read
         rows = packed.tolist()
         return [CanvasResult(work=work, argmax_ids=row[:-1], converged=bool(row[-1]))
                 for work, row in zip(works, rows, strict=True)]

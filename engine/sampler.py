@@ -101,7 +101,7 @@ class VocabularyScan:
     sampled: torch.Tensor  # int64: the full-vocabulary draw
     argmax: torch.Tensor  # int64
     max_logit: torch.Tensor  # float32
-    inv_temperature: torch.Tensor  # float32 [B, 1, 1]: 1 / T
+    inv_temperature: torch.Tensor | None  # float32 [B, 1, 1]: 1 / T (None: T = 1)
     entropy: torch.Tensor  # float32, of softmax(z)
     exp_sum: torch.Tensor  # float32: sum exp(z - max_z)
     uniforms: torch.Tensor  # float32: the draw's uniform per position
@@ -121,10 +121,9 @@ def scan_vocabulary(logits: torch.Tensor, sample_keys: torch.Tensor, vocab_chunk
     self-conditioning normaliser over z rounded to it to the first pass (free in fp32).
     """
     batch, length, vocab = logits.shape
-    inv_t = (torch.ones(batch, device=logits.device) if temperature is None else 1.0 / temperature)
-    inv_t = inv_t.view(batch, 1, 1)
+    inv_t = None if temperature is None else (1.0 / temperature).view(batch, 1, 1)
     max_logit, argmax = logits.max(dim=-1)  # [B, C]; z's too, as T > 0
-    max_z = max_logit * inv_t.view(batch, 1)
+    max_z = max_logit if inv_t is None else max_logit * inv_t.view(batch, 1)
     exp_sum = torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
     weighted_sum, rounded_sum = torch.zeros_like(exp_sum), torch.zeros_like(exp_sum)
     rounded_max = max_z.to(round_to).float()
@@ -134,7 +133,7 @@ def scan_vocabulary(logits: torch.Tensor, sample_keys: torch.Tensor, vocab_chunk
         exp_sum += chunk_exp_sum
         weighted_sum += chunk_weighted_sum
         if round_to != torch.float32:
-            rounded = (chunk.float() * inv_t).to(round_to).float()
+            rounded = (chunk.float() if inv_t is None else chunk.float() * inv_t).to(round_to).float()
             rounded_sum += (rounded - rounded_max.unsqueeze(-1)).exp_().sum(-1)
     uniforms = rng.position_uniforms(sample_keys, torch.arange(length, device=logits.device, dtype=torch.int64))
     sampled = inverse_cdf_draw(logits, max_logit, inv_t, uniforms * exp_sum, vocab_chunk, kernels)
@@ -148,7 +147,7 @@ def scan_vocabulary(logits: torch.Tensor, sample_keys: torch.Tensor, vocab_chunk
                           entropy=entropy, exp_sum=exp_sum, uniforms=uniforms, sc_log_norm=sc_log_norm)
 
 
-def inverse_cdf_draw(logits: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor,
+def inverse_cdf_draw(logits: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None,
                      target: torch.Tensor, vocab_chunk: int, kernels: ChunkKernels) -> torch.Tensor:
     """How many ids precede the first one whose cumulative exp(z - max z) exceeds `target` [B, C]: int64
     [B, C], equal to V when no id does (z = logits * inv_temperature [B, 1, 1]). Chunks after the one holding

@@ -14,13 +14,14 @@ from collections.abc import Callable
 import torch
 
 
-def shifted_z(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor) -> torch.Tensor:
+def shifted_z(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None) -> torch.Tensor:
     """z - max z of a vocabulary chunk, z = logits / T: (chunk [B, C, v] - max_logit [B, C]) * (1 / T) [B, 1, 1],
-    in fp32 (one chunk-sized temporary, scaled in place)."""
-    return (chunk.float() - max_logit.unsqueeze(-1)).mul_(inv_temperature)
+    in fp32 (one chunk-sized temporary, scaled in place; None = T is 1, nothing to scale)."""
+    shifted = chunk.float() - max_logit.unsqueeze(-1)
+    return shifted if inv_temperature is None else shifted.mul_(inv_temperature)
 
 
-def chunk_statistics(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor
+def chunk_statistics(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """One vocabulary chunk of logits [B, C, v] -> (sum w, sum w (z - max z)) with w = exp(z - max z), each
     [B, C]. Pure: reads its inputs, writes only temporaries."""
@@ -29,7 +30,7 @@ def chunk_statistics(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperatu
     return weights.sum(dim=-1), torch.linalg.vecdot(weights, shifted)
 
 
-def chunk_search(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor,
+def chunk_search(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None,
                  threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF search inside one chunk of logits [B, C, v]: (how many ids have a chunk-local cumulative
     weight sum exp(z - max z) <= threshold, the chunk's total weight), each [B, C]. Pure, like
@@ -45,11 +46,11 @@ def chunk_search(chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: 
 class ChunkKernels:
     """The two per-chunk passes of the vocabulary scan, eager. Subclasses may compile them."""
 
-    def statistics(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor
+    def statistics(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         return chunk_statistics(chunk, max_logit, inv_temperature)
 
-    def search(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor,
+    def search(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None,
                threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return chunk_search(chunk, max_logit, inv_temperature, threshold)
 
@@ -72,7 +73,7 @@ class CompiledWithFallback(ChunkKernels):
         self.backend = backend
         self.failed_with: Exception | None = None
 
-    def _run(self, function: Callable[..., tuple[torch.Tensor, torch.Tensor]], *args: torch.Tensor
+    def _run(self, function: Callable[..., tuple[torch.Tensor, torch.Tensor]], *args: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.failed_with is None:
             try:
@@ -81,10 +82,10 @@ class CompiledWithFallback(ChunkKernels):
                 self.failed_with = err
         return function(*args)
 
-    def statistics(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor
+    def statistics(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(chunk_statistics, chunk, max_logit, inv_temperature)
 
-    def search(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor,
+    def search(self, chunk: torch.Tensor, max_logit: torch.Tensor, inv_temperature: torch.Tensor | None,
                threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run(chunk_search, chunk, max_logit, inv_temperature, threshold)

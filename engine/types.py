@@ -291,6 +291,10 @@ class EngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     sliding_chunk_tokens: int = 256
+    # The decoder step as one torch.compile(fullgraph=True) graph per batch bucket (engine/compiled_step.py);
+    # None -> compiled on CUDA (CUDA graphs), eager on CPU, where compiling costs minutes of a small
+    # machine's start-up and buys less (docs/benchmarks.md).
+    compile_step: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size",
@@ -300,6 +304,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size!r}")
+        if self.compile_step is not None and not isinstance(self.compile_step, bool):
+            raise ValueError(f"EngineConfig.compile_step must be True, False or None, got {self.compile_step!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"EngineConfig.kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if not 0 < self.kv_cache_memory_fraction <= 1:

@@ -17,7 +17,7 @@ from .fp8 import FP8_DTYPE, scaled_grouped_linear, scaled_grouped_mm_works, scal
 
 # Shapes: N tokens, D hidden, I expert width, E experts, K experts per token, P = N*K token-expert pairs.
 
-GROUPED_MM, LOOP = "grouped_mm", "loop"
+GROUPED_MM, LOOP, DENSE = "grouped_mm", "loop", "dense"
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,11 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 def default_expert_backend(device: torch.device, dtype: torch.dtype) -> str:
     """grouped_mm on CUDA bf16 (the production path) and on CPU fp32 inference where this torch has a
-    kernel; the loop otherwise. CPU grouped_mm has no backward in this torch, so training uses the loop."""
+    kernel; the loop otherwise. CPU grouped_mm has no backward in this torch, so training uses the loop.
+    Under torch.compile (engine/compiled_step.py) grouped_mm traces only in bf16 and the loop's host-side
+    group bounds would break the graph, so other dtypes run every expert densely (`Experts._dense`)."""
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return DENSE
     if device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm_works("cuda", dtype):
         return GROUPED_MM
     if device.type == "cpu" and dtype == torch.float32 and not torch.is_grad_enabled():
@@ -124,6 +128,8 @@ class Experts(nn.Module):
         # 4x less elementwise traffic at the released shapes.
         sorted_w = weights.reshape(-1)[order, None].to(x.dtype)
         backend = self.backend or self._default_backend(x)
+        if backend == DENSE:
+            return self._dense(x, weights, experts)
         run = self._grouped if backend == GROUPED_MM else self._loop
         sorted_y = run(sorted_x, sorted_w, group_ends)         # [P, D]
         # Unpermute then sum the K contributions of each token: a fixed summation order (no atomics), so a
@@ -165,3 +171,11 @@ class Experts(nn.Module):
                 outputs.append(self._project("down_proj", expert, gelu_tanh(gate) * up * sorted_w[start:end]))
             start = end
         return torch.cat(outputs) if outputs else sorted_x.new_zeros(0, self.down_proj.shape[1])
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, each scaled by its routing weight (0 where not routed): E/K times the
+        FLOPs, but static shapes and no host reads, so it traces whole. [N, D] -> [N, D]."""
+        combine = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
+        combine = combine.scatter_add(1, experts, weights).T.unsqueeze(-1).to(x.dtype)  # [E, N, 1]
+        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).split(self.expert_size, dim=-1)  # [E, N, I]
+        return torch.matmul(gelu_tanh(gate) * up * combine, self.down_proj.transpose(1, 2)).sum(dim=0)

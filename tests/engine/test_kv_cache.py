@@ -276,10 +276,11 @@ def test_chunked_prefill_equals_one_pass(model: DiffusionGemmaModel, cuts: list[
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("layer_types", [(FULL,), (SLIDING,), (FULL, FULL), (SLIDING, SLIDING, SLIDING)])
+@pytest.mark.parametrize("layer_types", [(FULL,), (FULL, FULL), (FULL, FULL, FULL)])
 def test_models_of_one_layer_kind_encode_and_denoise(layer_types: tuple[str, ...]) -> None:
     """Issue 14: a model whose layers are all of one kind (or a single layer) folds only the masks of the
-    kinds it has; batched and chunked encodes still agree with one pass."""
+    kinds it has; batched and chunked encodes still agree with one pass. (All-sliding models are refused by
+    the config, as the reference forces the last layer to full attention: tests/engine/test_engine_defects.py.)"""
     config = CFG.replace(layer_types=layer_types, num_hidden_layers=len(layer_types))
     torch.manual_seed(3)
     net = DiffusionGemmaModel(config).eval()
