@@ -230,7 +230,7 @@ class JobStore:
         past its deadline becomes `expired`, one out of attempts becomes `failed`.
         """
         now = time.time()
-        lease_until = now + self.settings.heartbeat_ttl_seconds
+        lease_until = now + self.settings.job_lease_seconds
         # One round trip for the decision and the record it leaves (this is on every job's start path);
         # MULTI/EXEC, so the record read is the state the script just wrote.
         pipe = self.redis.pipeline(transaction=True)
@@ -247,7 +247,7 @@ class JobStore:
         return self._append_event_script(job_id, type, data)
 
     def set_progress(self, job_id: str, canvas: int, step: int, worker_id: str | None = None) -> bool:
-        """Record progress of a running job and renew the lease on it for `heartbeat_ttl_seconds`.
+        """Record progress of a running job and renew the lease on it for `job_lease_seconds`.
 
         With `worker_id`, only while that worker holds the job (False once it was requeued or taken over).
         """
@@ -270,7 +270,7 @@ class JobStore:
 
     def _renew_lease_script(self, job_id: str, canvas: int, step: int, worker_id: str | None,
                             client: redis.client.Pipeline | None = None) -> Any:
-        lease_until = repr(time.time() + self.settings.heartbeat_ttl_seconds)
+        lease_until = repr(time.time() + self.settings.job_lease_seconds)
         return self._renew_lease(keys=[self.job_key(job_id), self.running_key], args=[
             job_id, lease_until, worker_id or "", "progress_canvas", canvas, "progress_step", step], client=client)
 
@@ -355,11 +355,11 @@ class JobStore:
 
     def live_workers(self) -> list[dict[str, Any]]:
         """Workers alive now: records written to the Redis server running now (same `redis_run_id`: not from
-        before a restart, not a dead worker's restored from the AOF), within `heartbeat_ttl_seconds` and, when
+        before a restart, not a dead worker's restored from the AOF), within `job_lease_seconds` and, when
         the record gives its `beat_interval_s`, within `LIVENESS_BEATS` of those intervals. Records older than
-        `heartbeat_ttl_seconds` are dropped. The worker side of the format: worker/heartbeat.py."""
+        `job_lease_seconds` are dropped. The worker side of the format: worker/heartbeat.py."""
         now = time.time()
-        stale_before = now - self.settings.heartbeat_ttl_seconds
+        stale_before = now - self.settings.job_lease_seconds
         stale = self.redis.zrangebyscore(WORKERS_KEY, "-inf", stale_before)
         if stale:
             pipe = self.redis.pipeline(transaction=True)

@@ -80,14 +80,14 @@ class Settings(BaseSettings):
         "a job not finished this long after its creation ends as expired"))
     max_attempts: int = Field(default=3, ge=1, le=100, description="starts (redeliveries) before a job fails")
     events_max_len: int = Field(default=5000, ge=10, description="approximate MAXLEN of a job's event stream")
-    heartbeat_ttl_seconds: int = Field(default=15, ge=1, description=(
+    job_lease_seconds: int = Field(default=15, ge=1, description=(
         "the length of a running job's lease, which its worker renews every worker_heartbeat_interval_seconds "
         "(a lapsed lease lets another worker take the job over); worker registry records older than this are "
         "dropped (readiness counts a worker only within three of its beat intervals)"))
     broker_visibility_timeout_seconds: int | None = Field(default=None, ge=1, description=(
         "an unacked message is redelivered after this long; default: job deadline + 10 min, so a live run is "
         "never delivered twice. Jobs of a killed worker do not wait for it: live workers requeue them once "
-        "their lease lapses (heartbeat_ttl_seconds). A lower value is safe too: a redelivery of a job whose "
+        "their lease lapses (job_lease_seconds). A lower value is safe too: a redelivery of a job whose "
         "lease is alive is only retried later, never run twice"))
     redis_socket_timeout_seconds: float = Field(default=3.0, gt=0, le=300, description=(
         "a Redis command (or connection attempt) that gets no answer this long fails, so a paused or "

@@ -84,7 +84,7 @@ class WorkerRuntime:
             heartbeat=self._beat,
             reap_orphans=(lambda: reap_and_resend(self.store, resend_job)) if resend_job is not None else None,
             interval_s=interval_s, cancel_poll_s=settings.worker_cancel_poll_seconds,
-            reap_grace_s=float(settings.heartbeat_ttl_seconds), hung_after_s=settings.worker_hung_loop_seconds)
+            reap_grace_s=float(settings.job_lease_seconds), hung_after_s=settings.worker_hung_loop_seconds)
         self.reporter = JobReporter(self.store, self.writer, self.metrics, self.leases, self.worker_id)
         self.model_info = model_info_of(self.engine)
         self.loop = EngineLoop(self.engine, self.reporter, self.metrics, LivenessFile(settings.heartbeat_path))
@@ -120,7 +120,7 @@ class WorkerRuntime:
             # A second message for a job running here: kombu restored our own unacked message (after a broker
             # reconnect, or a visibility timeout shorter than this run). Do not start the job a second time,
             # but keep a message alive in case this worker dies.
-            raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
+            raise RetryLater(float(self.settings.job_lease_seconds))
         try:
             decision = self._try_start(job_id)
             job = decision.job
@@ -129,7 +129,7 @@ class WorkerRuntime:
             self.store.fail(job_id, "invalid_request", f"the job's request cannot be run: {err}")
             return JobOutcome.FAILED.value
         if decision.outcome == "running_elsewhere":
-            raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
+            raise RetryLater(float(self.settings.job_lease_seconds))
         if prepared is None or job is None:
             logger.info("job %s not run: %s", job_id, decision.outcome)
             return decision.outcome
@@ -148,7 +148,7 @@ class WorkerRuntime:
         if outcome is JobOutcome.LEASE_LOST:
             # Another attempt owns the job now; keep a message alive until it is finished, as for
             # running_elsewhere (the retry acks once the store says the job is finished).
-            raise RetryLater(float(self.settings.heartbeat_ttl_seconds))
+            raise RetryLater(float(self.settings.job_lease_seconds))
         return outcome.value
 
     def _try_start(self, job_id: str) -> StartDecision:

@@ -34,7 +34,7 @@ class WorkerSettings(Settings):
         "default <cache dir>/worker-<queue>.heartbeat"))
     worker_heartbeat_interval_seconds: float = Field(default=2.0, gt=0, le=60, description=(
         "how often the worker writes its registry record (/readyz), renews its job leases and reaps orphans; "
-        "keep it at most a third of heartbeat_ttl_seconds"))
+        "keep it at most a third of job_lease_seconds"))
     worker_shutdown_grace_seconds: float = Field(default=120.0, ge=0, le=3600, description=(
         "after SIGTERM, in-flight jobs get this long to finish before being handed back to the queue"))
     worker_hung_loop_seconds: float = Field(default=300.0, gt=0, le=3600, description=(

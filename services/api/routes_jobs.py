@@ -66,7 +66,7 @@ def _resume_point(last_event_id: str | None) -> str:
 def _expire_if_overdue(services: ServicesDep, record: JobRecord) -> JobRecord:
     """A job nobody finished by its deadline reads as `expired`, even with no worker left to notice: a
     queued one at once, a running one after its worker had time to fail it itself (two lease periods)."""
-    grace = 0.0 if record.status == "queued" else 2.0 * services.settings.heartbeat_ttl_seconds
+    grace = 0.0 if record.status == "queued" else 2.0 * services.settings.job_lease_seconds
     if record.is_finished or time.time() <= record.deadline_at + grace:
         return record
     what = "started" if record.status == "queued" else "finished"

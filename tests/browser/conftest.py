@@ -118,7 +118,7 @@ def browser_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserS
     with run_redis_server(tmp_path_factory.mktemp("browser-redis")) as server:
         env = {"DGSERVE_REDIS_URL": server.url, "DGSERVE_MODEL": str(EMBEDDED_MODEL), "DGSERVE_QUEUE_NAME": QUEUE,
                "DGSERVE_CACHE_DIR": str(log_dir / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "DGSERVE_HEARTBEAT_TTL_SECONDS": "5", "PYTHONUNBUFFERED": "1"}
+               "DGSERVE_JOB_LEASE_SECONDS": "5", "PYTHONUNBUFFERED": "1"}
         api = ApiProcess(env, free_port(), log_dir / "api.log")
         keyed_env = {**env, "DGSERVE_API_KEYS": f"{API_KEY},{OTHER_KEY}",
                      "DGSERVE_MAX_JOBS_PER_MINUTE_PER_KEY": str(JOBS_PER_MINUTE_PER_KEY)}

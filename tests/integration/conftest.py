@@ -106,7 +106,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         base_env = {
             "DGSERVE_REDIS_URL": server.url, "DGSERVE_MODEL": str(tiny_model_dir),
             "DGSERVE_CACHE_DIR": str(log_dir / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "DGSERVE_HEARTBEAT_TTL_SECONDS": "5", "PYTHONUNBUFFERED": "1", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1",
+            "DGSERVE_JOB_LEASE_SECONDS": "5", "PYTHONUNBUFFERED": "1", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1",
         }
         api_port = free_port()
         api_env = {**base_env, "DGSERVE_QUEUE_NAME": SHARED_QUEUE, "DGSERVE_API_PORT": str(api_port)}

@@ -42,7 +42,7 @@ def outage_stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[OutageStack]:
     server = RestartableRedis(tmp_path / "redis")
     server.start()
     env = {"DGSERVE_REDIS_URL": server.url, "DGSERVE_MODEL": str(tiny_model_dir), "OMP_NUM_THREADS": "1",
-           "DGSERVE_CACHE_DIR": str(tmp_path / "cache"), "DGSERVE_HEARTBEAT_TTL_SECONDS": "5",
+           "DGSERVE_CACHE_DIR": str(tmp_path / "cache"), "DGSERVE_JOB_LEASE_SECONDS": "5",
            "PYTHONUNBUFFERED": "1", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1", "DGSERVE_QUEUE_NAME": QUEUE}
     api_port = free_port()
     api = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
@@ -53,7 +53,7 @@ def outage_stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[OutageStack]:
         worker = start_worker(env, tiny_model_dir, tmp_path, QUEUE, concurrency=JOBS, name="outage",
                               worker_heartbeat_interval_seconds=0.5)
         wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
-        store = JobStore.from_settings(Settings(redis_url=server.url, queue_name=QUEUE, heartbeat_ttl_seconds=5))
+        store = JobStore.from_settings(Settings(redis_url=server.url, queue_name=QUEUE, job_lease_seconds=5))
         yield OutageStack(server, f"http://127.0.0.1:{api_port}", worker, store)
     finally:
         if worker is not None:

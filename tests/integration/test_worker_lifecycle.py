@@ -20,7 +20,7 @@ from tests.support.processes import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 # A lease of 2 s, renewed (and orphans reaped) every 0.5 s. The visibility timeout stays at its default.
-FAST_RECOVERY = {"heartbeat_ttl_seconds": 2, "worker_heartbeat_interval_seconds": 0.5}
+FAST_RECOVERY = {"job_lease_seconds": 2, "worker_heartbeat_interval_seconds": 0.5}
 RECOVERY_BOUND_S = 30.0  # orphan found within ~2.5 s, then the job reruns (~1-5 s on a busy 2-core machine)
 # 4 canvases of up to 48 steps: long enough (about a second or more) to be interrupted after its first draft.
 LONG_LEASE_S = 30
@@ -99,7 +99,7 @@ def test_sigterm_lets_the_job_in_flight_finish_then_exits(stack: Stack):
 def test_sigterm_past_the_grace_period_hands_the_job_back_for_another_worker(stack: Stack):
     queue = "dgemma.itest-handback"
     # A long lease: were the job not released, the next worker would wait LONG_LEASE_S before taking it over.
-    long_lease = {"heartbeat_ttl_seconds": LONG_LEASE_S, "worker_heartbeat_interval_seconds": 0.5}
+    long_lease = {"job_lease_seconds": LONG_LEASE_S, "worker_heartbeat_interval_seconds": 0.5}
     with extra_worker(stack, queue, "handback-a", worker_shutdown_grace_seconds=0, **long_lease) as worker:
         store, job_id = submit_to(stack, queue)
         wait_for_event(store, job_id, "draft")

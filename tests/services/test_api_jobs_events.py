@@ -133,7 +133,7 @@ def test_sse_follows_live_events_with_keepalives_until_done(start_api):
 
 
 def test_overdue_jobs_read_as_expired(start_api):
-    api = start_api(heartbeat_ttl_seconds=1)
+    api = start_api(job_lease_seconds=1)
     queued, running = submit(api), submit(api, body={"prompt": "other"})
     api.store.try_start(running, "w")
     for job_id in (queued, running):

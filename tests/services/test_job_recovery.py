@@ -16,7 +16,7 @@ from tests.services.test_job_store import event_types, make_store
 
 @pytest.fixture
 def store(fresh_redis_url: str) -> JobStore:
-    return make_store(fresh_redis_url, max_attempts=2, heartbeat_ttl_seconds=15)
+    return make_store(fresh_redis_url, max_attempts=2, job_lease_seconds=15)
 
 
 def started_job(store: JobStore, worker_id: str = "w-1", prompt: str = "orphan me") -> str:

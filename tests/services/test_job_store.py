@@ -194,7 +194,7 @@ def test_heartbeats_and_stale_workers(store: JobStore):
     store.heartbeat("w-gpu0", {"gpu": 0, "queue": store.settings.queue_name})
     live = store.live_workers()
     assert [worker["worker_id"] for worker in live] == ["w-gpu0"] and live[0]["gpu"] == 0
-    store.redis.zadd("dgserve:workers", {"w-gpu0": time.time() - store.settings.heartbeat_ttl_seconds - 1})
+    store.redis.zadd("dgserve:workers", {"w-gpu0": time.time() - store.settings.job_lease_seconds - 1})
     assert store.live_workers() == []
     assert store.redis.hget("dgserve:worker_info", "w-gpu0") is None
 

@@ -19,7 +19,7 @@ TTL_S = 1
 
 def worker_parts(url: str, worker_id: str, resent: list[tuple[str, str]]) -> tuple[JobStore, LeaseKeeper]:
     """One worker's store and lease keeper; its reaped orphans are 're-sent' to a list."""
-    store = JobStore.from_settings(Settings(redis_url=url, model="tiny-test", heartbeat_ttl_seconds=TTL_S))
+    store = JobStore.from_settings(Settings(redis_url=url, model="tiny-test", job_lease_seconds=TTL_S))
     lock = threading.Lock()
 
     def resend(job_id: str) -> None:

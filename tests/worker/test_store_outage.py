@@ -31,7 +31,7 @@ def restartable_redis(tmp_path: Path):
 
 
 def store_of(server: RestartableRedis, ttl_s: int = 1) -> JobStore:
-    settings = Settings(redis_url=server.url, model="tiny-test", heartbeat_ttl_seconds=ttl_s)
+    settings = Settings(redis_url=server.url, model="tiny-test", job_lease_seconds=ttl_s)
     store = JobStore.from_settings(settings)
     store.redis.connection_pool.connection_kwargs["socket_connect_timeout"] = 0.5
     return store

@@ -84,7 +84,7 @@ def test_prefix_cache_and_kv_block_series_follow_the_engine_totals():
 
 
 def test_live_workers_are_records_of_the_running_redis_written_within_three_beats(fresh_redis_url):
-    store = JobStore.from_settings(Settings(redis_url=fresh_redis_url, model="tiny-test", heartbeat_ttl_seconds=60))
+    store = JobStore.from_settings(Settings(redis_url=fresh_redis_url, model="tiny-test", job_lease_seconds=60))
     beat = Heartbeat(store, "w-live", {"queue": store.settings.queue_name}, interval_s=0.2)
     beat.beat()
     (live,) = store.live_workers()
