@@ -262,7 +262,8 @@ def _run_stack(options: UpOptions, settings: Settings, port: int, metrics_port: 
         base = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '') else options.host}:{port}"
         if not _wait_for(supervisor, f"{base}/healthz", 60):
             return _report_failure(supervisor, say)
-        say(f"dgserve is up\n  API      {base}   (docs {base}/docs, metrics {base}/metrics)\n"
+        say(f"dgserve is up\n  page     {base}/   (the playground: open it in a browser)\n"
+            f"  API      {base}   (docs {base}/docs, metrics {base}/metrics)\n"
             f"  Redis    {redis_url}   (data {folder / 'redis'})\n"
             f"  worker   {' '.join(device)}   (metrics http://127.0.0.1:{metrics_port}/metrics)\n"
             f"{model_line(model)}\n  logs     {log_dir}\n"

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services import launcher
@@ -103,6 +104,8 @@ def test_up_serves_supervises_and_drains_on_sighup(tmp_path):
         redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)", text).group(1))
         metrics_port = int(re.search(r"metrics http://127\.0\.0\.1:(\d+)/metrics", text).group(1))
         assert "warning" not in text, text
+        assert f"page     http://127.0.0.1:{port}/" in text, text  # the playground is named first
+        assert "<title>dgserve playground" in httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text
         for listening in (port, redis_port, metrics_port):
             assert _listening_addresses(listening) == {"127.0.0.1"}, listening
         with DgserveClient(f"http://127.0.0.1:{port}") as client:
