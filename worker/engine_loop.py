@@ -129,9 +129,7 @@ class EngineLoop:
                 if self.liveness is not None:
                     self.liveness.touch()
                 self.metrics.set_load(self.engine.num_running(), self.engine.num_waiting())
-                kv_stats = getattr(self.engine, "kv_stats", None)  # the paged engine's prefix-cache counters
-                if kv_stats is not None:
-                    self.metrics.set_kv(kv_stats())
+                self.metrics.set_kv(self.engine.kv_stats())
         except Exception:
             logger.exception("engine loop crashed; failing the jobs in flight")
             for ticket in list(self._in_flight.values()):

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from dgtext.edits import EditTokenizer
 from dgtext.request_rules import ModelLimits
+from engine.block_manager import PrefixCacheStats
 from engine.types import EngineRequest, StepOutput, StepStats
 from services.jobs import StartDecision
 
@@ -36,6 +37,8 @@ class EngineLike(Protocol):
     def num_waiting(self) -> int: ...
 
     def num_running(self) -> int: ...
+
+    def kv_stats(self) -> PrefixCacheStats: ...
 
 
 class JobStoreLike(Protocol):

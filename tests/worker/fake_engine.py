@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dgtext.request_rules import ModelLimits
 from dgtext.tokenizer import PromptTokenizer
+from engine.block_manager import PrefixCacheStats
 from engine.types import EngineRequest, FinishReason, GenerationDefaults, RequestStats, StepOutput, StepStats
 
 DGTINY = Path(__file__).resolve().parents[2] / "models" / "dgtiny"
@@ -95,6 +96,11 @@ class DeterministicFakeEngine:
 
     def num_running(self) -> int:
         return len(self._requests)
+
+    def kv_stats(self) -> PrefixCacheStats:
+        """No KV cache: nothing queried, nothing held (one block pool of one block, for the gauges)."""
+        return PrefixCacheStats(query_tokens=0, hit_tokens=0, evicted_blocks=0, full_blocks_used=0,
+                                full_blocks_total=1, sliding_blocks_used=0, sliding_blocks_total=1)
 
     def step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
