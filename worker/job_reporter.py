@@ -54,6 +54,7 @@ class JobReporter:
     def canvas(self, ticket: JobTicket, out: StepOutput) -> None:
         ticket.canvas_token_ids.append(out.token_ids)
         ticket.progress = (out.canvas_index, out.step)
+        ticket.prepared.record_canvas(out)
         self.metrics.observe_canvas(ticket.kind, ticket.prepared.produced_tokens(out), out.step)
         self._submit_event(ticket, "canvas", out)
 

@@ -47,6 +47,9 @@ class PreparedJob:
     # Called after each committed canvas with all committed ids so far: True ends the request now with
     # finish_reason "stop" (a stop string occurred; the engine loop aborts it and stores the result).
     stop_reached: Callable[[Sequence[Sequence[int]]], bool] = lambda canvases: False
+    # Called on the engine loop's thread for each committed canvas, before `result` can be called (the
+    # events above are made later, on the writer thread): what the result needs beyond the ids (logprobs).
+    record_canvas: Callable[[StepOutput], None] = lambda out: None
 
 
 def _engine_request(job: GenerateJobCreate, params: SamplingParams) -> EngineRequest:
@@ -96,10 +99,9 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
     def text_event(out: StepOutput) -> dict[str, Any]:
         return {"canvas": out.canvas_index, "step": out.step, "text": decode(out.token_ids)}
 
-    def canvas_event(out: StepOutput) -> dict[str, Any]:
+    def record_canvas(out: StepOutput) -> None:
         if job.logprobs is not None:
             logprobs.extend(logprob_entries(out, token_text))
-        return text_event(out)
 
     def result(canvas_token_ids: Sequence[Sequence[int]], out: StepOutput) -> dict[str, Any]:
         # Decode all ids at once: a multi-byte character may straddle two canvases.
@@ -123,8 +125,8 @@ def prepare_generate(job: GenerateJobCreate, model: ModelInfo) -> PreparedJob:
             return False
         return cut_at_stop(decode([t for canvas in canvas_token_ids for t in canvas]), job.stop)[1]
 
-    return PreparedJob(request=request, draft_event=text_event, canvas_event=canvas_event, result=result,
-                       stop_reached=stop_reached)
+    return PreparedJob(request=request, draft_event=text_event, canvas_event=text_event, result=result,
+                       stop_reached=stop_reached, record_canvas=record_canvas)
 
 
 def prepare_edit_job(job: EditJobCreate, model: ModelInfo) -> PreparedJob:

@@ -138,8 +138,10 @@ def browser_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserS
             keyed_api.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Module scope, not session: Playwright's sync API keeps an asyncio loop running on the main thread while
+    # it is open, and later test modules that call asyncio.run() (async clients) would find it running.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -273,7 +273,7 @@ def test_chunked_prefill_equals_one_pass(model: DiffusionGemmaModel, cuts: list[
         got_dec = denoise(model, chunked, canvas, [45], [1])
     # Different key-set sizes change float summation order: compare relative to the logit scale.
     for got, want in ((torch.cat(pieces), expected_enc), (got_dec, expected_dec)):
-        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+        assert ((got - want).abs().max() / want.abs().max()).item() < 5e-5
 
 
 @pytest.mark.parametrize("layer_types", [(FULL,), (FULL, FULL), (FULL, FULL, FULL)])
