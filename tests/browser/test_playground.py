@@ -50,7 +50,13 @@ def newest_job_id(page: Any) -> str:
 
 
 def wait_for_status(page: Any, view: str, status: str, timeout: int = JOB_TIMEOUT_MS) -> None:
-    page.wait_for_function(f"document.getElementById('{view}-status').textContent === '{status}'", timeout=timeout)
+    try:
+        page.wait_for_function(f"document.getElementById('{view}-status').textContent === '{status}'",
+                               timeout=timeout)
+    except Exception as err:  # say what the page shows instead, for the log
+        shown = page.evaluate(f"['status', 'conn', 'draft-count'].map(k => {{"
+                              f"const n = document.getElementById('{view}-' + k); return n && n.textContent; }})")
+        raise AssertionError(f"{view} status never became {status!r}; the page shows {shown}") from err
 
 
 def wait_for_drafts(page: Any, view: str, at_least: int) -> None:

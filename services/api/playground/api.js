@@ -59,6 +59,28 @@ export async function request(method, path, body) {
   return response.json();
 }
 
+/**
+ * A GET that rides out a brief outage of the API or its Redis (a network error or a 5xx), as the event
+ * stream does: a job's result is read right after its `done` event, which an API that is shutting down
+ * may still deliver just before it stops answering. Other refusals (4xx) are thrown at once.
+ */
+export async function getWithRetry(path, signal, attempts = 20) {
+  for (let attempt = 0; ; attempt += 1) {
+    let response = null;
+    try {
+      response = await fetch(path, { headers: authHeaders(), signal });
+    } catch (error) {
+      if ((signal && signal.aborted) || attempt + 1 >= attempts) throw error;
+    }
+    if (response !== null) {
+      if (response.ok) return response.json();
+      const error = await errorOf(response);
+      if (response.status < 500 || attempt + 1 >= attempts) throw error;
+    }
+    await sleep(Math.min(250 * 2 ** attempt, 5000));
+  }
+}
+
 /** The Prometheus text of /metrics (may need the key on deployments that protect it). */
 export async function metricsText() {
   const response = await fetch("/metrics", { headers: authHeaders() });

@@ -3,7 +3,7 @@
 // the result as the new document and a unified diff; accept writes it back so the next edit continues.
 // Offsets shown and sent are code points, as the API counts them (util.js converts from the textarea's).
 
-import { ApiError, followEvents, request } from "./api.js";
+import { ApiError, followEvents, getWithRetry, request } from "./api.js";
 import { buildKnobs, clearErrors, describeFailure, knobTarget, readKnobs, showError } from "./forms.js";
 import * as jobs from "./jobs.js";
 import { $, codePointLength, el, fillStats, jobStats, renderDraft, sliceCodePoints, toCodePoints } from "./util.js";
@@ -164,7 +164,7 @@ function renderFinal(result) {
 }
 
 async function showResult(jobId) {
-  const job = await request("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+  const job = await getWithRetry(`/v1/jobs/${encodeURIComponent(jobId)}`);
   fillStats($("edit-stats"), jobStats(job));
   if (!job.result) return job;
   lastResult = job.result;

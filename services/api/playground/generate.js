@@ -1,7 +1,7 @@
 // The generate view: a prompt or chat messages and the knobs; a live canvas that every denoising step's
 // draft replaces in place (changed pieces highlighted), committed canvases stacking up, then the result.
 
-import { ApiError, followEvents, request } from "./api.js";
+import { ApiError, followEvents, getWithRetry, request } from "./api.js";
 import { buildKnobs, clearErrors, describeFailure, knobTarget, readKnobs, showError } from "./forms.js";
 import * as jobs from "./jobs.js";
 import { $, el, fillStats, jobStats, renderDraft } from "./util.js";
@@ -92,7 +92,7 @@ function onCanvas(data) {
 }
 
 async function showResult(jobId) {
-  const job = await request("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+  const job = await getWithRetry(`/v1/jobs/${encodeURIComponent(jobId)}`);
   if (job.result) {
     $("gen-result").textContent = job.result.text;
     $("gen-result-box").hidden = false;
