@@ -9,7 +9,9 @@ enable them (`.ci/run` installs it); nothing else here skips.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,7 +88,13 @@ class ApiProcess:
         if self.process is not None:
             stop_process(self.process)
 
-    def restart(self) -> None:
+    def restart(self, hard: bool = False) -> None:
+        """`hard`: SIGKILL, so open event streams break at once (a graceful stop may let a stream run to its
+        job's end first, and then nothing needs reconnecting)."""
+        if hard and self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
         self.stop()
         self.start()
         self.wait_ready()

@@ -278,7 +278,7 @@ def test_a_lost_connection_resumes_with_last_event_id(page: Any, browser_stack: 
       const node = document.getElementById("gen-conn");
       new MutationObserver(() => window.__connection.push(node.textContent)).observe(node, {childList: true});
     }""")
-    browser_stack.api.restart()  # the stream breaks; the worker keeps denoising meanwhile
+    browser_stack.api.restart(hard=True)  # the stream breaks; the worker keeps denoising meanwhile
     wait_for_status(page, "gen", "succeeded")
     assert any("reconnecting" in text for text in page.evaluate("window.__connection"))
     with browser_stack.client() as client:
