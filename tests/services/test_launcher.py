@@ -208,10 +208,14 @@ def test_model_line_says_the_embedded_model_is_small_and_how_to_serve_another():
 
 
 def test_make_up_takes_a_port():
-    dry_run = subprocess.run(["make", "-n", "up", "PORT=8123"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=60)
+    # Under `make test` the outer make exports MAKEFLAGS/MAKELEVEL, which turn on "Entering/Leaving directory"
+    # lines in a nested make; the child gets a clean make environment so the dry run prints only the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    dry_run = subprocess.run(["make", "--no-print-directory", "-n", "up", "PORT=8123"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60, env=env)
     assert dry_run.returncode == 0, dry_run.stderr
-    assert "dgserve up --port 8123" in dry_run.stdout.splitlines()[-1]
+    recipe = [line for line in dry_run.stdout.splitlines() if "dgserve up" in line]
+    assert recipe and recipe[-1].strip().endswith("dgserve up --port 8123"), dry_run.stdout
 
 
 def _signals_supervisor(tmp_path) -> tuple[Supervisor, list[str]]:
