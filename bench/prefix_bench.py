@@ -153,7 +153,7 @@ def run_capacity(loaded: Any, slots: int, requests: int, max_context: int, seed:
     lengths = [rng.randint(50, 3000) for _ in range(requests)]
     for number, length in enumerate(lengths):
         ids = tuple(rng.randrange(3, loaded.config.vocab_size) for _ in range(length))
-        params = SamplingParams(seed=number, max_new_tokens=loaded.config.canvas_length, max_denoising_steps=10_000,
+        params = SamplingParams(seed=number, max_new_tokens=loaded.config.canvas_length, max_denoising_steps=4096,
                                 fixed_steps=True)  # nobody finishes: in flight is what admission allows
         engine.add_request(EngineRequest(prompt_token_ids=ids, params=params))
     # Admission depends only on the scheduler and the block manager: run their bookkeeping of each step
