@@ -14,9 +14,9 @@ Without `--model` a random tiny checkpoint is written to a temporary folder (noi
 
 Prefix-cache workloads (issue 9; bench/prefix_bench.py), each with the KV prefix cache on and off in one run:
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 8
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --steps 8
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode capacity
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 """
 
 from __future__ import annotations
