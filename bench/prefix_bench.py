@@ -55,22 +55,39 @@ def _edit_request(engine: Any, document: str, rng: random.Random, number: int, s
     return EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases), plan
 
 
-def run_session(engine: Any, documents: list[str], edits: int, concurrency: int, steps: int | None,
-                seed: int) -> dict:
-    """Closed loop of `edits` edits; editor i works on document i % len(documents). Untimed warm-up first:
-    one edit of each document's last word (the editor opening the document), for both cache settings."""
-    rng, docs = random.Random(seed), list(documents)
-    for index, document in enumerate(docs):
-        request, _ = _edit_request(engine, document, rng, 1_000_000 + index, steps, seed, last_word=True)
-        engine.add_request(request, request_id=f"warm-{index}")
-    while engine.has_unfinished():
-        engine.step()
+def run_session(engines: dict[bool, Any], documents: list[str], edits: int, concurrency: int, steps: int | None,
+                seed: int, rounds: int = 3) -> dict[bool, dict]:
+    """Closed loops of `edits` edits per cache setting (`engines`: setting -> engine); editor i works on document
+    i % len(documents). The edits run in `rounds` rounds, the settings taking turns within each round (the
+    first setting alternates), so that load on a shared machine weighs on both alike; each setting keeps its
+    own documents and cache across rounds. Untimed warm-up first: one edit of each document's last word (the
+    editor opening the document)."""
+    totals: dict[bool, dict] = {}
+    docs = {caching: list(documents) for caching in engines}
+    for caching, engine in engines.items():
+        rng = random.Random(seed)
+        for index, document in enumerate(documents):
+            request, _ = _edit_request(engine, document, rng, 1_000_000 + index, steps, seed, last_word=True)
+            engine.add_request(request, request_id=f"warm-{index}")
+        while engine.has_unfinished():
+            engine.step()
+        totals[caching] = {"latencies": [], "wall": 0.0, "cached": 0, "prompt": 0, "encoder_tokens": 0}
+    per_round = -(-edits // rounds)
+    for number in range(rounds):
+        order = sorted(engines, reverse=number % 2 == 0)
+        first, count = number * per_round, min(per_round, edits - number * per_round)
+        for caching in order:
+            _closed_loop(engines[caching], docs[caching], first, count, concurrency, steps, seed, totals[caching])
+    return {caching: _session_summary(total) for caching, total in totals.items()}
+
+
+def _closed_loop(engine: Any, docs: list[str], first: int, count: int, concurrency: int, steps: int | None,
+                 seed: int, total: dict) -> None:
+    """Edits first..first+count-1, `concurrency` in flight; accumulates latencies and token counts in `total`."""
     in_flight: dict[str, tuple[float, Any, list, int]] = {}
-    latencies: list[float] = []
-    cached = prompt = encoder_tokens = submitted = 0
-    started = time.perf_counter()
-    while len(latencies) < edits:
-        while submitted < edits and len(in_flight) < concurrency:
+    submitted, done, started = first, 0, time.perf_counter()
+    while done < count:
+        while submitted < first + count and len(in_flight) < concurrency:
             doc_index = submitted % len(docs)
             # Each edit's own random choices, so that both cache settings make the same choices for edit n.
             request, plan = _edit_request(engine, docs[doc_index], random.Random(f"edit-{seed}-{submitted}"),
@@ -79,7 +96,7 @@ def run_session(engine: Any, documents: list[str], edits: int, concurrency: int,
             in_flight[rid] = (time.perf_counter(), plan, [], doc_index)
             submitted += 1
         outputs = engine.step()
-        encoder_tokens += engine.last_step_stats.num_encoder_tokens
+        total["encoder_tokens"] += engine.last_step_stats.num_encoder_tokens
         for out in outputs:
             added_at, plan, committed, doc_index = in_flight[out.request_id]
             if out.kind == "canvas":
@@ -91,16 +108,21 @@ def run_session(engine: Any, documents: list[str], edits: int, concurrency: int,
                 accepted = random.Random(f"accept-{seed}-{out.request_id}").random() < 0.5
                 if accepted and re.search(r"\w", result.document):  # the document moves on
                     docs[doc_index] = result.document
-                latencies.append(time.perf_counter() - added_at)
-                cached += out.stats.cached_prompt_tokens
-                prompt += out.stats.prompt_tokens
+                total["latencies"].append(time.perf_counter() - added_at)
+                total["cached"] += out.stats.cached_prompt_tokens
+                total["prompt"] += out.stats.prompt_tokens
                 del in_flight[out.request_id]
-    wall = time.perf_counter() - started
-    return {"edits": len(latencies), "wall_s": round(wall, 2), "edits_per_s": round(len(latencies) / wall, 3),
+                done += 1
+    total["wall"] += time.perf_counter() - started
+
+
+def _session_summary(total: dict) -> dict:
+    latencies, n = total["latencies"], len(total["latencies"])
+    return {"edits": n, "wall_s": round(total["wall"], 2), "edits_per_s": round(n / total["wall"], 3),
             "p50_s": round(_percentile(latencies, 0.5), 3), "p99_s": round(_percentile(latencies, 0.99), 3),
-            "prompt_tokens_per_edit": round(prompt / len(latencies), 1),
-            "cached_prompt_tokens_per_edit": round(cached / len(latencies), 1),
-            "encoder_tokens_per_edit": round(encoder_tokens / len(latencies), 1)}
+            "prompt_tokens_per_edit": round(total["prompt"] / n, 1),
+            "cached_prompt_tokens_per_edit": round(total["cached"] / n, 1),
+            "encoder_tokens_per_edit": round(total["encoder_tokens"] / n, 1)}
 
 
 SYSTEM_PROMPT_TOKENS = 1000
