@@ -14,8 +14,9 @@ cached prefix, so it never runs out of blocks mid-canvas. Admission is FIFO: a r
 waits, and so do the ones behind it. The one exception: a request whose next uncached prefix block is being
 written by a running request's prefill is *held back* (skipped, still waiting, holding nothing) until that
 block is written, so requests arriving together with a shared prompt encode it once; it re-queries every
-step, so a writer that is cancelled or fails (its pending blocks are dropped) releases it at once. A request whose encoding completes in a step also denoises its first
-canvas step in that same step, so a commit and the next canvas share one engine step; a request whose
+step, so a writer that is cancelled or fails (its pending blocks are dropped) releases it at once.
+A request whose encoding completes in a step also denoises its first canvas step in that same step, so a
+commit and the next canvas share one engine step; a request whose
 whole prompt is cached starts denoising in the step that admits it. Requests added while others are
 mid-canvas are admitted at the next `schedule()`.
 """
