@@ -20,7 +20,7 @@ It implements `worker.protocols.EngineLike` the way `engine.engine.Engine` behav
 The default batch-time model is the `tiny` preset's measured step time on the shared 2-core CPU (docs/
 benchmarks.md, "Engine vs the transformers reference (issue 2)", first table, column "ours ms/fwd":
 9.16 / 12.49 / 35.58 ms at batch 1 / 4 / 16). `DGSERVE_WORKER_SIMULATED_STEP_MS` replaces it (e.g. with
-a GPU's table once one is measured).
+a GPU's table once one is measured); its default is `WorkerSettings.worker_simulated_step_ms`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgtext.checkpoint_files import TOKENIZER_FILE_PATTERNS, resolve_model_dir
-from dgtext.request_rules import ModelLimits, check_generate_positions, check_infill_positions, open_ended_canvases
+from dgtext.request_rules import (
+    ModelLimits,
+    check_generate_positions,
+    check_infill_positions,
+    open_ended_canvases,
+)
 from dgtext.tokenizer import PromptTokenizer
 from engine.block_manager import PrefixCacheStats
 from engine.types import (
@@ -52,9 +57,6 @@ from engine.types import (
 )
 from services.prompt_limits import checkpoint_limits
 
-# docs/benchmarks.md, "Engine vs the transformers reference (issue 2)", first table ("ours ms/fwd", tiny preset,
-# CPU fp32): batch size -> milliseconds per step.
-MEASURED_TINY_CPU_STEP_MS = "1:9.16,4:12.49,16:35.58"
 LOG_HALF = -0.6931471805599453  # the placeholder log-probability of a simulated token
 # Ordinary text whose ids the simulated canvases are drawn from (no special ids, so nothing stops early).
 _FILLER_TEXT = (" the quick brown fox jumps over the lazy dog while a server queues jobs and workers"
