@@ -9,7 +9,8 @@ engine sleeps the batch-time model of docs/benchmarks.md instead of computing (w
 no GPU is needed to load the queue. For each rate an async httpx generator POSTs generate jobs open-loop (job
 i is sent at i / rate seconds, whatever the answers; round-robin over the APIs) for `--seconds`, then waits
 until the workers have finished every accepted job. Reported per rate:
-- accepted jobs/s, submit latency p50/p99 (POST -> 202), the generator's lag behind its schedule;
+- accepted jobs/s, submit latency p50/p99 (POST -> 202), send lag (how late POSTs left against the schedule:
+  the generator's own delay plus waiting for one of `--max-in-flight` slots, i.e. backpressure);
 - queue wait p50/p99 (`started_at - created_at` from the job records);
 - Redis commands and round trips (read events on client sockets) per job, from INFO deltas, also net of the
   idle rate measured before the first phase (heartbeats, lease renewals, Celery polling), top commands per job;
@@ -54,12 +55,15 @@ def body_of(args: argparse.Namespace) -> Callable[[int], dict]:
                           "max_denoising_steps": args.steps, "seed": index}
 
 
-async def open_loop(urls: list[str], rate: float, seconds: float, body_of: Callable[[int], dict],
-                    offset: int) -> list[Submission]:
-    """POST `rate * seconds` jobs, job i at i / rate seconds after the start, without waiting for answers."""
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    clients = [httpx.AsyncClient(base_url=url, timeout=60, limits=limits) for url in urls]
-    loop = asyncio.get_running_loop()
+async def open_loop(urls: list[str], rate: float, seconds: float, body_of: Callable[[int], dict], offset: int,
+                    max_in_flight: int, late_grace_s: float) -> tuple[list[Submission], int]:
+    """POST `rate * seconds` jobs, job i at i / rate seconds after the start, without waiting for answers, at
+    most `max_in_flight` at once (httpx's pool slows down badly when thousands of requests queue inside it: the
+    generator would saturate first). Sending stops `late_grace_s` after the schedule's end; returns the
+    submissions and how many jobs were not sent by then."""
+    clients = [httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(
+        max_connections=max_in_flight, max_keepalive_connections=max_in_flight)) for url in urls]
+    loop, in_flight = asyncio.get_running_loop(), asyncio.Semaphore(max_in_flight)
 
     async def submit(client: httpx.AsyncClient, index: int, scheduled: float) -> Submission:
         sent = loop.time()
@@ -67,17 +71,23 @@ async def open_loop(urls: list[str], rate: float, seconds: float, body_of: Calla
             response = await client.post("/v1/jobs", json=body_of(index))
         except httpx.HTTPError as err:
             return Submission(type(err).__name__, loop.time() - sent, sent - scheduled, None)
+        finally:
+            in_flight.release()
         job_id = response.json().get("id") if response.status_code == 202 else None
         return Submission(str(response.status_code), loop.time() - sent, sent - scheduled, job_id)
 
     try:
-        start, tasks = loop.time(), []
-        for i in range(int(rate * seconds)):
+        start, total, tasks = loop.time(), int(rate * seconds), []
+        for i in range(total):
             scheduled = start + i / rate
             if scheduled > loop.time():
                 await asyncio.sleep(scheduled - loop.time())
+            await in_flight.acquire()
+            if loop.time() > start + seconds + late_grace_s:
+                in_flight.release()
+                return list(await asyncio.gather(*tasks)), total - i
             tasks.append(asyncio.create_task(submit(clients[i % len(clients)], offset + i, scheduled)))
-        return list(await asyncio.gather(*tasks))
+        return list(await asyncio.gather(*tasks)), 0
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))
 
@@ -141,7 +151,8 @@ def per_job(before: Snapshot, after: Snapshot, idle: dict, jobs: int) -> dict:
 def run_phase(stack: Stack, args: argparse.Namespace, rate: float, idle: dict, offset: int) -> dict:
     done_before = worker_jobs_done(stack)
     before = snapshot(stack)
-    submissions = asyncio.run(open_loop(stack.api_urls, rate, args.seconds, body_of(args), offset))
+    submissions, unsent = asyncio.run(open_loop(stack.api_urls, rate, args.seconds, body_of(args), offset,
+                                                args.max_in_flight, args.late_grace_seconds))
     submitted_at = time.monotonic()
     accepted = [s for s in submissions if s.job_id is not None]
     drained = wait_for_workers(stack, done_before + len(accepted), args.drain_seconds)
@@ -149,10 +160,11 @@ def run_phase(stack: Stack, args: argparse.Namespace, rate: float, idle: dict, o
     ends = verify(stack, [s.job_id for s in accepted if s.job_id is not None])
     latencies, waits = [s.latency_s for s in accepted], ends.pop("queue_waits")
     return {
-        "offered_per_s": rate, "seconds": args.seconds, "sent": len(submissions), "accepted": len(accepted),
+        "offered_per_s": rate, "seconds": args.seconds, "sent": len(submissions), "unsent": unsent,
+        "accepted": len(accepted),
         "accepted_per_s": len(accepted) / max(submitted_at - before.at, 1e-9), "drained": drained,
         "submit_ms": {"p50": 1000 * percentile(latencies, 0.5), "p99": 1000 * percentile(latencies, 0.99)},
-        "generator_lag_ms": {"p50": 1000 * percentile([s.lag_s for s in submissions], 0.5),
+        "send_lag_ms": {"p50": 1000 * percentile([s.lag_s for s in submissions], 0.5),
                              "p99": 1000 * percentile([s.lag_s for s in submissions], 0.99)},
         "queue_wait_ms": {"p50": 1000 * percentile(waits, 0.5), "p99": 1000 * percentile(waits, 0.99)},
         "errors": dict(Counter(s.status for s in submissions if s.job_id is None)),
@@ -170,25 +182,35 @@ def measure_idle(stack: Stack, seconds: float) -> dict:
             "cores_busy": {name: (after.cpu[name] - before.cpu[name]) / wall for name in after.cpu}}
 
 
+def table_row(row: dict) -> str:
+    order = ("api", "workers", "redis", "generator")
+    errors = ", ".join(f"{status} x{count}" for status, count in row["errors"].items()) or "0"
+    if row["unsent"]:
+        errors += f"; {row['unsent']} unsent"
+    cells = [
+        f"{row['offered_per_s']:g}", f"{row['accepted_per_s']:.1f}",
+        f"{row['submit_ms']['p50']:.0f} / {row['submit_ms']['p99']:.0f}", f"{row['send_lag_ms']['p99']:.0f}",
+        f"{row['queue_wait_ms']['p50']:.0f} / {row['queue_wait_ms']['p99']:.0f}",
+        f"{row['redis_commands_per_job']:.1f} ({row['redis_commands_per_job_net']:.1f})",
+        f"{row['redis_round_trips_per_job']:.1f} ({row['redis_round_trips_per_job_net']:.1f})",
+        " / ".join(f"{row['cpu_ms_per_job'][k]:.1f}" for k in order),
+        " / ".join(f"{row['cores_busy'][k]:.2f}" for k in order),
+        errors, str(row["lost"]), str(row["duplicated"]), " ".join(f"{x:.1f}" for x in row["load_average"])]
+    return "| " + " | ".join(cells) + " |"
+
+
 def print_table(report: dict) -> None:
     shape, idle = report["shape"], report["idle"]
     print(f"load_sim: {shape['apis']} API, {shape['workers']} simulated workers x {shape['concurrency']} rows, "
           f"{report['steps']} steps x {report['max_new_tokens']} tokens per job, step scale {shape['step_scale']}, "
           f"appendfsync {shape['appendfsync']}; idle: {idle['commands_per_s']:.0f} Redis cmds/s, cores "
           + ", ".join(f"{name} {busy:.2f}" for name, busy in idle["cores_busy"].items()))
-    print("| offered/s | accepted/s | submit p50/p99 ms | queue wait p50/p99 ms | cmds/job (net) | round trips/job "
-          "(net) | CPU ms/job api/workers/redis/gen | cores api/workers/redis/gen | errors | lost | dup | load avg |")
-    print("|" + "---|" * 12)
+    print("| offered/s | accepted/s | submit p50 / p99 ms | send lag p99 ms | queue wait p50 / p99 ms | Redis cmds/job "
+          "(net of idle) | round trips/job (net) | CPU ms/job api / workers / redis / gen | cores busy api / workers "
+          "/ redis / gen | errors | lost | dup | load avg |")
+    print("|" + "---|" * 13)
     for row in report["phases"]:
-        cpu, cores = row["cpu_ms_per_job"], row["cores_busy"]
-        order = ("api", "workers", "redis", "generator")
-        print(f"| {row['offered_per_s']:g} | {row['accepted_per_s']:.1f} | {row['submit_ms']['p50']:.1f} / "
-              f"{row['submit_ms']['p99']:.1f} | {row['queue_wait_ms']['p50']:.0f} / {row['queue_wait_ms']['p99']:.0f}"
-              f" | {row['redis_commands_per_job']:.1f} ({row['redis_commands_per_job_net']:.1f}) | "
-              f"{row['redis_round_trips_per_job']:.1f} ({row['redis_round_trips_per_job_net']:.1f}) | "
-              f"{' / '.join(f'{cpu[k]:.2f}' for k in order)} | {' / '.join(f'{cores[k]:.2f}' for k in order)} | "
-              f"{row['errors'] or 0} | {row['lost']} | {row['duplicated']} | "
-              f"{' '.join(f'{x:.1f}' for x in row['load_average'])} |")
+        print(table_row(row))
     for row in report["phases"]:
         top = dict(list(row["top_commands_per_job"].items())[:10])
         print(f"top commands per job at {row['offered_per_s']:g}/s: {top}; job ends: {row['statuses']}")
@@ -205,6 +227,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="32 = one canvas of models/dgtiny")
     parser.add_argument("--step-scale", type=float, default=1.0, help="multiplies the simulated step times")
     parser.add_argument("--appendfsync", choices=("always", "everysec", "off"), default="always")
+    parser.add_argument("--max-in-flight", type=int, default=256, help="POSTs awaiting an answer at most")
+    parser.add_argument("--late-grace-seconds", type=float, default=15.0, help=(
+        "a phase stops sending this long after its schedule ends; jobs not sent by then are reported as unsent"))
     parser.add_argument("--drain-seconds", type=float, default=180.0, help="longest wait for a phase's jobs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.add_argument("--keep", type=Path, help="keep the processes' logs and Redis files in this folder")
@@ -221,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"starting redis, {args.apis} API(s), {args.workers} simulated worker(s) in {folder}", file=sys.stderr)
         stack = start_stack(shape, folder)
         try:
-            asyncio.run(open_loop(stack.api_urls, 10, 2, body_of(args), 10**9))
+            asyncio.run(open_loop(stack.api_urls, 10, 2, body_of(args), 10**9, args.max_in_flight, 60))
             wait_for_workers(stack, 20, args.drain_seconds)  # warm-up: connections, tokenizer, first steps
             idle = measure_idle(stack, IDLE_SECONDS)
             phases, offset = [], 0

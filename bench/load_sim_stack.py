@@ -47,6 +47,7 @@ class Stack:
     apis: list[subprocess.Popen] = field(default_factory=list)
     workers: list[subprocess.Popen] = field(default_factory=list)
     worker_metrics: list[str] = field(default_factory=list)
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))  # one client: no TLS setup per call
 
     def redis(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.redis_port, decode_responses=True)
@@ -167,7 +168,7 @@ def worker_jobs_done(stack: Stack) -> float:
     """Sum of `dgserve_worker_jobs_total` over every worker (all outcomes): jobs the workers finished."""
     total = 0.0
     for url in stack.worker_metrics:
-        for line in httpx.get(url, timeout=10).text.splitlines():
+        for line in stack.http.get(url).text.splitlines():
             if line.startswith("dgserve_worker_jobs_total{"):
                 total += float(line.rpartition(" ")[2])
     return total
