@@ -52,7 +52,7 @@ class Submission:
 def body_of(args: argparse.Namespace) -> Callable[[int], dict]:
     """Job i's request: a short distinct prompt, one canvas, a fixed number of steps, its own seed."""
     return lambda index: {"prompt": f"def load_{index}(x):", "max_new_tokens": args.max_new_tokens,
-                          "max_denoising_steps": args.steps, "seed": index}
+                          "max_denoising_steps": args.steps, "seed": index, "stream_drafts": args.stream_drafts}
 
 
 async def open_loop(urls: list[str], rate: float, seconds: float, body_of: Callable[[int], dict], offset: int,
@@ -202,7 +202,8 @@ def table_row(row: dict) -> str:
 def print_table(report: dict) -> None:
     shape, idle = report["shape"], report["idle"]
     print(f"load_sim: {shape['apis']} API, {shape['workers']} simulated workers x {shape['concurrency']} rows, "
-          f"{report['steps']} steps x {report['max_new_tokens']} tokens per job, step scale {shape['step_scale']}, "
+          f"{report['steps']} steps x {report['max_new_tokens']} tokens per job"
+          f"{' with drafts' if report.get('stream_drafts') else ''}, step scale {shape['step_scale']}, "
           f"appendfsync {shape['appendfsync']}; idle: {idle['commands_per_s']:.0f} Redis cmds/s, cores "
           + ", ".join(f"{name} {busy:.2f}" for name, busy in idle["cores_busy"].items()))
     print("| offered/s | accepted/s | submit p50 / p99 ms | send lag p99 ms | queue wait p50 / p99 ms | Redis cmds/job "
@@ -225,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="batch rows (Celery threads) per worker")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per canvas of each job")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="32 = one canvas of models/dgtiny")
+    parser.add_argument("--stream-drafts", action="store_true", help="jobs ask for a draft event every step")
     parser.add_argument("--step-scale", type=float, default=1.0, help="multiplies the simulated step times")
     parser.add_argument("--appendfsync", choices=("always", "everysec", "off"), default="always")
     parser.add_argument("--max-in-flight", type=int, default=256, help="POSTs awaiting an answer at most")
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             stack.stop()
     report = {"shape": vars(shape), "steps": args.steps, "max_new_tokens": args.max_new_tokens,
+              "stream_drafts": args.stream_drafts,
               "seconds": args.seconds, "idle": idle, "phases": phases, "cpu_count": os.cpu_count()}
     if args.json:
         print(json.dumps(report, indent=1))
