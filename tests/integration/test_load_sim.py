@@ -25,7 +25,7 @@ def test_load_sim_runs_a_tiny_rate_and_loses_or_duplicates_nothing(tmp_path: Pat
     report = json.loads(result.stdout)
     assert [phase["offered_per_s"] for phase in report["phases"]] == [4.0, 8.0]
     for phase, sent in zip(report["phases"], (8, 16), strict=True):
-        assert phase["sent"] == phase["accepted"] == sent and phase["errors"] == {}
+        assert phase["sent"] == phase["accepted"] == sent and phase["errors"] == {} and phase["unsent"] == 0
         assert phase["drained"] and phase["statuses"] == {"succeeded": sent}
         assert phase["lost"] == 0 and phase["duplicated"] == 0
         # One job's control-plane work: a create script, a Celery message, a start, a commit at least.
