@@ -13,6 +13,7 @@ import torch
 from engine.types import EngineRequest, InfillCanvas, SamplingParams, StepOutput
 from services.schemas import GenerateJobCreate
 from tests.support.processes import free_port
+from worker.__main__ import parse_args, worker_environment
 from worker.protocols import EngineLike
 from worker.runtime import WorkerRuntime, load_engine
 from worker.settings import WorkerSettings
@@ -149,6 +150,10 @@ def test_infill_canvases_keep_their_fixed_positions():
 
 
 def test_the_simulated_engine_is_chosen_by_setting_and_refused_on_a_gpu_unless_allowed():
+    env = worker_environment(parse_args(["--cpu", "--engine", "simulated"]), {})
+    assert env["DGSERVE_WORKER_ENGINE"] == "simulated"
+    assert "DGSERVE_WORKER_ENGINE" not in worker_environment(parse_args(["--cpu"]), {})  # the model by default
+    assert WorkerSettings().worker_engine == "model"
     settings = WorkerSettings(model=MODEL_DIR, worker_engine="simulated", worker_concurrency=8)
     assert isinstance(load_engine(settings, torch.device("cpu")), SimulatedEngine)
     with pytest.raises(ValueError, match="worker_engine.*DGSERVE_WORKER_ALLOW_SIMULATED_ENGINE"):
