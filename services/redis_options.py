@@ -1,12 +1,30 @@
-"""How every Redis client of the service connects: timeouts and retries (sync and asyncio alike)."""
+"""The one place that builds the service's Redis clients: the job store's (sync), the API's event reader
+(asyncio) and the Celery broker connection of the API and of the workers.
+
+Two topologies, chosen by `Settings.redis_sentinels`:
+- one Redis at `redis_url`;
+- Redis Sentinel: the sentinels are asked for the current master of `redis_master_name` on every new
+  connection, so after a failover each client follows the promoted replica (redis-py's `master_for` pools; the
+  broker uses kombu's `sentinel://` transport with `master_name`). `redis_url` then gives only the database
+  number and the credentials; `redis_password` overrides its password in both topologies.
+
+Every client gets the same timeouts and retries (`redis_client_options`), so a Redis that stalls, restarts or
+fails over turns into quick errors (503s in the API, retried writes in the worker) rather than hangs.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
+import redis
+import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import ExponentialBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from services.settings import Settings
 
@@ -21,3 +39,83 @@ def redis_client_options(settings: Settings, for_asyncio: bool = False) -> dict[
     timeout = settings.redis_socket_timeout_seconds
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout,
             "retry": (AsyncRetry if for_asyncio else Retry)(ExponentialBackoff(cap=0.2, base=0.05), retries=1)}
+
+
+def uses_sentinel(settings: Settings) -> bool:
+    return bool(settings.redis_sentinels)
+
+
+def sync_redis_client(settings: Settings, **options: Any) -> redis.Redis:
+    """A `redis.Redis` (`decode_responses=True`) on the current master; `options` override the defaults."""
+    options = {"decode_responses": True, **redis_client_options(settings), **options}
+    if uses_sentinel(settings):
+        sentinel = Sentinel(settings.redis_sentinels, sentinel_kwargs=_sentinel_kwargs(settings),
+                            **_master_credentials(settings))
+        return sentinel.master_for(settings.redis_master_name, redis_class=redis.Redis, **options)
+    pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
+    if settings.redis_password is not None:
+        pool.connection_kwargs["password"] = settings.redis_password
+    return redis.Redis.from_pool(pool)
+
+
+def async_redis_client(settings: Settings, **options: Any) -> aioredis.Redis:
+    """The `redis.asyncio` twin of `sync_redis_client`."""
+    options = {"decode_responses": True, **redis_client_options(settings, for_asyncio=True), **options}
+    if uses_sentinel(settings):
+        sentinel = AsyncSentinel(settings.redis_sentinels, sentinel_kwargs=_sentinel_kwargs(settings),
+                                 **_master_credentials(settings))
+        return sentinel.master_for(settings.redis_master_name, redis_class=aioredis.Redis, **options)
+    pool = aioredis.ConnectionPool.from_url(settings.redis_url, **options)
+    if settings.redis_password is not None:
+        pool.connection_kwargs["password"] = settings.redis_password
+    return aioredis.Redis.from_pool(pool)
+
+
+def celery_broker_url(settings: Settings) -> str:
+    """Celery's `broker_url`: `redis_url` (its password replaced by `redis_password` if set), or with sentinels
+    one `sentinel://[user:password@]host:port/db` per sentinel joined by `;` (kombu's Sentinel form; the
+    credentials are the master's, the database is `redis_url`'s)."""
+    if not uses_sentinel(settings):
+        if settings.redis_password is None:
+            return settings.redis_url
+        parts = urlsplit(settings.redis_url)
+        user = quote(parts.username or "", safe="")
+        netloc = f"{user}:{quote(settings.redis_password, safe='')}@{parts.hostname or ''}"
+        netloc += f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=netloc))
+    credentials = _master_credentials(settings)
+    auth = ""
+    if credentials.get("password") is not None:
+        auth = f"{quote(credentials.get('username') or '', safe='')}:{quote(credentials['password'], safe='')}@"
+    return ";".join(f"sentinel://{auth}{_netloc(host, port)}/{credentials['db']}"
+                    for host, port in settings.redis_sentinels)
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu transport options that Sentinel needs (merge them into `broker_transport_options`); {} without."""
+    if not uses_sentinel(settings):
+        return {}
+    return {"master_name": settings.redis_master_name, "sentinel_kwargs": _sentinel_kwargs(settings)}
+
+
+def _sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection options of the clients that talk to the sentinels themselves."""
+    timeout = settings.redis_socket_timeout_seconds
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.redis_sentinel_password is not None:
+        kwargs["password"] = settings.redis_sentinel_password
+    return kwargs
+
+
+def _master_credentials(settings: Settings) -> dict[str, Any]:
+    """Database number, username and password of the master (and replicas) when found through Sentinel."""
+    url = parse_url(settings.redis_url)
+    password = settings.redis_password if settings.redis_password is not None else url.get("password")
+    credentials: dict[str, Any] = {"db": int(url.get("db") or 0), "password": password}
+    if url.get("username"):
+        credentials["username"] = url["username"]
+    return credentials
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
