@@ -19,14 +19,47 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio import sentinel as async_sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import ExponentialBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from services.settings import Settings
+
+# What a demoted master answers to a write. Redis 6 wraps it inside the error of a Lua script ("Error running
+# script ...: -READONLY You can't write against a read only replica."), which redis-py then does not recognise.
+_DEMOTED_MASTER = "READONLY You can't write against a read only replica"
+
+
+class FailoverAwareConnection(SentinelManagedConnection):
+    """redis-py's Sentinel connection, which treats a READONLY answer from its master as a failover (drop the
+    connection, raise ConnectionError, ask the sentinels again on the next connect) - but only the bare READONLY
+    error; this one also recognises it inside a script error, which is how every job-store write (a Lua script)
+    meets a master that Sentinel demoted while our pooled connection stayed open to it."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as err:
+            if self.connection_pool.is_master and _DEMOTED_MASTER in str(err):
+                self.disconnect()
+                raise redis.ConnectionError(f"the master was demoted to a replica (failover): {err}") from err
+            raise
+
+
+class AsyncFailoverAwareConnection(async_sentinel.SentinelManagedConnection):
+    """The `redis.asyncio` twin of `FailoverAwareConnection`."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except redis.ResponseError as err:
+            if self.connection_pool.is_master and _DEMOTED_MASTER in str(err):
+                await self.disconnect()
+                raise redis.ConnectionError(f"the master was demoted to a replica (failover): {err}") from err
+            raise
 
 
 def redis_client_options(settings: Settings, for_asyncio: bool = False) -> dict[str, Any]:
@@ -51,7 +84,8 @@ def sync_redis_client(settings: Settings, **options: Any) -> redis.Redis:
     if uses_sentinel(settings):
         sentinel = Sentinel(settings.redis_sentinels, sentinel_kwargs=_sentinel_kwargs(settings),
                             **_master_credentials(settings))
-        return sentinel.master_for(settings.redis_master_name, redis_class=redis.Redis, **options)
+        return sentinel.master_for(settings.redis_master_name, redis_class=redis.Redis,
+                                   connection_class=FailoverAwareConnection, **options)
     pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
     if settings.redis_password is not None:
         pool.connection_kwargs["password"] = settings.redis_password
@@ -62,9 +96,10 @@ def async_redis_client(settings: Settings, **options: Any) -> aioredis.Redis:
     """The `redis.asyncio` twin of `sync_redis_client`."""
     options = {"decode_responses": True, **redis_client_options(settings, for_asyncio=True), **options}
     if uses_sentinel(settings):
-        sentinel = AsyncSentinel(settings.redis_sentinels, sentinel_kwargs=_sentinel_kwargs(settings),
-                                 **_master_credentials(settings))
-        return sentinel.master_for(settings.redis_master_name, redis_class=aioredis.Redis, **options)
+        sentinel = async_sentinel.Sentinel(settings.redis_sentinels, sentinel_kwargs=_sentinel_kwargs(settings),
+                                           **_master_credentials(settings))
+        return sentinel.master_for(settings.redis_master_name, redis_class=aioredis.Redis,
+                                   connection_class=AsyncFailoverAwareConnection, **options)
     pool = aioredis.ConnectionPool.from_url(settings.redis_url, **options)
     if settings.redis_password is not None:
         pool.connection_kwargs["password"] = settings.redis_password

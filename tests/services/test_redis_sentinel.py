@@ -24,6 +24,7 @@ from services.redis_options import (
 from services.replication import FENCE_KEY, ReplicationTimeout, confirm_replicated
 from services.schemas import GenerateJobCreate
 from services.settings import Settings
+from tests.support.processes import wait_until
 from tests.support.sentinel_cluster import run_sentinel_cluster
 from worker.broker import OutageTolerantQoS, OutageTolerantSentinelChannel, OutageTolerantSentinelTransport
 from worker.celery_app import celery_config
@@ -178,3 +179,21 @@ def test_clients_and_broker_follow_the_master_through_a_failover(tmp_path: Path)
 
         assert asyncio.run(read_async()) == "queued"
         queue.close()
+
+
+@pytest.mark.integration
+def test_a_script_write_to_a_demoted_master_is_an_outage_not_a_script_error(tmp_path: Path) -> None:
+    """A master demoted while the store's pooled connection stays open to it (here by hand, so no sentinel
+    kills the connection): Redis 6 answers a job-store write (a Lua script) with a script error that wraps
+    READONLY. It must surface as a ConnectionError, which the worker retries until the sentinels name the new
+    master, and never as a script error, which the worker would log and skip (a dropped write)."""
+    with run_sentinel_cluster(tmp_path, replicas=1, sentinels=1) as cluster:
+        settings = Settings(redis_sentinels=cluster.sentinel_addresses, redis_master_name=cluster.master_name,
+                            queue_name="q-demote")
+        store = JobStore.from_settings(settings)
+        job_id = store.create(GenerateJobCreate(prompt="before")).job_id  # opens the pooled connection
+        replica = cluster.replicas[0]
+        replica.client().execute_command("REPLICAOF", "NO", "ONE")
+        cluster.master.client().execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
+        with pytest.raises(redis.ConnectionError, match="demoted to a replica"):
+            store.append_event(job_id, "note", {"after": "demotion"})
