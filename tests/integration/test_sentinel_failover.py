@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(480
 QUEUE = "dgemma.itest-failover"
 CONCURRENCY = 4
 JOBS = 6  # 4 running at the kill, 2 queued behind them
-JOB_BODY = {"max_new_tokens": 512, "stream_drafts": True}  # several canvases: in flight across the failover
+JOB_BODY = {"max_new_tokens": 384, "stream_drafts": True}  # several canvases: in flight across the failover
 PROBE_BODY = {"prompt": "during the failover", "max_new_tokens": 8}
 RECOVERY_LIMIT_S = 60.0
 
