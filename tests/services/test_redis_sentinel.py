@@ -24,7 +24,6 @@ from services.redis_options import (
 from services.replication import FENCE_KEY, ReplicationTimeout, confirm_replicated
 from services.schemas import GenerateJobCreate
 from services.settings import Settings
-from tests.support.processes import wait_until
 from tests.support.sentinel_cluster import run_sentinel_cluster
 from worker.broker import OutageTolerantQoS, OutageTolerantSentinelChannel, OutageTolerantSentinelTransport
 from worker.celery_app import celery_config
