@@ -149,7 +149,7 @@ def probe_until_recovered(client: httpx.Client, cluster: SentinelCluster, old_po
                     probes.api_recovered_s = time.monotonic() - killed_at
         if probes.promoted_s is None and cluster.master_port_by_sentinels() - {old_port}:
             probes.promoted_s = time.monotonic() - killed_at
-        if probes.api_recovered_s is not None and probes.codes["get"][-1] == 200:
+        if probes.codes["post"][-1] == 202 and probes.codes["get"][-1] == 200:
             return probes
         time.sleep(0.2)
     raise AssertionError(f"the API did not accept a job within {RECOVERY_LIMIT_S} s of the kill: {probes}")
