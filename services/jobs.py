@@ -116,7 +116,7 @@ class JobStore:
         """Return once `settings.replicas_to_ack` replicas hold every write answered so far (a no-op when 0);
         `services.replication.ReplicationTimeout` (a ConnectionError) otherwise. Called before a 202 and
         after every terminal write."""
-        confirm_replicated(self.redis, self.settings.replicas_to_ack, self.settings.redis_replica_ack_timeout_ms)
+        confirm_replicated(self.redis, self.settings.replicas_to_ack, self.settings.replica_ack_timeout_ms)
 
     # ---- key names (shared with the SSE reader) -------------------------------------------------
     @staticmethod

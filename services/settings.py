@@ -116,8 +116,9 @@ class Settings(BaseSettings):
         "replicas that must hold a job (WAIT) before its 202, and a terminal write before its message is "
         "acked; short of that within redis_replica_ack_timeout_ms: 503 with Retry-After. None: 1 with "
         "sentinels, 0 (off) without"))
-    redis_replica_ack_timeout_ms: int = Field(default=1000, ge=1, le=60_000, description=(
-        "how long one WAIT for replicas may block (below redis_socket_timeout_seconds)"))
+    redis_replica_ack_timeout_ms: int | None = Field(default=None, ge=1, le=60_000, description=(
+        "how long one WAIT for replicas may block (below redis_socket_timeout_seconds); None: 1000 ms, or half "
+        "the socket timeout if that is shorter"))
 
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
@@ -184,7 +185,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_replica_ack_timeout(self) -> Settings:
-        if self.redis_replica_ack_timeout_ms >= self.redis_socket_timeout_seconds * 1000:
+        explicit = self.redis_replica_ack_timeout_ms
+        if self.replicas_to_ack and explicit is not None and explicit >= self.redis_socket_timeout_seconds * 1000:
             raise ValueError(f"redis_replica_ack_timeout_ms ({self.redis_replica_ack_timeout_ms}) must be below "
                              f"redis_socket_timeout_seconds ({self.redis_socket_timeout_seconds} s), or a WAIT "
                              "would be cut by the socket timeout")
@@ -196,6 +198,14 @@ class Settings(BaseSettings):
         if self.redis_min_replicas_ack is not None:
             return self.redis_min_replicas_ack
         return 1 if self.redis_sentinels else 0
+
+    @property
+    def replica_ack_timeout_ms(self) -> int:
+        """How long one WAIT for replicas blocks: `redis_replica_ack_timeout_ms`, by default 1000 ms or half the
+        socket timeout (a WAIT cut by the socket timeout would look like a dead Redis)."""
+        if self.redis_replica_ack_timeout_ms is not None:
+            return self.redis_replica_ack_timeout_ms
+        return max(1, min(1000, int(self.redis_socket_timeout_seconds * 500)))
 
     @property
     def visibility_timeout_seconds(self) -> int:

@@ -57,8 +57,16 @@ def test_sentinel_settings_parse_from_the_environment(monkeypatch: pytest.Monkey
 ])
 def test_bad_sentinel_settings_are_refused_naming_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValidationError) as info:
-        Settings(**{field: value})
+        Settings(**{"redis_min_replicas_ack": 1, field: value})
     assert field in str(info.value) and message in str(info.value)
+
+
+def test_the_wait_timeout_fits_under_the_socket_timeout_by_default() -> None:
+    assert Settings().replica_ack_timeout_ms == 1000
+    # A short socket timeout (as the outage tests use) is no error: the WAIT takes half of it, and only an
+    # explicit timeout at or above it is refused, and only while the WAIT is on.
+    assert Settings(redis_socket_timeout_seconds=1.0, redis_min_replicas_ack=1).replica_ack_timeout_ms == 500
+    assert Settings(redis_socket_timeout_seconds=1.0, redis_replica_ack_timeout_ms=5000).replicas_to_ack == 0
 
 
 def test_broker_url_and_transport_options_for_sentinel() -> None:
