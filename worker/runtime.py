@@ -33,8 +33,10 @@ from worker.leases import LeaseKeeper, reap_and_resend
 from worker.liveness import LivenessFile
 from worker.metrics import MetricLabels, WorkerMetrics
 from worker.outage import STORE_UNREACHABLE, StoreOutage
+from worker.protocols import EngineLike
 from worker.requests import ModelInfo, prepare_job
 from worker.settings import WorkerSettings
+from worker.simulated_engine import BatchTimeModel, SimulatedEngine
 from worker.store_writer import StoreWriter
 from worker.tickets import JobOutcome, JobTicket
 
@@ -72,7 +74,7 @@ class WorkerRuntime:
         interval_s = settings.worker_heartbeat_interval_seconds
         self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=interval_s, info={
             "queue": settings.queue_name, "model": settings.model_name, "gpu": self.metrics.labels.gpu,
-            "pid": os.getpid(),
+            "pid": os.getpid(), "engine": settings.worker_engine,
             "limits": self.engine.request_limits.to_json_dict()},  # what the API checks submissions against
             live_info=lambda: {"load": self.metrics.load_snapshot()})  # /readyz's worker_load, read at each beat
         self.leases = LeaseKeeper(
@@ -182,8 +184,11 @@ class WorkerRuntime:
         sample_memory(self.metrics, self.device)
         self.heartbeat.beat()
 
-def load_engine(settings: WorkerSettings, device: Any) -> Engine:
-    """The engine on this worker's device, sized so one decoder forward holds every job Celery hands us."""
+def load_engine(settings: WorkerSettings, device: Any) -> Any:
+    """The engine on this worker's device, sized so one decoder forward holds every job Celery hands us
+    (`worker_engine=simulated`: the simulated engine, see `load_simulated_engine`)."""
+    if settings.worker_engine == "simulated":
+        return load_simulated_engine(settings, device)
     engine_options: dict[str, Any] = {
         "max_canvases_in_flight": settings.worker_concurrency,
         "max_tokens_per_forward": settings.worker_max_tokens_per_forward,
@@ -195,7 +200,21 @@ def load_engine(settings: WorkerSettings, device: Any) -> Engine:
                                   dtype=resolve_dtype(settings.worker_dtype, device), **engine_options)
 
 
-def model_info_of(engine: Engine) -> ModelInfo:
+def load_simulated_engine(settings: WorkerSettings, device: Any) -> EngineLike:
+    """`worker.simulated_engine.SimulatedEngine` with the checkpoint's tokenizer and limits and as many batch rows
+    as Celery threads. A GPU worker is a production worker: there it needs `worker_allow_simulated_engine` as
+    well, so that a stray setting cannot answer real users with placeholder text."""
+    if getattr(device, "type", str(device)) == "cuda" and not settings.worker_allow_simulated_engine:
+        raise ValueError("worker_engine: 'simulated' writes placeholder text and is refused on a GPU worker; set "
+                         "DGSERVE_WORKER_ALLOW_SIMULATED_ENGINE=1 as well to run it there on purpose")
+    batch_time = BatchTimeModel.parse(settings.worker_simulated_step_ms, settings.worker_simulated_step_scale)
+    logger.warning("SIMULATED ENGINE: no model runs in this worker; jobs get placeholder text after %s",
+                   settings.worker_simulated_step_ms)
+    return SimulatedEngine.from_checkpoint(settings.model, max_batch=settings.worker_concurrency,
+                                           max_context=settings.worker_max_context, batch_time=batch_time)
+
+
+def model_info_of(engine: Any) -> ModelInfo:
     return ModelInfo(tokenizer=engine.tokenizer, canvas_length=engine.config.canvas_length,
                      default_max_new_tokens=engine.generation_defaults.max_new_tokens)
 
