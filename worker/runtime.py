@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from engine.engine import Engine
-from services.jobs import JobStore, StartDecision
+from services.jobs import JobStore
 from worker.device import gpu_label, resolve_device, resolve_dtype, sample_memory
 from worker.engine_loop import Cancel, EngineLoop, LeaseLost, Shutdown
 from worker.heartbeat import Heartbeat
