@@ -55,45 +55,57 @@ end
 """
 
 # KEYS: queued-set, running-set, then per lane to look in (in order): its ring, its turn counter
-# ARGV: now, worker_id, max_attempts, lease_until, result_ttl, events_maxlen, max_pops, then one lane
-#       prefix per lane
+# ARGV: now, worker_id, max_attempts, lease_until, result_ttl, events_maxlen, max_pops, JSON list of job ids
+#       not to start (the caller's jobs still in flight), then one lane prefix per lane
 # Pops the next owner's oldest job, round-robin, and starts it (as TRY_START starts a queued job); jobs no
-# longer queued are skipped, ones past their deadline or out of attempts are finished as TRY_START would.
+# longer queued are skipped, ones past their deadline or out of attempts are finished as TRY_START would. A job
+# not to start goes back to the head of its list and its owner sits this call out (its jobs stay in order).
 # Returns {'started', job_id, attempts, record (HGETALL as a flat list)}, {'empty'} when the lanes hold no
 # startable job, or {'busy'} after `max_pops` pops without a start (call again).
 START_NEXT_BODY = """
 local now = tonumber(ARGV[1])
 local pops = tonumber(ARGV[7])
-for lane = 1, #ARGV - 7 do
-  local prefix, ring, turn = ARGV[7 + lane], KEYS[1 + 2 * lane], KEYS[2 + 2 * lane]
+local excluded = {}
+for _, id in ipairs(cjson.decode(ARGV[8])) do excluded[id] = true end
+for lane = 1, #ARGV - 8 do
+  local prefix, ring, turn = ARGV[8 + lane], KEYS[1 + 2 * lane], KEYS[2 + 2 * lane]
+  local waiting, nwaiting = {}, 0  -- owners whose next job is excluded: they keep their turn
   while true do
-    local head = redis.call('ZRANGE', ring, 0, 0)
-    if #head == 0 then break end
+    local owner = nil
+    for _, candidate in ipairs(redis.call('ZRANGE', ring, 0, nwaiting)) do
+      if not waiting[candidate] then owner = candidate; break end
+    end
+    if not owner then break end
     if pops == 0 then return {'busy'} end
     pops = pops - 1
-    local owner = head[1]
     local list = prefix .. 'key:' .. owner
     local job_id = redis.call('LPOP', list)
-    if redis.call('LLEN', list) == 0 then
-      redis.call('ZREM', ring, owner)
+    if job_id and excluded[job_id] then
+      redis.call('LPUSH', list, job_id)
+      waiting[owner] = true
+      nwaiting = nwaiting + 1
     else
-      redis.call('ZADD', ring, redis.call('INCR', turn), owner)
-    end
-    if job_id then
-      local keys = {'job:' .. job_id, 'job:' .. job_id .. ':events', KEYS[1], KEYS[2]}
-      local state = redis.call('HMGET', keys[1], 'status', 'attempts', 'deadline_at')
-      local attempts = tonumber(state[2] or '0')
-      if state[1] ~= 'queued' then
-        -- cancelled, failed or expired while queued, or its record is gone: skip it
-      elseif now > tonumber(state[3]) then
-        finish_with_error(keys, job_id, now, ARGV[5], ARGV[6], 'expired', 'deadline_exceeded',
-                          'the job was not finished before its deadline', 'expired')
-      elseif attempts >= tonumber(ARGV[3]) then
-        finish_with_error(keys, job_id, now, ARGV[5], ARGV[6], 'failed', 'attempts_exhausted',
-                          'the job was started ' .. attempts .. ' times without finishing; giving up', 'failed')
+      if redis.call('LLEN', list) == 0 then
+        redis.call('ZREM', ring, owner)
       else
-        attempts = start_attempt(keys, job_id, ARGV[1], ARGV[2], attempts, ARGV[4], ARGV[6])
-        return {'started', job_id, attempts, redis.call('HGETALL', keys[1])}
+        redis.call('ZADD', ring, redis.call('INCR', turn), owner)
+      end
+      if job_id then
+        local keys = {'job:' .. job_id, 'job:' .. job_id .. ':events', KEYS[1], KEYS[2]}
+        local state = redis.call('HMGET', keys[1], 'status', 'attempts', 'deadline_at')
+        local attempts = tonumber(state[2] or '0')
+        if state[1] ~= 'queued' then
+          -- cancelled, failed or expired while queued, or its record is gone: skip it
+        elseif now > tonumber(state[3]) then
+          finish_with_error(keys, job_id, now, ARGV[5], ARGV[6], 'expired', 'deadline_exceeded',
+                            'the job was not finished before its deadline', 'expired')
+        elseif attempts >= tonumber(ARGV[3]) then
+          finish_with_error(keys, job_id, now, ARGV[5], ARGV[6], 'failed', 'attempts_exhausted',
+                            'the job was started ' .. attempts .. ' times without finishing; giving up', 'failed')
+        else
+          attempts = start_attempt(keys, job_id, ARGV[1], ARGV[2], attempts, ARGV[4], ARGV[6])
+          return {'started', job_id, attempts, redis.call('HGETALL', keys[1])}
+        end
       end
     end
   end

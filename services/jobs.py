@@ -30,6 +30,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -276,11 +277,12 @@ class JobStore:
         job = decode_record(job_id, raw) if raw else None
         return StartDecision(outcome=outcome, attempts=int(attempts), job=job)
 
-    def start_next(self, worker_id: str, batch: bool = False) -> StartDecision | None:
+    def start_next(self, worker_id: str, batch: bool = False, exclude: Iterable[str] = ()) -> StartDecision | None:
         """Start the next queued job of this queue, taking API keys in turn (the fair pick): from the lane of
         the message's class first (`batch`: the batch lane), then the other lane. None when neither holds a
         startable job. Atomic like `try_start` (a job is started once, under a lease of `worker_id`); jobs
-        past their deadline or out of attempts met on the way are finished as `try_start` would."""
+        past their deadline or out of attempts met on the way are finished as `try_start` would. Jobs in
+        `exclude` (the caller's attempts still in flight: requeued while it looked dead) are left queued."""
         now = time.time()
         lanes = [self.lane_prefix(batch), self.lane_prefix(not batch)]
         keys = [self.queued_key, self.running_key]
@@ -288,7 +290,7 @@ class JobStore:
             keys += [f"{lane}ring", f"{lane}turn"]
         args: list[Any] = [repr(now), worker_id, self.settings.max_attempts,
                            repr(now + self.settings.job_lease_seconds), self.settings.result_ttl_seconds,
-                           self.settings.events_max_len, START_NEXT_MAX_POPS, *lanes]
+                           self.settings.events_max_len, START_NEXT_MAX_POPS, json.dumps(sorted(exclude)), *lanes]
         while True:  # each 'busy' answer skipped START_NEXT_MAX_POPS dead entries, so this ends
             reply = self._start_next(keys=keys, args=args)
             if reply[0] == "started":

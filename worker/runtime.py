@@ -121,7 +121,10 @@ class WorkerRuntime:
         itself (a redelivery of a running or finished job, a job published outside the lanes).
         Never raises for a user's bad input: that fails the job with the validation message.
         """
-        decision = self._store_call(lambda: self.store.start_next(self.worker_id, batch=batch))
+        # Jobs still in flight here are not picked again: one requeued while this worker looked dead must
+        # first lose its lease here (at the next renewal), as for a redelivery of its own message below.
+        decision = self._store_call(lambda: self.store.start_next(self.worker_id, batch=batch,
+                                                                  exclude=self.loop.in_flight_ids()))
         if decision is None:
             if self.loop.is_in_flight(job_id):
                 # A second message for a job running here: kombu restored our own unacked message (after a

@@ -92,3 +92,13 @@ def test_a_requeued_job_goes_back_to_the_head_of_its_keys_list(fresh_redis_url: 
     released = store.start_next("w3")
     assert released.job.id == a[1] and store.release(a[1], "w3", reason="worker_shutdown")
     assert drain(store) == [a[1], a[2]]
+
+
+def test_jobs_the_caller_still_runs_are_left_queued_and_their_key_keeps_its_order(fresh_redis_url: str):
+    store = make_store(fresh_redis_url)
+    a, b = submit(store, "A", 2), submit(store, "B", 1)
+    assert drain_some(store, 1) == [a[0]]
+    assert store.release(a[0], "w", reason="taken_over")  # requeued while its worker still runs it
+    assert store.start_next("w", exclude=[a[0]]).job.id == b[0]  # A sits out: its next job is a[0]
+    assert store.start_next("w", exclude=[a[0]]) is None and store.get(a[0]).status == "queued"
+    assert drain(store) == [a[0], a[1]]  # once the old attempt is gone, A's jobs run in order
