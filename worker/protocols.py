@@ -7,6 +7,7 @@ model would only cost time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from dgtext.edits import EditTokenizer
@@ -46,7 +47,7 @@ class JobStoreLike(Protocol):
 
     def try_start(self, job_id: str, worker_id: str) -> StartDecision: ...
 
-    def start_next(self, worker_id: str, batch: bool = ...) -> StartDecision | None: ...
+    def start_next(self, worker_id: str, batch: bool = ..., exclude: Iterable[str] = ...) -> StartDecision | None: ...
 
     def append_event_with_progress(self, job_id: str, type: str, data: dict[str, Any], canvas: int,
                                    step: int, worker_id: str | None = None) -> bool: ...
