@@ -16,6 +16,7 @@ Keys (one Redis database per deployment):
 - `dgserve:rate:{owner}:{minute}` counters of the optional per-key submission rate limit.
 - `dgserve:fair:{queue}:{lane}:*` per-key lanes of queued jobs, `dgserve:active:{owner}` (a key's unfinished
   jobs) and `dgserve:tpm:{owner}:{minute}` (its tokens this minute): services/fair_scripts.py.
+- `dgserve:replication_fence` counter: the write each WAIT for replicas waits behind (services.replication).
 
 Status changes are compare-and-set Lua scripts (`services.job_scripts`): queued → running →
 succeeded | failed | cancelled | expired, queued → cancelled | failed | expired, and running → queued
@@ -39,7 +40,8 @@ import redis
 from services import fair_scripts, job_scripts
 from services.job_record import JobRecord, decode_record
 from services.key_limits import parse_key_limits
-from services.redis_options import redis_client_options
+from services.redis_options import sync_redis_client
+from services.replication import confirm_replicated
 from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
 
@@ -123,9 +125,13 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
-                                      **redis_client_options(settings))
-        return cls(client, settings)
+        return cls(sync_redis_client(settings, health_check_interval=30), settings)
+
+    def confirm_replicated(self) -> None:
+        """Return once `settings.replicas_to_ack` replicas hold every write answered so far (a no-op when 0);
+        `services.replication.ReplicationTimeout` (a ConnectionError) otherwise. Called before a 202 and
+        after every terminal write."""
+        confirm_replicated(self.redis, self.settings.replicas_to_ack, self.settings.replica_ack_timeout_ms)
 
     # ---- key names (shared with the SSE reader) -------------------------------------------------
     @staticmethod
@@ -393,6 +399,7 @@ class JobStore:
         for name, value in fields.items():
             args += [name, value]
         outcome, _ = self._finish(keys=self._status_keys(job_id), args=args)
+        self.confirm_replicated()  # also after a refused repeat: the earlier commit must be on a replica too
         return outcome == "ok"
 
     # ---- worker heartbeats ------------------------------------------------------------------------
