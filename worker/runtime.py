@@ -21,10 +21,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.engine import Engine
-from services.jobs import JobStore, StartDecision
+from services.jobs import JobStore
 from worker.device import gpu_label, resolve_device, resolve_dtype, sample_memory
 from worker.engine_loop import Cancel, EngineLoop, LeaseLost, Shutdown
 from worker.heartbeat import Heartbeat
@@ -41,6 +41,7 @@ from worker.store_writer import StoreWriter
 from worker.tickets import JobOutcome, JobTicket
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 START_OUTAGE_WAIT_S = 60.0  # a job's start waits this long for an unreachable store before the task retries
 
 
@@ -113,19 +114,29 @@ class WorkerRuntime:
             self._metrics_server.shutdown()
 
     # -- the task body ---------------------------------------------------------------------------------
-    def run_job(self, job_id: str) -> str:
+    def run_job(self, job_id: str, batch: bool = False) -> str:
         """Run one job to its terminal state; returns the outcome, raises HandBack / RetryLater.
 
+        The message is a turn, not a claim on `job_id`: it runs the job the store's fair pick gives
+        (`start_next`: API keys in turn, the message's class first; docs/architecture.md, "Tenant fairness"),
+        which may be `job_id` or another key's. Only when no job is waiting in the lanes does it try `job_id`
+        itself (a redelivery of a running or finished job, a job published outside the lanes).
         Never raises for a user's bad input: that fails the job with the validation message.
         """
-        if self.loop.is_in_flight(job_id):
-            # A second message for a job running here: kombu restored our own unacked message (after a broker
-            # reconnect, or a visibility timeout shorter than this run). Do not start the job a second time,
-            # but keep a message alive in case this worker dies.
-            raise RetryLater(float(self.settings.job_lease_seconds))
+        # Jobs still in flight here are not picked again: one requeued while this worker looked dead must
+        # first lose its lease here (at the next renewal), as for a redelivery of its own message below.
+        decision = self._store_call(lambda: self.store.start_next(self.worker_id, batch=batch,
+                                                                  exclude=self.loop.in_flight_ids()))
+        if decision is None:
+            if self.loop.is_in_flight(job_id):
+                # A second message for a job running here: kombu restored our own unacked message (after a
+                # broker reconnect, or a visibility timeout shorter than this run). Do not start the job a
+                # second time, but keep a message alive in case this worker dies.
+                raise RetryLater(float(self.settings.job_lease_seconds))
+            decision = self._store_call(lambda: self.store.try_start(job_id, self.worker_id))
+        job = decision.job
+        job_id = job.id if job is not None else job_id
         try:
-            decision = self._try_start(job_id)
-            job = decision.job
             prepared = prepare_job(job.request, self.model_info) if decision.should_run and job else None
         except ValueError as err:  # a stored payload this worker cannot read or run (pydantic errors included)
             self.store.fail(job_id, "invalid_request", f"the job's request cannot be run: {err}")
@@ -153,14 +164,15 @@ class WorkerRuntime:
             raise RetryLater(float(self.settings.job_lease_seconds))
         return outcome.value
 
-    def _try_start(self, job_id: str) -> StartDecision:
-        """`store.try_start`, waiting out a store outage of up to `START_OUTAGE_WAIT_S` (the message was
-        delivered just before Redis went away); past that the outage error propagates and the task retries."""
+    def _store_call(self, start: Callable[[], T]) -> T:
+        """`start()` (a store call that starts a job), waiting out a store outage of up to
+        `START_OUTAGE_WAIT_S` (the message was delivered just before Redis went away); past that the outage
+        error propagates and the task retries."""
         deadline = time.monotonic() + START_OUTAGE_WAIT_S
         delay = 0.1
         while True:
             try:
-                decision = self.store.try_start(job_id, self.worker_id)
+                decision = start()
             except STORE_UNREACHABLE as err:
                 self.outage.failed(err)
                 if time.monotonic() + delay > deadline:
