@@ -66,7 +66,9 @@ def parse_host_port(entry: str) -> tuple[str, int]:
 class Settings(BaseSettings):
     """Service configuration. Limits are enforced by the API before anything is enqueued."""
 
-    model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a bad setting's error names the field but never echoes its value (DGSERVE_API_KEYS,
+    # DGSERVE_KEY_LIMITS and the Redis passwords hold secrets, and startup errors end up in logs).
+    model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="job store and Celery broker")
     model: str = Field(default_factory=default_model, description="checkpoint folder or Hugging Face repo id")
