@@ -199,6 +199,9 @@ def test_a_script_write_to_a_demoted_master_is_an_outage_not_a_script_error(tmp_
                             queue_name="q-demote")
         store = JobStore.from_settings(settings)
         job_id = store.create(GenerateJobCreate(prompt="before")).job_id  # opens the pooled connection
+        # As the API does before its 202: the replica holds the job before it is promoted (else the demoted
+        # master resyncs a dataset without the job, and the script finds no job instead of failing to write).
+        store.confirm_replicated()
         replica = cluster.replicas[0]
         replica.client().execute_command("REPLICAOF", "NO", "ONE")
         cluster.master.client().execute_command("REPLICAOF", "127.0.0.1", str(replica.port))
