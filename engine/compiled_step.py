@@ -28,6 +28,7 @@ import torch
 
 from engine.config import FULL, SLIDING
 from engine.kv_cache import BlockTables, PagedKVCache, blocks_for
+from engine.model.moe import probe_expert_kernels
 from engine.model.transformer import DiffusionGemmaModel
 from engine.sampler import CanvasState, ChunkKernels, SamplerInputs, denoise_step
 from engine.sampler_kernels import EAGER_KERNELS
@@ -98,7 +99,7 @@ class StepRegion:
         self._buffers: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
         self._compiled_step: Callable[..., dict[str, torch.Tensor]] | None = None
         if compiled:
-            prepare_compile(cache)
+            prepare_compile(model, cache)
             # `backend` other than inductor: tests (the same trace and graph-break checks, no code generation)
             self._compiled_step = torch.compile(self._graph, fullgraph=True, dynamic=False, backend=backend,
                                                 **compile_options(self.device, backend))
@@ -190,7 +191,7 @@ class EncodeRegion:
         self._buffers: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         self._compiled_pass: Callable[..., None] | None = None
         if compiled:
-            prepare_compile(cache)
+            prepare_compile(model, cache)
             self._compiled_pass = torch.compile(self._graph, fullgraph=True, dynamic=False, backend=backend,
                                                 **compile_options(model.embed_tokens.weight.device, backend))
 
@@ -227,9 +228,11 @@ class EncodeRegion:
         return buffers
 
 
-def prepare_compile(cache: PagedKVCache) -> None:
-    """Once per region: room for every bucket's graph, and the KV pools marked static (CUDA graphs read and
-    write them in place)."""
+def prepare_compile(model: DiffusionGemmaModel, cache: PagedKVCache) -> None:
+    """Once per region: the expert-kernel probes run eagerly (a compiled graph only reads their results), room
+    for every bucket's graph, and the KV pools marked static (CUDA graphs read and write them in place)."""
+    weight = model.embed_tokens.weight
+    probe_expert_kernels(weight.device, weight.dtype)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for pool in (*cache.keys, *cache.values):
         torch._dynamo.mark_static_address(pool)

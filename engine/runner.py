@@ -140,7 +140,8 @@ class ModelRunner:
             compile_step = self.device.type == "cuda"
         self.step_region = StepRegion(model, self.cache, compile_step, engine_config.vocab_chunk_size,
                                       self.chunk_kernels)
-        self.encode_region = EncodeRegion(model, self.cache, compile_step)
+        compile_encoder = compile_step if engine_config.compile_encoder is None else engine_config.compile_encoder
+        self.encode_region = EncodeRegion(model, self.cache, compile_encoder)
 
     def block_tables(self, request_ids: list[str], context_ends: list[int], write_ends: list[int]) -> BlockTables:
         """Tables for rows whose cached context ends at `context_ends` and whose forward writes up to (not
