@@ -1,5 +1,6 @@
-"""The decoder step as one region: the model's decoder forward, the LM head, the sampler and the next
-self-conditioning embedding, run eagerly or as one `torch.compile(fullgraph=True)` graph per batch bucket.
+"""The decoder step and the encoder passes as regions run eagerly or as one `torch.compile(fullgraph=True)`
+graph per bucket: the step is the model's decoder forward, the LM head, the sampler and the next
+self-conditioning embedding; an encoder pass is a prefill chunk, a commit or infill text, writing the KV cache.
 
 # B canvases, Bb their bucket, C canvas length, D hidden, Nf / Ns block-table widths, bs block size
 
@@ -9,14 +10,17 @@ persistent buffers preallocated per (batch bucket, full-table bucket) — batche
 (1, 2, 4, ... up to max_canvases_in_flight), full block tables padded with the scratch block up to a power of
 two of blocks, so the graph's shapes are static — and the graph reads the whole padded table (its context
 bound is the table's width): every shape depends on the two buckets only, nothing reads a tensor on the host,
-and a graph break fails compilation (`fullgraph=True`). Padding rows are whatever the buffers last held
-(valid block ids and ids, so their reads are in bounds); their outputs are dropped. Padded table entries point
-at the scratch block and masked keys contribute nothing.
+and a graph break fails compilation (`fullgraph=True`). Padding rows repeat the last real row (`copy_padded`:
+valid knobs, reads in bounds); their outputs are dropped. Padded table entries point at the scratch block and
+masked keys contribute nothing. `EncodeRegion` does the same for `encoder_pass`, bucketed by rows and tokens
+(`EngineConfig.compile_encoder`, None = as compile_step); its padding tokens and rows write only the scratch block.
 
-On CUDA the same graphs are compiled with mode "reduce-overhead", i.e. captured as CUDA graphs by
-torch.compile's cudagraph trees, and the persistent buffers and the KV pools are marked as static addresses
-so a replay copies nothing. The same code runs on CPU (mode "default"), where the tests compile it.
-Eager and compiled steps give the same tokens (tests/engine/test_compiled_step.py).
+Each transformer layer is a nested compile region (engine/model/layer.py): one compiled body per attention
+kind, reused by every layer of that kind. On CUDA the graphs are compiled with mode "reduce-overhead", i.e.
+captured as CUDA graphs by torch.compile's cudagraph trees, and the persistent buffers and the KV pools are
+marked as static addresses so a replay copies nothing. On CPU inductor emits scalar C++ (`compile_options`).
+Tests compile both regions on CPU (aot_eager, fullgraph) and compare with eager
+(tests/engine/test_compiled_step.py); docs/benchmarks.md has the compile times and speed on CPU.
 """
 
 from __future__ import annotations
