@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from services.redis_options import celery_broker_url, sentinel_transport_options
 from services.settings import Settings
 
 RUN_JOB_TASK = "dgserve.run_job"
@@ -33,7 +34,7 @@ class JobQueue:
 
     def __init__(self, settings: Settings):
         self.queue_name = settings.queue_name
-        self.celery = Celery("dgserve-api", broker=settings.redis_url, set_as_current=False)
+        self.celery = Celery("dgserve-api", broker=celery_broker_url(settings), set_as_current=False)
         self.celery.conf.update(
             task_serializer="json",  # never pickle
             accept_content=["json"],
@@ -45,7 +46,8 @@ class JobQueue:
             # The socket timeouts keep a stalled Redis from hanging a submission (as for the job store).
             broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds,
                                       "socket_timeout": settings.redis_socket_timeout_seconds,
-                                      "socket_connect_timeout": settings.redis_socket_timeout_seconds},
+                                      "socket_connect_timeout": settings.redis_socket_timeout_seconds,
+                                      **sentinel_transport_options(settings)},  # master_name with sentinels
         )
 
     def submit(self, job_id: str, batch: bool = False) -> None:

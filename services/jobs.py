@@ -14,6 +14,7 @@ Keys (one Redis database per deployment):
 - `dgserve:idem:{owner}:{sha256(key)}` → `"{job_id}|{body_hash}"`.
 - `dgserve:workers` sorted set (score = last heartbeat) and `dgserve:worker_info` hash.
 - `dgserve:rate:{owner}:{minute}` counters of the optional per-key submission rate limit.
+- `dgserve:replication_fence` counter: the write each WAIT for replicas waits behind (services.replication).
 
 Status changes are compare-and-set Lua scripts (`services.job_scripts`): queued → running →
 succeeded | failed | cancelled | expired, queued → cancelled | failed | expired, and running → queued
@@ -35,7 +36,8 @@ import redis
 
 from services import job_scripts
 from services.job_record import JobRecord, decode_record
-from services.redis_options import redis_client_options
+from services.redis_options import sync_redis_client
+from services.replication import confirm_replicated
 from services.schemas import EditJobCreate, GenerateJobCreate
 from services.settings import Settings
 
@@ -108,9 +110,13 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
-        client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30,
-                                      **redis_client_options(settings))
-        return cls(client, settings)
+        return cls(sync_redis_client(settings, health_check_interval=30), settings)
+
+    def confirm_replicated(self) -> None:
+        """Return once `settings.replicas_to_ack` replicas hold every write answered so far (a no-op when 0);
+        `services.replication.ReplicationTimeout` (a ConnectionError) otherwise. Called before a 202 and
+        after every terminal write."""
+        confirm_replicated(self.redis, self.settings.replicas_to_ack, self.settings.replica_ack_timeout_ms)
 
     # ---- key names (shared with the SSE reader) -------------------------------------------------
     @staticmethod
@@ -334,6 +340,7 @@ class JobStore:
         for name, value in fields.items():
             args += [name, value]
         outcome, _ = self._finish(keys=self._status_keys(job_id), args=args)
+        self.confirm_replicated()  # also after a refused repeat: the earlier commit must be on a replica too
         return outcome == "ok"
 
     # ---- worker heartbeats ------------------------------------------------------------------------

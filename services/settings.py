@@ -54,6 +54,15 @@ def model_short_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", base)
 
 
+def parse_host_port(entry: str) -> tuple[str, int]:
+    """`host:port` → (host, port); ValueError naming the entry otherwise (IPv6 as `[::1]:26379`)."""
+    host, sep, port = entry.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"redis_sentinels: {entry!r} is not host:port (e.g. 10.0.0.5:26379)")
+    return host, int(port)
+
+
 class Settings(BaseSettings):
     """Service configuration. Limits are enforced by the API before anything is enqueued."""
 
@@ -93,6 +102,23 @@ class Settings(BaseSettings):
         "a Redis command (or connection attempt) that gets no answer this long fails, so a paused or "
         "partitioned Redis turns into a 503 instead of a request that hangs"))
     sse_keepalive_seconds: float = Field(default=15.0, gt=0, le=300, description="comment line after this silence")
+    # Redis high availability through Sentinel (docs/operations.md, "Redis high availability").
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = Field(default=(), description=(
+        "Sentinel addresses host:port,host:port; set, every client finds the master through them (redis_url "
+        "then gives only the database number and credentials). Empty = one Redis at redis_url"))
+    redis_master_name: str = Field(default="dgserve", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$",
+                                   description="the master's name in the sentinels' `sentinel monitor` line")
+    redis_sentinel_password: str | None = Field(default=None, repr=False, description=(
+        "password of the sentinels themselves (their requirepass); None = none"))
+    redis_password: str | None = Field(default=None, repr=False, description=(
+        "password of the Redis master and replicas; overrides one in redis_url"))
+    redis_min_replicas_ack: int | None = Field(default=None, ge=0, le=16, description=(
+        "replicas that must hold a job (WAIT) before its 202, and a terminal write before its message is "
+        "acked; short of that within redis_replica_ack_timeout_ms: 503 with Retry-After. None: 1 with "
+        "sentinels, 0 (off) without"))
+    redis_replica_ack_timeout_ms: int | None = Field(default=None, ge=1, le=60_000, description=(
+        "how long one WAIT for replicas may block (below redis_socket_timeout_seconds); None: 1000 ms, or half "
+        "the socket timeout if that is shorter"))
 
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(),
@@ -109,6 +135,14 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix:// (got {value!r})")
         return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _parse_sentinels(cls, value: object) -> tuple[tuple[str, int], ...]:
+        if value is None or isinstance(value, tuple | list) and all(isinstance(v, tuple | list) for v in value):
+            return tuple((str(host), int(port)) for host, port in value or ())
+        entries = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        return tuple(parse_host_port(str(entry).strip()) for entry in entries if str(entry).strip())
 
     @field_validator("model")
     @classmethod
@@ -148,6 +182,30 @@ class Settings(BaseSettings):
                 f"queue_name {self.queue_name!r} may hold only letters, digits and . _ : - (at most 200)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_replica_ack_timeout(self) -> Settings:
+        explicit = self.redis_replica_ack_timeout_ms
+        if self.replicas_to_ack and explicit is not None and explicit >= self.redis_socket_timeout_seconds * 1000:
+            raise ValueError(f"redis_replica_ack_timeout_ms ({self.redis_replica_ack_timeout_ms}) must be below "
+                             f"redis_socket_timeout_seconds ({self.redis_socket_timeout_seconds} s), or a WAIT "
+                             "would be cut by the socket timeout")
+        return self
+
+    @property
+    def replicas_to_ack(self) -> int:
+        """Replicas a job's creation and terminal writes must reach before they are acknowledged (0 = off)."""
+        if self.redis_min_replicas_ack is not None:
+            return self.redis_min_replicas_ack
+        return 1 if self.redis_sentinels else 0
+
+    @property
+    def replica_ack_timeout_ms(self) -> int:
+        """How long one WAIT for replicas blocks: `redis_replica_ack_timeout_ms`, by default 1000 ms or half the
+        socket timeout (a WAIT cut by the socket timeout would look like a dead Redis)."""
+        if self.redis_replica_ack_timeout_ms is not None:
+            return self.redis_replica_ack_timeout_ms
+        return max(1, min(1000, int(self.redis_socket_timeout_seconds * 500)))
 
     @property
     def visibility_timeout_seconds(self) -> int:

@@ -69,10 +69,24 @@ class OutageTolerantChannel(kombu_redis.Channel):
     QoS = OutageTolerantQoS
 
 
+class OutageTolerantSentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (it subclasses the Redis `Channel` and only changes how its connection pool finds
+    the master) with the same QoS: a failover is an outage of the old master followed by a reconnect to the new."""
+
+    QoS = OutageTolerantQoS
+
+
 class OutageTolerantRedisTransport(kombu_redis.Transport):
     """Celery's `broker_transport` for dgserve workers (`redis://` URLs, kombu's Redis transport otherwise)."""
 
     Channel = OutageTolerantChannel
 
 
+class OutageTolerantSentinelTransport(kombu_redis.SentinelTransport):
+    """Celery's `broker_transport` for dgserve workers behind Redis Sentinel (`sentinel://` URLs)."""
+
+    Channel = OutageTolerantSentinelChannel
+
+
 TRANSPORT_PATH = f"{__name__}:{OutageTolerantRedisTransport.__name__}"
+SENTINEL_TRANSPORT_PATH = f"{__name__}:{OutageTolerantSentinelTransport.__name__}"

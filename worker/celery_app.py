@@ -17,6 +17,10 @@ Why each setting (the delivery guarantees are in docs/architecture.md, "worker")
   worker (the module explains the kombu failure it works around); `broker_connection_max_retries=None` makes
   the consumer reconnect for as long as it takes, and running tasks are not cancelled on connection loss, so
   the engine and its jobs ride the outage out.
+- Redis Sentinel (`DGSERVE_REDIS_SENTINELS`): the broker URL is kombu's `sentinel://host:port;...` form with
+  `master_name` in the transport options (services.redis_options), and the transport is the same outage-tolerant
+  subclass of kombu's Sentinel transport, so a failover is one more broker outage: the consumer reconnects,
+  asks the sentinels for the new master and carries on.
 - Time limits are not enforced by the threads pool: deadlines and cancels are cooperative in the engine loop.
 
 The app is built from `WorkerSettings` at import time (Celery's `-A worker.celery_app` imports this module);
@@ -29,7 +33,8 @@ from celery import Celery
 from kombu import Queue
 
 from services.job_messages import RUN_JOB_TASK, batch_queue_name
-from worker.broker import TRANSPORT_PATH
+from services.redis_options import celery_broker_url, sentinel_transport_options, uses_sentinel
+from worker.broker import SENTINEL_TRANSPORT_PATH, TRANSPORT_PATH
 from worker.settings import WorkerSettings
 
 TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import the worker)
@@ -37,6 +42,7 @@ TASK_NAME = RUN_JOB_TASK  # the name the API publishes to (services never import
 
 def broker_transport_options(settings: WorkerSettings) -> dict:
     return {
+        **sentinel_transport_options(settings),  # with sentinels: master_name and the sentinels' credentials
         "visibility_timeout": settings.visibility_timeout_seconds,
         # Sweep for abandoned messages every `broker_restore_interval_seconds`, not every 10 x interval.
         "unacked_restore_interval": settings.broker_restore_interval_seconds,
@@ -51,8 +57,8 @@ def celery_config(settings: WorkerSettings) -> dict:
     """The complete Celery configuration of a dgserve worker."""
     transport_options = broker_transport_options(settings)
     return {
-        "broker_url": settings.redis_url,
-        "broker_transport": TRANSPORT_PATH,
+        "broker_url": celery_broker_url(settings),
+        "broker_transport": SENTINEL_TRANSPORT_PATH if uses_sentinel(settings) else TRANSPORT_PATH,
         "result_backend": None,  # results live in the job record; the task's return value is not needed
         "task_ignore_result": True,
         "task_serializer": "json",

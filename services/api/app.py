@@ -6,7 +6,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.types import Scope
 
@@ -30,7 +29,7 @@ from services.jobs import JobStore
 from services.metrics import ApiMetrics
 from services.openai.errors import OpenAIErrorShapeMiddleware
 from services.prompt_limits import RequestLimits
-from services.redis_options import redis_client_options
+from services.redis_options import async_redis_client
 from services.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,9 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
                            limits=RequestLimits(settings, workers=store), metrics=metrics)
     # Event streams block in XREAD for up to `sse_keepalive_seconds`; the socket timeout must outlast that
     # block (redis-py's default of 5 s would cut any stream idle for longer than 5 s).
-    async_redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                          **{**redis_client_options(settings, for_asyncio=True),
-                                             "socket_timeout": settings.sse_keepalive_seconds + 10.0})
+    async_redis = async_redis_client(settings, socket_timeout=settings.sse_keepalive_seconds + 10.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -74,7 +74,9 @@ def _create(services: AppServices, owner: str, body: BatchCreate) -> dict[str, A
     entries = submit_lines(services, owner, batch_id, body.endpoint, content, window)
     fields = {"endpoint": body.endpoint, "input_file_id": body.input_file_id,
               "completion_window": body.completion_window, "metadata": json.dumps(body.metadata)}
-    return batch_public(store.refresh(store.create(batch_id, owner, fields, entries, window)))
+    record = store.create(batch_id, owner, fields, entries, window)
+    services.store.confirm_replicated()  # the batch and all its lines on a replica before the answer (or a 503)
+    return batch_public(store.refresh(record))
 
 
 @router.post("", summary="Create a batch from an uploaded JSONL file",

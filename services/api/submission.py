@@ -11,6 +11,7 @@ from services.api.errors import ApiError
 from services.job_record import JobRecord
 from services.jobs import IdempotencyConflict, QueueFull
 from services.prompt_limits import LimitExceeded
+from services.replication import ReplicationTimeout
 from services.schemas import EditJobCreate, GenerateJobCreate
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,22 @@ def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, ow
             raise ApiError(503, "enqueue_failed", "the job queue is unavailable; retry later",
                            headers=retry_after) from exc
         services.metrics.job_submitted(job.kind)
+    confirm_replicated(services)  # a replay too: the earlier attempt may not have been confirmed
     # A new job's record is known without a read (one Redis round trip less per submission).
     record = created.record or services.store.get(created.job_id)
     if record is None:
         raise ApiError(503, "unavailable", "the job record vanished right after creation; retry")
     return record, created.created
+
+
+def confirm_replicated(services: AppServices) -> None:
+    """No acknowledgement without replication (`redis_min_replicas_ack`): 503 with Retry-After when the
+    replicas do not confirm the job in time. The job may exist and run anyway (it was written, only not
+    confirmed), so the message tells the client to resubmit with the same Idempotency-Key."""
+    try:
+        services.store.confirm_replicated()
+    except ReplicationTimeout as exc:
+        services.metrics.job_rejected("not_replicated")
+        raise ApiError(503, "not_replicated", f"{exc}. The job may still run: resubmit with the same "
+                       "Idempotency-Key to get that job rather than a second one",
+                       headers={"Retry-After": str(services.settings.retry_after_seconds)}) from exc

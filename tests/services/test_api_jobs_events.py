@@ -110,8 +110,12 @@ def test_sse_follows_live_events_with_keepalives_until_done(start_api):
     api = start_api(sse_keepalive_seconds=0.1)
     job_id = submit(api)
 
+    idle_stream_kept_alive = threading.Event()
+
     def worker():
-        time.sleep(0.4)  # the client is connected and idle: keep-alives flow
+        # Events start only once the idle client has seen a keep-alive: a fixed sleep raced the client's connect
+        # on a loaded machine (the job could finish before the first keep-alive was due).
+        idle_stream_kept_alive.wait(timeout=10)
         api.store.try_start(job_id, "w")
         for step in range(1, 4):
             api.store.append_event(job_id, "draft", {"step": step})
@@ -123,7 +127,10 @@ def test_sse_follows_live_events_with_keepalives_until_done(start_api):
     chunks = []
     with httpx.stream("GET", f"{api.url}/v1/jobs/{job_id}/events", timeout=10.0) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        chunks.extend(response.iter_text())
+        for chunk in response.iter_text():
+            chunks.append(chunk)
+            if ": keep-alive" in "".join(chunks):
+                idle_stream_kept_alive.set()
     thread.join(timeout=10)
     text = "".join(chunks)
     assert ": keep-alive" in text

@@ -3,9 +3,10 @@
 // the result as the new document and a unified diff; accept writes it back so the next edit continues.
 // Offsets shown and sent are code points, as the API counts them (util.js converts from the textarea's).
 
-import { ApiError, followEvents, getWithRetry, request } from "./api.js";
+import { ApiError, getWithRetry, request } from "./api.js";
 import { buildKnobs, clearErrors, describeFailure, knobTarget, readKnobs, showError } from "./forms.js";
 import * as jobs from "./jobs.js";
+import * as jobview from "./jobview.js";
 import { $, codePointLength, el, fillStats, jobStats, renderDraft, sliceCodePoints, toCodePoints } from "./util.js";
 
 let rowIds = 0;
@@ -209,21 +210,14 @@ export async function attach(jobId, context) {
   current = { id: jobId, controller, document: context ? context.document : null, spans: context ? context.spans : [] };
   lastResult = null;
   resetLive();
-  setStatus("connecting");
-  $("edit-status").dataset.jobId = jobId;
-  $("edit-cancel").disabled = false;
-  try {
-    await followEvents(jobId, {
-      signal: controller.signal,
-      onEvent: (type, data) => handleEvent(jobId, type, data),
-      onConnection: (state) => { if (current && current.id === jobId) $("edit-conn").textContent = state === "reconnecting" ? "connection lost: reconnecting…" : ""; },
-    });
-    if (!controller.signal.aborted) await showResult(jobId);
-  } catch (error) {
-    if (!controller.signal.aborted) setStatus(describeFailure(error));
-  } finally {
-    if (current && current.id === jobId) $("edit-cancel").disabled = true;
-  }
+  await jobview.follow(jobId, {
+    prefix: "edit",
+    controller,
+    isCurrent: () => current !== null && current.id === jobId,
+    setStatus,
+    onEvent: (type, data) => handleEvent(jobId, type, data),
+    showResult,
+  });
 }
 
 async function submit(event) {
@@ -247,14 +241,7 @@ async function submit(event) {
 }
 
 async function cancel() {
-  if (!current) return;
-  try {
-    const job = await request("DELETE", `/v1/jobs/${encodeURIComponent(current.id)}`);
-    // The `cancelled` event may already have arrived; only a job still running waits for its next step.
-    if (!jobs.isFinished($("edit-status").textContent)) setStatus(job.status === "cancelled" ? "cancelled" : "cancel requested");
-  } catch (error) {
-    $("edit-form-error").textContent = describeFailure(error);
-  }
+  if (current) await jobview.cancel("edit", current.id, setStatus);
 }
 
 function accept() {

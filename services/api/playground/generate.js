@@ -1,9 +1,10 @@
 // The generate view: a prompt or chat messages and the knobs; a live canvas that every denoising step's
 // draft replaces in place (changed pieces highlighted), committed canvases stacking up, then the result.
 
-import { ApiError, followEvents, getWithRetry, request } from "./api.js";
+import { ApiError, getWithRetry, request } from "./api.js";
 import { buildKnobs, clearErrors, describeFailure, knobTarget, readKnobs, showError } from "./forms.js";
 import * as jobs from "./jobs.js";
+import * as jobview from "./jobview.js";
 import { $, el, fillStats, jobStats, renderDraft } from "./util.js";
 
 const ROLES = ["system", "user", "assistant"];
@@ -123,21 +124,14 @@ export async function attach(jobId) {
   const controller = new AbortController();
   current = { id: jobId, controller, lastDraft: "", draftCanvas: -1, drafts: 0 };
   resetView();
-  setStatus("connecting");
-  $("gen-status").dataset.jobId = jobId;
-  $("gen-cancel").disabled = false;
-  try {
-    await followEvents(jobId, {
-      signal: controller.signal,
-      onEvent: (type, data) => handleEvent(jobId, type, data),
-      onConnection: (state) => { if (current && current.id === jobId) $("gen-conn").textContent = state === "reconnecting" ? "connection lost: reconnecting…" : ""; },
-    });
-    if (!controller.signal.aborted) await showResult(jobId);
-  } catch (error) {
-    if (!controller.signal.aborted) setStatus(describeFailure(error));
-  } finally {
-    if (current && current.id === jobId) $("gen-cancel").disabled = true;
-  }
+  await jobview.follow(jobId, {
+    prefix: "gen",
+    controller,
+    isCurrent: () => current !== null && current.id === jobId,
+    setStatus,
+    onEvent: (type, data) => handleEvent(jobId, type, data),
+    showResult,
+  });
 }
 
 async function submit(event) {
@@ -160,14 +154,7 @@ async function submit(event) {
 }
 
 async function cancel() {
-  if (!current) return;
-  try {
-    const job = await request("DELETE", `/v1/jobs/${encodeURIComponent(current.id)}`);
-    // The `cancelled` event may already have arrived; only a job still running waits for its next step.
-    if (!jobs.isFinished($("gen-status").textContent)) setStatus(job.status === "cancelled" ? "cancelled" : "cancel requested");
-  } catch (error) {
-    $("gen-form-error").textContent = describeFailure(error);
-  }
+  if (current) await jobview.cancel("gen", current.id, setStatus);
 }
 
 export function init(defaults) {

@@ -1,0 +1,126 @@
+"""Cost of acknowledging only replicated jobs: submit latency and jobs/s of the API behind Redis Sentinel with
+the replica WAIT on (`DGSERVE_REDIS_MIN_REPLICAS_ACK=1`, the default with sentinels) and off, beside one plain
+Redis (the default deployment).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/replication_bench.py --jobs 300 --threads 8 --rounds 2
+
+Each round starts, per mode, fresh loopback redis-servers (no persistence, so only replication is compared)
+and the API under uvicorn (real HTTP), then (1) POSTs `--jobs` generate jobs one after another (latency of each
+202) and (2) the same number from `--threads` threads at once (jobs/s). No worker runs: only the submit path is
+measured (job record + Celery message, + fence and WAIT when on). It also times the WAIT alone from a client
+(`JobStore.confirm_replicated`: what a worker adds to each job's terminal write). Modes alternate within a
+round, so load drift on a shared machine hits all alike. Prints a table with ratios and writes JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from services.jobs import JobStore  # noqa: E402
+from services.launcher import free_loopback_port  # noqa: E402
+from services.settings import BUNDLED_MODEL_DIR, Settings  # noqa: E402
+from tests.support.processes import start_process, stop_process, wait_for_http  # noqa: E402
+from tests.support.sentinel_cluster import run_sentinel_cluster  # noqa: E402
+
+MODES = ("single", "sentinel_nowait", "sentinel_wait")
+
+
+@contextlib.contextmanager
+def redis_settings(mode: str, folder: Path) -> Iterator[dict[str, str]]:
+    """The `DGSERVE_*` Redis settings of `mode`, with its redis-servers running."""
+    if mode == "single":
+        with run_sentinel_cluster(folder, replicas=0, sentinels=0) as cluster:
+            yield {"DGSERVE_REDIS_URL": f"redis://127.0.0.1:{cluster.master.port}/0"}
+        return
+    with run_sentinel_cluster(folder, replicas=2, sentinels=3) as cluster:
+        yield {"DGSERVE_REDIS_URL": "redis://127.0.0.1/0", "DGSERVE_REDIS_SENTINELS": cluster.sentinel_addresses,
+               "DGSERVE_REDIS_MASTER_NAME": cluster.master_name,
+               "DGSERVE_REDIS_MIN_REPLICAS_ACK": "1" if mode == "sentinel_wait" else "0"}
+
+
+def submit(client: httpx.Client, n: int) -> float:
+    started = time.perf_counter()
+    response = client.post("/v1/jobs", json={"prompt": f"def f{n}(x):", "max_new_tokens": 8})
+    assert response.status_code == 202, response.text
+    return time.perf_counter() - started
+
+
+def wait_alone_ms(redis_env: dict[str, str], samples: int = 300) -> float:
+    """Median of `confirm_replicated` (fence + WAIT, one round trip) from a client; 0 when off."""
+    settings = Settings(**{key[len("DGSERVE_"):].lower(): value for key, value in redis_env.items()})
+    store = JobStore.from_settings(settings)
+    timings = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        store.confirm_replicated()
+        timings.append(time.perf_counter() - started)
+    store.redis.close()
+    return 1000 * statistics.median(timings)
+
+
+def measure(mode: str, jobs: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as folder, redis_settings(mode, Path(folder)) as redis_env:
+        api_port = free_loopback_port()
+        env = {**os.environ, **redis_env, "DGSERVE_MODEL": str(BUNDLED_MODEL_DIR), "DGSERVE_MAX_QUEUED_JOBS": "100000"}
+        api = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
+                             "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
+                            env=env, cwd=REPO_ROOT)
+        try:
+            wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
+            with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
+                for n in range(20):  # warm-up: tokenizer, connections
+                    submit(client, -n)
+                latencies = [submit(client, n) for n in range(jobs)]
+                started = time.perf_counter()
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda n: submit(client, n), range(jobs)))
+                concurrent_s = time.perf_counter() - started
+            wait_ms = wait_alone_ms(redis_env)
+        finally:
+            stop_process(api)
+    latencies.sort()
+    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+            "sequential_jobs_per_s": len(latencies) / sum(latencies), "concurrent_jobs_per_s": jobs / concurrent_s,
+            "confirm_alone_ms": wait_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/replication_bench.json"))
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            runs[mode].append(measure(mode, args.jobs, args.threads))
+    summary = {mode: {key: statistics.median(run[key] for run in runs[mode]) for key in runs[mode][0]}
+               for mode in MODES}
+    print(f"load average: {os.getloadavg()}")
+    print(f"{'metric':<24}" + "".join(f"{mode:>18}" for mode in MODES) + f"{'wait/nowait':>14}{'wait/single':>14}")
+    for key in summary["single"]:
+        values = [summary[mode][key] for mode in MODES]
+        nowait, wait = summary["sentinel_nowait"][key], summary["sentinel_wait"][key]
+        ratios = [wait / base if base > 0.01 else float("nan") for base in (nowait, summary["single"][key])]
+        print(f"{key:<24}" + "".join(f"{value:>18.2f}" for value in values) + "".join(f"{r:>14.2f}" for r in ratios))
+    args.out.write_text(json.dumps({"runs": runs, "median": summary, "args": vars(args)}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
