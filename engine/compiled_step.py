@@ -162,6 +162,8 @@ def copy_padded(target: torch.Tensor, value: torch.Tensor, fill: float | bool | 
     their outputs are dropped."""
     rows = value.shape[0]
     if value.dim() >= 2 and target.shape[1] > value.shape[1]:
+        if fill is None:
+            raise ValueError(f"a buffer wider than its input ({target.shape[1]} > {value.shape[1]}) needs a fill")
         target[:rows, value.shape[1]:] = fill
         target[:rows, :value.shape[1]].copy_(value)
     else:

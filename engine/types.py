@@ -292,8 +292,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     sliding_chunk_tokens: int = 256
     # The decoder step as one torch.compile(fullgraph=True) graph per batch bucket (engine/compiled_step.py);
-    # None -> compiled on CUDA (CUDA graphs), eager on CPU, where compiling costs minutes of a small
-    # machine's start-up and buys less (docs/benchmarks.md).
+    # None -> compiled on CUDA (CUDA graphs), eager on CPU, where one graph takes 100-300 s to compile on the
+    # 2-core machine and the compiled step is slower than eager at batch 16 (docs/benchmarks.md, issue 14).
     compile_step: bool | None = None
     # The encoder passes (prefill chunks, commits) likewise, one graph per (rows, tokens, table widths) bucket;
     # None -> as compile_step. Off with the step compiled: fewer graphs to compile (an encoder pass runs once
