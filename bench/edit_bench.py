@@ -14,9 +14,9 @@ Without `--model` a random tiny checkpoint is written to a temporary folder (noi
 
 Prefix-cache workloads (issue 9; bench/prefix_bench.py), each with the KV prefix cache on and off in one run:
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 8
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --steps 8
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode capacity
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _ready(url: str) -> bool:
 
 
 def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
-    """One prefix-cache workload, cache on then off on the same loaded model; prints one JSON line."""
+    """One prefix-cache workload with the cache on and off on the same loaded model; prints one JSON line."""
     import prefix_bench
 
     from engine.loader import load_model
@@ -251,14 +251,14 @@ def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
         print(json.dumps(prefix_bench.run_capacity(loaded, slots=8, requests=64, max_context=4096, seed=args.seed)))
         return
     results = {}
-    for caching in (True, False):
+    if args.mode == "session":  # both engines live at once: the settings take turns, round by round
+        engines = {caching: prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency,
+                                                 max_context=8192) for caching in (True, False)}
+        results = prefix_bench.run_session(engines, make_documents(args.docs, seed=args.seed), args.n,
+                                           args.concurrency, args.steps, args.seed, rounds=args.rounds)
+    for caching in (True, False) if args.mode == "chat" else ():
         engine = prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency, max_context=8192)
-        if args.mode == "session":
-            documents = make_documents(args.docs, seed=args.seed)
-            results[caching] = prefix_bench.run_session(engine, documents, args.n, args.concurrency, args.steps,
-                                                        args.seed)
-        else:
-            results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
+        results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
         del engine
     keys = ("edits_per_s", "p50_s", "p99_s") if args.mode == "session" else ("prefill_tokens_computed", "ttfc_p50_s")
     print(json.dumps(prefix_bench.compare(args.mode, results[True], results[False], keys)), flush=True)
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stack-n", type=int, default=None, help="edits for the stack run (default --n)")
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--chat-requests", type=int, default=64, help="--mode chat: requests sharing the prompt")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--mode session: rounds in which the cache settings take turns")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")

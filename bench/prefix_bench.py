@@ -3,14 +3,14 @@
 - `session`: an editing session: a few documents, many single-span edits each, `--concurrency` in flight
   (closed loop); each editor takes the current version of its document, and half of the finished edits are
   accepted, so the next edit of that document follows the previous one's result. Reports edits/s, p50/p99.
-- `chat`: `--chat-requests` chat requests sharing a ~1,000-token system prompt, all submitted at once:
+- `chat`: `--chat-requests` chat requests sharing a 1,000-token system prompt, all submitted at once:
   prefill tokens computed and time to first canvas.
 - `capacity`: at one KV byte budget, prompts of 50..3,000 tokens: how many requests are in flight at once
   with the paged cache, against the slots the previous design (one `max_context` slot per request) allowed.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --steps 8
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode capacity
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 
 Run through `bench/edit_bench.py` (which owns the model and document options); one JSON line per result.
 """
@@ -55,29 +55,48 @@ def _edit_request(engine: Any, document: str, rng: random.Random, number: int, s
     return EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases), plan
 
 
-def run_session(engine: Any, documents: list[str], edits: int, concurrency: int, steps: int | None,
-                seed: int) -> dict:
-    """Closed loop of `edits` edits; editor i works on document i % len(documents). Untimed warm-up first:
-    one edit of each document's last word (the editor opening the document), for both cache settings."""
-    rng, docs = random.Random(seed), list(documents)
-    for index, document in enumerate(docs):
-        request, _ = _edit_request(engine, document, rng, 1_000_000 + index, steps, seed, last_word=True)
-        engine.add_request(request, request_id=f"warm-{index}")
-    while engine.has_unfinished():
-        engine.step()
+def run_session(engines: dict[bool, Any], documents: list[str], edits: int, concurrency: int, steps: int | None,
+                seed: int, rounds: int = 3) -> dict[bool, dict]:
+    """Closed loops of `edits` edits per cache setting (`engines`: setting -> engine); editor i works on document
+    i % len(documents). The edits run in `rounds` rounds, the settings taking turns within each round (the
+    first setting alternates), so that load on a shared machine weighs on both alike; each setting keeps its
+    own documents and cache across rounds. Untimed warm-up first: one edit of each document's last word (the
+    editor opening the document)."""
+    totals: dict[bool, dict] = {}
+    docs = {caching: list(documents) for caching in engines}
+    for caching, engine in engines.items():
+        rng = random.Random(seed)
+        for index, document in enumerate(documents):
+            request, _ = _edit_request(engine, document, rng, 1_000_000 + index, steps, seed, last_word=True)
+            engine.add_request(request, request_id=f"warm-{index}")
+        while engine.has_unfinished():
+            engine.step()
+        totals[caching] = {"latencies": [], "wall": 0.0, "cached": 0, "prompt": 0, "encoder_tokens": 0}
+    per_round = -(-edits // rounds)
+    for number in range(rounds):
+        order = sorted(engines, reverse=number % 2 == 0)
+        first, count = number * per_round, min(per_round, edits - number * per_round)
+        for caching in order:
+            _closed_loop(engines[caching], docs[caching], first, count, concurrency, steps, seed, totals[caching])
+    return {caching: _session_summary(total) for caching, total in totals.items()}
+
+
+def _closed_loop(engine: Any, docs: list[str], first: int, count: int, concurrency: int, steps: int | None,
+                 seed: int, total: dict) -> None:
+    """Edits first..first+count-1, `concurrency` in flight; accumulates latencies and token counts in `total`."""
     in_flight: dict[str, tuple[float, Any, list, int]] = {}
-    latencies: list[float] = []
-    cached = prompt = encoder_tokens = submitted = 0
-    started = time.perf_counter()
-    while len(latencies) < edits:
-        while submitted < edits and len(in_flight) < concurrency:
+    submitted, done, started = first, 0, time.perf_counter()
+    while done < count:
+        while submitted < first + count and len(in_flight) < concurrency:
             doc_index = submitted % len(docs)
-            request, plan = _edit_request(engine, docs[doc_index], rng, submitted, steps, seed)
+            # Each edit's own random choices, so that both cache settings make the same choices for edit n.
+            request, plan = _edit_request(engine, docs[doc_index], random.Random(f"edit-{seed}-{submitted}"),
+                                          submitted, steps, seed)
             rid = engine.add_request(request, request_id=f"edit-{submitted}")
             in_flight[rid] = (time.perf_counter(), plan, [], doc_index)
             submitted += 1
         outputs = engine.step()
-        encoder_tokens += engine.last_step_stats.num_encoder_tokens
+        total["encoder_tokens"] += engine.last_step_stats.num_encoder_tokens
         for out in outputs:
             added_at, plan, committed, doc_index = in_flight[out.request_id]
             if out.kind == "canvas":
@@ -86,27 +105,44 @@ def run_session(engine: Any, documents: list[str], edits: int, concurrency: int,
                 if out.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.error}")
                 result = assemble_edit_result(plan, committed, engine.tokenizer)
-                if rng.random() < 0.5 and re.search(r"\w", result.document):  # accepted: the document moves on
+                accepted = random.Random(f"accept-{seed}-{out.request_id}").random() < 0.5
+                if accepted and re.search(r"\w", result.document):  # the document moves on
                     docs[doc_index] = result.document
-                latencies.append(time.perf_counter() - added_at)
-                cached += out.stats.cached_prompt_tokens
-                prompt += out.stats.prompt_tokens
+                total["latencies"].append(time.perf_counter() - added_at)
+                total["cached"] += out.stats.cached_prompt_tokens
+                total["prompt"] += out.stats.prompt_tokens
                 del in_flight[out.request_id]
-    wall = time.perf_counter() - started
-    return {"edits": len(latencies), "wall_s": round(wall, 2), "edits_per_s": round(len(latencies) / wall, 3),
+                done += 1
+    total["wall"] += time.perf_counter() - started
+
+
+def _session_summary(total: dict) -> dict:
+    latencies, n = total["latencies"], len(total["latencies"])
+    return {"edits": n, "wall_s": round(total["wall"], 2), "edits_per_s": round(n / total["wall"], 3),
             "p50_s": round(_percentile(latencies, 0.5), 3), "p99_s": round(_percentile(latencies, 0.99), 3),
-            "prompt_tokens_per_edit": round(prompt / len(latencies), 1),
-            "cached_prompt_tokens_per_edit": round(cached / len(latencies), 1),
-            "encoder_tokens_per_edit": round(encoder_tokens / len(latencies), 1)}
+            "prompt_tokens_per_edit": round(total["prompt"] / n, 1),
+            "cached_prompt_tokens_per_edit": round(total["cached"] / n, 1),
+            "encoder_tokens_per_edit": round(total["encoder_tokens"] / n, 1)}
+
+
+SYSTEM_PROMPT_TOKENS = 1000
+
+
+def _system_prompt(tokenizer: Any, tokens: int, seed: int) -> str:
+    """Words of a made-up policy until the text is `tokens` tokens long with this tokenizer."""
+    rng = random.Random(seed)
+    words = ["policy", "answer", "briefly", "cite", "sources", "never", "guess", "user", "tools", "format"]
+    text = ""
+    while len(tokenizer.encode(text)) < tokens:
+        text += rng.choice(words) + " "
+    return text
 
 
 def run_chat(engine: Any, requests: int, steps: int | None, seed: int) -> dict:
     """`requests` chats sharing one system prompt of about 1,000 tokens, all added at once."""
     from engine.types import EngineRequest, SamplingParams
 
-    rng = random.Random(seed)
-    words = ["policy", "answer", "briefly", "cite", "sources", "never", "guess", "user", "tools", "format"]
-    system = " ".join(rng.choice(words) for _ in range(400))
+    system = _system_prompt(engine.tokenizer, SYSTEM_PROMPT_TOKENS, seed)
     added: dict[str, float] = {}
     for number in range(requests):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": f"question {number}?"}]
@@ -114,7 +150,7 @@ def run_chat(engine: Any, requests: int, steps: int | None, seed: int) -> dict:
                                 max_denoising_steps=steps, fixed_steps=steps is not None)
         added[engine.add_request(EngineRequest(messages=messages, params=params))] = time.perf_counter()
     first_canvas: dict[str, float] = {}
-    encoder_tokens, prompt_tokens, started = 0, 0, time.perf_counter()
+    encoder_tokens, prompt_tokens, cached, started = 0, 0, 0, time.perf_counter()
     while engine.has_unfinished():
         outputs = engine.step()
         encoder_tokens += engine.last_step_stats.num_encoder_tokens
@@ -123,10 +159,12 @@ def run_chat(engine: Any, requests: int, steps: int | None, seed: int) -> dict:
                 first_canvas[out.request_id] = time.perf_counter() - added[out.request_id]
             if out.kind == "finished" and out.stats is not None:
                 prompt_tokens += out.stats.prompt_tokens
+                cached += out.stats.cached_prompt_tokens
     ttfc = list(first_canvas.values())
-    return {"requests": requests, "prompt_tokens": prompt_tokens, "prefill_tokens_computed": encoder_tokens,
-            "ttfc_p50_s": round(_percentile(ttfc, 0.5), 3), "ttfc_mean_s": round(statistics.fmean(ttfc), 3),
-            "wall_s": round(time.perf_counter() - started, 2)}
+    return {"requests": requests, "system_prompt_tokens": len(engine.tokenizer.encode(system)),
+            "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached, "prefill_tokens_computed": encoder_tokens,
+            "ttfc_p50_s": round(_percentile(ttfc, 0.5), 3), "ttfc_p99_s": round(_percentile(ttfc, 0.99), 3),
+            "ttfc_mean_s": round(statistics.fmean(ttfc), 3), "wall_s": round(time.perf_counter() - started, 2)}
 
 
 def slot_design_bytes(config: Any, max_context: int, dtype: Any) -> int:
@@ -153,7 +191,7 @@ def run_capacity(loaded: Any, slots: int, requests: int, max_context: int, seed:
     lengths = [rng.randint(50, 3000) for _ in range(requests)]
     for number, length in enumerate(lengths):
         ids = tuple(rng.randrange(3, loaded.config.vocab_size) for _ in range(length))
-        params = SamplingParams(seed=number, max_new_tokens=loaded.config.canvas_length, max_denoising_steps=10_000,
+        params = SamplingParams(seed=number, max_new_tokens=loaded.config.canvas_length, max_denoising_steps=4096,
                                 fixed_steps=True)  # nobody finishes: in flight is what admission allows
         engine.add_request(EngineRequest(prompt_token_ids=ids, params=params))
     # Admission depends only on the scheduler and the block manager: run their bookkeeping of each step

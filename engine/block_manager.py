@@ -8,6 +8,11 @@ encoder (prompt, infill leading text, committed canvases) are hashed. A request'
 allocated at admission (prompt + every canvas: it can never run out mid-canvas); its sliding-layer blocks
 are allocated per encode chunk and released once they fall out of the window. Released hashed blocks stay
 in the cache (evictable, LRU order) until a pool needs room; with prefix caching off they are freed at once.
+
+Requests arriving together: when a request is admitted, the hashes of the complete blocks of its known
+tokens that are not cached yet become *pending*, owned by that request until its encoder writes them (or it
+leaves the engine). A waiting request whose first uncached block is pending is *held back*
+(`waits_for_pending`): it hits those blocks a few steps later instead of encoding them a second time.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class RequestBlocks:
     sliding: dict[int, int] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
+    pending: set[bytes] = field(default_factory=set)  # hashes it announced and has not written yet
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ class BlockManager:
                       SLIDING_POOL: BlockPool(num_sliding_blocks, enable_prefix_caching)}
         self.root = hashlib.sha256(salt.encode()).digest()
         self.requests: dict[str, RequestBlocks] = {}
+        # Hash of a block an admitted request will write (known tokens, not cached at its admission) -> it.
+        self.pending: dict[bytes, str] = {}
         self.query_tokens = self.hit_tokens = 0
 
     def blocks_needed(self, total_positions: int) -> int:
@@ -133,12 +141,26 @@ class BlockManager:
         """First logical block a reader at `context_end` (next encode or a canvas) sees in sliding layers."""
         return max(0, (context_end - self.window + 1) // self.block_size)
 
-    def try_admit(self, request_id: str, known_tokens: Sequence[int], total_positions: int) -> int | None:
-        """Reserve a request's blocks, reusing the longest cached prefix of `known_tokens` (whole blocks).
-        Returns the number of cached tokens (a multiple of the block size), or None when the pool cannot
-        hold the request now (nothing changes then)."""
+    def prefix_hashes(self, tokens: Sequence[int]) -> list[bytes]:
+        """The chained hashes of the complete blocks of `tokens` (none with prefix caching off). A waiting
+        request's known tokens do not change, so callers compute this once and pass it back in."""
+        return self._chain(tokens) if self.caching else []
+
+    def waits_for_pending(self, hashes: list[bytes]) -> bool:
+        """Whether a request with these prefix hashes should stay waiting: its first block that is not
+        reusable now is being written by an admitted request, so it can hit it once written."""
+        hit = self._longest_hit(hashes)
+        return hit < len(hashes) and hashes[hit] in self.pending
+
+    def try_admit(self, request_id: str, known_tokens: Sequence[int], total_positions: int,
+                  hashes: list[bytes] | None = None) -> int | None:
+        """Reserve a request's blocks, reusing the longest cached prefix of `known_tokens` (whole blocks;
+        `hashes`: their `prefix_hashes`, computed here if not given). Returns the number of cached tokens
+        (a multiple of the block size), or None when the pool cannot hold the request now (nothing changes
+        then). The uncached complete blocks nobody else is writing become pending, owned by this request."""
         full = self.pools[FULL_POOL]
-        hashes = self._chain(known_tokens) if self.caching else []
+        if hashes is None:
+            hashes = self.prefix_hashes(known_tokens)
         hit = self._longest_hit(hashes)
         cached_full = [full.cached[h] for h in hashes[:hit]]
         fresh = self.blocks_needed(total_positions) - hit
@@ -153,6 +175,10 @@ class BlockManager:
             block = sliding.cached[hashes[logical]]
             sliding.acquire(block)
             state.sliding[logical] = block
+        for block_hash in hashes[hit:]:
+            if block_hash not in self.pending and full.lookup(block_hash) is None:
+                self.pending[block_hash] = request_id
+                state.pending.add(block_hash)
         self.requests[request_id] = state
         if self.caching:
             self.query_tokens += len(known_tokens)
@@ -181,6 +207,9 @@ class BlockManager:
             parent = state.hashes[-1] if state.hashes else self.root
             block_hash = _hash_block(parent, state.tokens[logical * bs:(logical + 1) * bs])
             state.hashes.append(block_hash)
+            if block_hash in state.pending:  # written now: followers held back for it may hit it
+                state.pending.discard(block_hash)
+                del self.pending[block_hash]
             self.pools[FULL_POOL].register(state.full[logical], block_hash)
             if logical in state.sliding:
                 self.pools[SLIDING_POOL].register(state.sliding[logical], block_hash)
@@ -194,6 +223,8 @@ class BlockManager:
         state = self.requests.pop(request_id, None)
         if state is None:
             return
+        for block_hash in state.pending:  # never written (cancelled, failed): held requests re-query
+            del self.pending[block_hash]
         for logical in sorted(state.sliding, reverse=True):
             self.pools[SLIDING_POOL].release(state.sliding[logical])
         for block in reversed(state.full):

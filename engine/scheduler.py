@@ -11,8 +11,12 @@ in the one encoder forward: rows x the widest row, see `Scheduler._encode_width`
 the KV blocks (`engine/block_manager.py`): a request is admitted only when the full-layer pool can hold every
 position it will ever write (free blocks plus cached blocks eviction can take), after reusing its longest
 cached prefix, so it never runs out of blocks mid-canvas. Admission is FIFO: a request that does not fit
-waits, and so do the ones behind it. A request whose encoding completes in a step also denoises its first
-canvas step in that same step, so a commit and the next canvas share one engine step; a request whose
+waits, and so do the ones behind it. The one exception: a request whose next uncached prefix block is being
+written by a running request's prefill is *held back* (skipped, still waiting, holding nothing) until that
+block is written, so requests arriving together with a shared prompt encode it once; it re-queries every
+step, so a writer that is cancelled or fails (its pending blocks are dropped) releases it at once.
+A request whose encoding completes in a step also denoises its first canvas step in that same step, so a
+commit and the next canvas share one engine step; a request whose
 whole prompt is cached starts denoising in the step that admits it. Requests added while others are
 mid-canvas are admitted at the next `schedule()`.
 """
@@ -56,6 +60,7 @@ class SequenceState:
     admitted_at: float | None = None
     first_canvas_at: float | None = None
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix_hashes: list[bytes] | None = None  # block hashes of the known tokens, computed once while waiting
 
     def __post_init__(self) -> None:
         leading = self.infill[0].leading_token_ids if self.infill else ()
@@ -154,21 +159,33 @@ class Scheduler:
         for seq in encoding[:max_rows]:
             self._take_encode_chunk(seq, width, encodes)
         admitted: list[str] = []
-        while self.waiting and len(encodes) < max_rows and len(self.running) < self.max_running and self.free_slots:
-            if not self._admit(self.waiting[0], now):
-                break  # FIFO: the head waits for blocks, and so does everyone behind it
-            seq = self.waiting.popleft()
+        for seq in list(self.waiting):
+            if not (len(encodes) < max_rows and len(self.running) < self.max_running and self.free_slots):
+                break
+            if self._held_back(seq):
+                continue  # its shared prefix is being written: it hits it a step later instead of recomputing it
+            if not self._admit(seq, now):
+                break  # FIFO: the first request that does not fit waits for blocks, and so does everyone behind it
+            self.waiting.remove(seq)
             admitted.append(seq.request_id)
             if seq.pending_encode:
                 self._take_encode_chunk(seq, width, encodes)
         denoises = [self._next_denoise_step(seq) for seq in self.running if seq.phase is Phase.DENOISING]
         return StepPlan(encodes=tuple(encodes), denoises=tuple(denoises), admitted=tuple(admitted))
 
+    def _held_back(self, seq: SequenceState) -> bool:
+        """Whether a waiting request's next uncached prefix block is pending (a running request writes it)."""
+        if seq.prefix_hashes is None:  # its known tokens do not change while it waits
+            seq.prefix_hashes = self.kv.prefix_hashes(seq.pending_encode)
+        return self.kv.waits_for_pending(seq.prefix_hashes)
+
     def _admit(self, seq: SequenceState, now: float) -> bool:
         """Reserve the request's KV blocks (reusing its cached prefix) and a canvas-state row."""
-        cached = self.kv.try_admit(seq.request_id, seq.pending_encode, seq.total_positions(self.canvas_length))
+        cached = self.kv.try_admit(seq.request_id, seq.pending_encode, seq.total_positions(self.canvas_length),
+                                   hashes=seq.prefix_hashes)
         if cached is None:
             return False
+        seq.prefix_hashes = None
         seq.slot = self.free_slots.popleft()
         seq.phase = Phase.ENCODING
         seq.admitted_at = now

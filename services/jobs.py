@@ -14,6 +14,8 @@ Keys (one Redis database per deployment):
 - `dgserve:idem:{owner}:{sha256(key)}` → `"{job_id}|{body_hash}"`.
 - `dgserve:workers` sorted set (score = last heartbeat) and `dgserve:worker_info` hash.
 - `dgserve:rate:{owner}:{minute}` counters of the optional per-key submission rate limit.
+- `dgserve:fair:{queue}:{lane}:*` per-key lanes of queued jobs, `dgserve:active:{owner}` (a key's unfinished
+  jobs) and `dgserve:tpm:{owner}:{minute}` (its tokens this minute): services/fair_scripts.py.
 - `dgserve:replication_fence` counter: the write each WAIT for replicas waits behind (services.replication).
 
 Status changes are compare-and-set Lua scripts (`services.job_scripts`): queued → running →
@@ -29,13 +31,15 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
 
-from services import job_scripts
+from services import fair_scripts, job_scripts
 from services.job_record import JobRecord, decode_record
+from services.key_limits import parse_key_limits
 from services.redis_options import sync_redis_client
 from services.replication import confirm_replicated
 from services.schemas import EditJobCreate, GenerateJobCreate
@@ -44,6 +48,7 @@ from services.settings import Settings
 WORKERS_KEY = "dgserve:workers"
 _JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
 WORKER_INFO_KEY = "dgserve:worker_info"
+START_NEXT_MAX_POPS = 100  # lane entries one START_NEXT call may pop (skipping finished jobs) before it answers
 LIVENESS_BEATS = 3  # a worker record counts as alive for this many of its beat intervals (worker/heartbeat.py)
 StartOutcome = Literal[
     "started", "restarted", "not_found", "already_finished", "running_elsewhere", "expired", "attempts_exhausted"
@@ -60,6 +65,15 @@ class IdempotencyConflict(ValueError):
 
 class QueueFull(RuntimeError):
     """The model queue is at its admission limit; retry later."""
+
+
+class KeyLimitExceeded(RuntimeError):
+    """The API key is at one of its own limits (`limit`: `max_queued_jobs` or `tokens_per_minute`); nothing
+    was created. `retry_after` is None when the store cannot know (a queued job must finish first)."""
+
+    def __init__(self, limit: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.limit, self.retry_after = limit, retry_after
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,7 @@ class JobStore:
         self._release = redis_client.register_script(job_scripts.RELEASE)
         self._append_event = redis_client.register_script(job_scripts.APPEND_EVENT)
         self._request_cancel = redis_client.register_script(job_scripts.REQUEST_CANCEL)
+        self._start_next = redis_client.register_script(job_scripts.START_NEXT)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -138,6 +153,10 @@ class JobStore:
     def _keys(self, job_id: str) -> list[str]:
         return [self.job_key(job_id), self.events_key(job_id), self.queued_key]
 
+    def lane_prefix(self, batch: bool = False) -> str:
+        """Key prefix of this queue's interactive or batch lane (services/fair_scripts.py)."""
+        return fair_scripts.lane_prefix(self.settings.queue_name, "batch" if batch else "interactive")
+
     def _status_keys(self, job_id: str) -> list[str]:
         """KEYS of the status-changing scripts: job, events, queued set, running set."""
         return [*self._keys(job_id), self.running_key]
@@ -145,13 +164,15 @@ class JobStore:
     # ---- API side --------------------------------------------------------------------------------
     def create(self, request: GenerateJobCreate | EditJobCreate, owner: str = "",
                idempotency_key: str | None = None, batch_id: str | None = None,
-               deadline_seconds: float | None = None) -> CreateOutcome:
+               deadline_seconds: float | None = None, token_cost: int = 0) -> CreateOutcome:
         """Store a new queued job, or return the earlier job of the same Idempotency-Key and body.
 
-        Raises `IdempotencyConflict` (same key, different body) or `QueueFull` (admission limit).
-        Nothing is created in either case. A batch line (`batch_id`) was admitted with its batch: it skips
-        the queued-jobs limit and stays out of the queued set (interactive queue depth), and runs under
-        `deadline_seconds` (the batch's completion window) instead of `job_deadline_seconds`.
+        Raises `IdempotencyConflict` (same key, different body), `QueueFull` (admission limit) or
+        `KeyLimitExceeded` (the owner's `key_limits`: unfinished jobs, or `token_cost` more tokens this minute).
+        Nothing is created in any case. A batch line (`batch_id`) was admitted with its batch: it skips
+        the queued-jobs and per-key limits and stays out of the queued set (interactive queue depth), and runs
+        under `deadline_seconds` (the batch's completion window) instead of `job_deadline_seconds`. The job
+        joins its owner's list in the interactive or batch lane, from which workers pick fairly (`start_next`).
         """
         settings, now = self.settings, time.time()
         deadline = settings.job_deadline_seconds if deadline_seconds is None else deadline_seconds
@@ -170,20 +191,34 @@ class JobStore:
         }
         if batch_id is not None:
             fields["batch_id"] = batch_id
+        limits = parse_key_limits(settings.key_limits).for_owner(owner)
+        owner_tag, minute = fair_scripts.owner_tag(owner), int(now) // 60
+        lane = self.lane_prefix(batch=batch_id is not None)
         args: list[Any] = [job_id, repr(now), record_ttl, repr(now - settings.job_deadline_seconds),
                            0 if batch_id is not None else settings.max_queued_jobs, f"{job_id}|{body_hash}",
-                           settings.events_max_len, json.dumps({"status": "queued"})]
+                           settings.events_max_len, json.dumps({"status": "queued"}), owner_tag,
+                           limits.max_queued_jobs or 0, limits.tokens_per_minute or 0, token_cost,
+                           repr(now + deadline)]
         for name, value in fields.items():
             args += [name, value]
-        outcome, existing = self._create(keys=[*self._keys(job_id), idem_key], args=args)
+        keys = [*self._keys(job_id), idem_key, fair_scripts.active_key(owner), f"dgserve:tpm:{owner_tag}:{minute}",
+                f"{lane}key:{owner_tag}", f"{lane}ring", f"{lane}turn"]
+        outcome, existing = self._create(keys=keys, args=args)
         if outcome == "conflict":
             raise IdempotencyConflict(existing)
         if outcome == "full":
             raise QueueFull(f"queue {settings.queue_name} holds {settings.max_queued_jobs} jobs")
+        if outcome == "key_queued":
+            raise KeyLimitExceeded("max_queued_jobs", f"this key has {limits.max_queued_jobs} unfinished jobs "
+                                   f"(its max_queued_jobs limit, key_limits queued:N)")
+        if outcome == "key_tpm":
+            raise KeyLimitExceeded("tokens_per_minute", f"this key submitted {existing} tokens this minute; "
+                                   f"{token_cost} more would pass its limit of {limits.tokens_per_minute} "
+                                   f"(key_limits tpm:N)", retry_after=60 - int(now) % 60)
         if outcome == "replay" and not self.redis.exists(self.job_key(existing)):
             # The earlier job's record expired before its idempotency key: the key is free again.
             self.redis.delete(idem_key)
-            return self.create(request, owner, idempotency_key)
+            return self.create(request, owner, idempotency_key, batch_id, deadline_seconds, token_cost)
         if outcome == "created":
             return CreateOutcome(job_id=job_id, created=True, record=decode_record(job_id, fields, request))
         return CreateOutcome(job_id=existing, created=False)
@@ -248,6 +283,29 @@ class JobStore:
         job = decode_record(job_id, raw) if raw else None
         return StartDecision(outcome=outcome, attempts=int(attempts), job=job)
 
+    def start_next(self, worker_id: str, batch: bool = False, exclude: Iterable[str] = ()) -> StartDecision | None:
+        """Start the next queued job of this queue, taking API keys in turn (the fair pick): from the lane of
+        the message's class first (`batch`: the batch lane), then the other lane. None when neither holds a
+        startable job. Atomic like `try_start` (a job is started once, under a lease of `worker_id`); jobs
+        past their deadline or out of attempts met on the way are finished as `try_start` would. Jobs in
+        `exclude` (the caller's attempts still in flight: requeued while it looked dead) are left queued."""
+        now = time.time()
+        lanes = [self.lane_prefix(batch), self.lane_prefix(not batch)]
+        keys = [self.queued_key, self.running_key]
+        for lane in lanes:
+            keys += [f"{lane}ring", f"{lane}turn"]
+        args: list[Any] = [repr(now), worker_id, self.settings.max_attempts,
+                           repr(now + self.settings.job_lease_seconds), self.settings.result_ttl_seconds,
+                           self.settings.events_max_len, START_NEXT_MAX_POPS, json.dumps(sorted(exclude)), *lanes]
+        while True:  # each 'busy' answer skipped START_NEXT_MAX_POPS dead entries, so this ends
+            reply = self._start_next(keys=keys, args=args)
+            if reply[0] == "started":
+                _, job_id, attempts, flat = reply
+                raw = dict(zip(flat[::2], flat[1::2], strict=True))
+                return StartDecision(outcome="started", attempts=int(attempts), job=decode_record(job_id, raw))
+            if reply[0] == "empty":
+                return None
+
     def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> str | None:
         """Append `{type, data}` to the job's stream; returns the entry id (None if the job is gone)."""
         return self._append_event_script(job_id, type, data)
@@ -296,7 +354,7 @@ class JobStore:
         for job_id in lapsed:
             outcome = self._reclaim(keys=self._status_keys(job_id), args=[
                 job_id, repr(now), self.settings.max_attempts, self.settings.result_ttl_seconds,
-                self.settings.events_max_len, "lease_expired"])
+                self.settings.events_max_len, "lease_expired", self.lane_prefix()])
             if outcome == "requeued":
                 requeued.append(job_id)
         return requeued
@@ -305,7 +363,8 @@ class JobStore:
         """running → queued at once, only while `worker_id` holds the job (the holder hands it back, e.g. at
         shutdown); emits `requeued`. The attempt stays counted. False when refused."""
         return bool(self._release(keys=self._status_keys(job_id),
-                                  args=[job_id, worker_id, self.settings.events_max_len, reason]))
+                                  args=[job_id, worker_id, self.settings.events_max_len, reason,
+                                        self.lane_prefix()]))
 
     def succeed(self, job_id: str, result: dict[str, Any]) -> bool:
         """running → succeeded with `result`; emits `done`. False if the job was not running."""

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # Request latency of a job API is mostly Redis round trips: sub-millisecond to a few seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REJECTION_REASONS = ("invalid", "too_large", "prompt_too_long", "queue_full", "rate_limited",
-                     "idempotency_conflict", "enqueue_failed", "not_replicated")
+                     "idempotency_conflict", "enqueue_failed", "not_replicated", "key_limit")
 
 
 class ApiMetrics:

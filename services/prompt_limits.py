@@ -123,8 +123,10 @@ class RequestLimits:
                 return limits
         return self._checkpoint_limits
 
-    def check(self, request: GenerateJobCreate | EditJobCreate) -> None:
-        """Raise `LimitExceeded` for the first limit the request breaks."""
+    def check(self, request: GenerateJobCreate | EditJobCreate) -> int:
+        """Raise `LimitExceeded` for the first limit the request breaks; else return the request's token
+        cost for the per-key tokens-per-minute limit (services/key_limits.py): its prompt tokens plus the
+        generation budget it asks for."""
         limit = self.settings.max_new_tokens_limit
         if request.max_new_tokens is not None and request.max_new_tokens > limit:
             raise LimitExceeded("max_new_tokens", f"{request.max_new_tokens} is above this server's limit of "
@@ -134,10 +136,11 @@ class RequestLimits:
             sampling = None if model is None else resolve_sampling(request.sampling_params(), model.sampling_defaults)
         except RequestFieldError as exc:
             raise LimitExceeded(exc.field, exc.message) from exc
+        budget = int(sampling["max_new_tokens"]) if sampling is not None else (request.max_new_tokens or 0)
         if isinstance(request, GenerateJobCreate):
-            self._check_prompt(request, model, sampling)
-        else:
-            self._check_edit(request, model, sampling)
+            return self._check_prompt(request, model, sampling) + budget
+        prompt_tokens = self._check_edit(request, model, sampling)
+        return prompt_tokens + sum(edit.max_tokens or budget for edit in request.edits)
 
     def _too_long(self, field: str, what: str, count: int) -> LimitExceeded:
         return LimitExceeded(field, f"{what} is {count} tokens with the model's tokenizer; this server accepts "
@@ -145,7 +148,7 @@ class RequestLimits:
                              reason="prompt_too_long")
 
     def _check_prompt(self, request: GenerateJobCreate, model: ModelLimits | None,
-                      sampling: dict[str, Any] | None) -> None:
+                      sampling: dict[str, Any] | None) -> int:
         if request.prompt_token_ids is not None:
             field, count = "prompt_token_ids", self._check_token_ids(request.prompt_token_ids)
         else:
@@ -155,6 +158,7 @@ class RequestLimits:
                 check_generate_positions(count, sampling["max_new_tokens"], model, prompt_field=field)
             except RequestFieldError as exc:
                 raise LimitExceeded(exc.field, exc.message, reason="prompt_too_long") from exc
+        return count
 
     def _count_prompt(self, request: GenerateJobCreate) -> tuple[str, int]:
         field = "prompt" if request.prompt is not None else "messages"
@@ -178,7 +182,7 @@ class RequestLimits:
         return len(ids)
 
     def _check_edit(self, request: EditJobCreate, model: ModelLimits | None,
-                    sampling: dict[str, Any] | None) -> None:
+                    sampling: dict[str, Any] | None) -> int:
         max_chars = self.settings.max_document_chars
         if len(request.document) > max_chars:
             raise LimitExceeded("document", f"{len(request.document)} characters is above this server's limit of "
@@ -194,6 +198,7 @@ class RequestLimits:
             raise self._too_long("document", "the document with its instructions", count)
         if model is not None and sampling is not None:
             self._check_edit_plan(request, model, sampling["max_new_tokens"])
+        return count
 
     def _check_edit_plan(self, request: EditJobCreate, model: ModelLimits, insertion_tokens: int) -> None:
         """Plan the edit exactly as the worker will (`dgtext.edits.plan_edits`) and check what it needs."""

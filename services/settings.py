@@ -66,7 +66,9 @@ def parse_host_port(entry: str) -> tuple[str, int]:
 class Settings(BaseSettings):
     """Service configuration. Limits are enforced by the API before anything is enqueued."""
 
-    model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a bad setting's error names the field but never echoes its value (DGSERVE_API_KEYS,
+    # DGSERVE_KEY_LIMITS and the Redis passwords hold secrets, and startup errors end up in logs).
+    model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="job store and Celery broker")
     model: str = Field(default_factory=default_model, description="checkpoint folder or Hugging Face repo id")
@@ -84,6 +86,10 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(default=5, ge=1, le=3600, description="Retry-After sent with a 429")
     max_jobs_per_minute_per_key: int = Field(default=0, ge=0, description=(
         "submissions one API key (or all anonymous callers together) may make per minute; 0 = unlimited"))
+    key_limits: str = Field(default="", description=(
+        "per-key limits, e.g. `*=queued:200,tpm:400000; <key or sha256:hex>=queued:20`: unfinished "
+        "interactive jobs per key and tokens (prompt + requested max_new_tokens) per minute; over one → 429 "
+        "(format: services/key_limits.py, docs/operations.md). Empty = no per-key limits"))
     result_ttl_seconds: int = Field(default=86_400, ge=10, description="how long a finished job stays readable")
     job_deadline_seconds: int = Field(default=600, ge=1, description=(
         "a job not finished this long after its creation ends as expired"))
@@ -172,6 +178,14 @@ class Settings(BaseSettings):
             else:
                 hashes.add(hash_api_key(entry))
         return frozenset(hashes)
+
+    @field_validator("key_limits")
+    @classmethod
+    def _check_key_limits(cls, value: str) -> str:
+        from services.key_limits import parse_key_limits  # services.key_limits imports this module
+
+        parse_key_limits(value)  # a bad entry fails at startup, naming it
+        return value
 
     @model_validator(mode="after")
     def _derive_queue_name(self) -> Settings:

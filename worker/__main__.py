@@ -1,4 +1,4 @@
-"""`python -m worker [--gpu N | --cpu] [--model M] [--concurrency K] [--metrics-port P] [--loglevel L]`
+"""`python -m worker [--gpu N | --cpu] [--engine model|simulated] [--model M] [--concurrency K] [--metrics-port P] [--loglevel L]`
 
 One worker process per GPU. CUDA is not fork-safe and a process sees the cards it was started with, so the
 card is chosen here, in CUDA_VISIBLE_DEVICES, before anything imports torch; then this process *becomes*
@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpu", type=int, metavar="N", help="physical GPU index this worker owns")
     device.add_argument("--cpu", action="store_true", help="run the engine on the CPU (development, tests)")
+    parser.add_argument("--engine", choices=("model", "simulated"), help=(
+        "simulated: no model, steps sleep a batch-time model (control-plane load tests; default: "
+        "DGSERVE_WORKER_ENGINE or model)"))
     parser.add_argument("--model", help="checkpoint folder or Hugging Face repo id (default: DGSERVE_MODEL)")
     parser.add_argument("--concurrency", type=int, metavar="K",
                         help="jobs held at once = canvases in flight (default: DGSERVE_WORKER_CONCURRENCY)")
@@ -45,6 +48,8 @@ def worker_environment(args: argparse.Namespace, base: dict[str, str]) -> dict[s
         env["DGSERVE_WORKER_DEVICE"] = "cpu"
     if args.model:
         env["DGSERVE_MODEL"] = args.model
+    if args.engine:
+        env["DGSERVE_WORKER_ENGINE"] = args.engine
     if args.concurrency is not None:
         env["DGSERVE_WORKER_CONCURRENCY"] = str(args.concurrency)
     if args.metrics_port is not None:

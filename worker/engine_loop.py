@@ -103,6 +103,11 @@ class EngineLoop:
         """True while the job is admitted here (a dict membership test: safe from other threads)."""
         return job_id in self._in_flight
 
+    def in_flight_ids(self) -> list[str]:
+        """The ids of the jobs admitted here (`list(dict)` copies the keys without running Python code, so it is
+        safe from other threads under the GIL)."""
+        return list(self._in_flight)
+
     def progress_of(self, job_id: str) -> tuple[int, int]:
         """(canvas, step) last reported for a job in flight; (0, 0) before its first output."""
         ticket = self._in_flight.get(job_id)

@@ -3,7 +3,7 @@
 Record format (the `info` of `JobStore.heartbeat(worker_id, info)`; the registry scores it with the time it
 was written), the contract with `services.jobs.JobStore.live_workers`:
 
-    {"queue", "model", "gpu", "pid", "limits": the engine's request limits (what the API checks submissions
+    {"queue", "model", "gpu", "pid", "engine": "model" or "simulated" (worker.simulated_engine), "limits": the engine's request limits (what the API checks submissions
      against, `dgtext.request_rules.ModelLimits`), "load": the worker's live load (`WorkerMetrics.load_snapshot`,
      shown by /readyz as `worker_load`), "beat_interval_s": how often this worker writes the record,
      "redis_run_id": the Redis server's `run_id` (INFO server) when the record was written: the store adds it}

@@ -7,6 +7,7 @@ model would only cost time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from dgtext.edits import EditTokenizer
@@ -45,6 +46,8 @@ class JobStoreLike(Protocol):
     """The job-store calls a worker makes (`services.jobs.JobStore`; contracts in its docstrings)."""
 
     def try_start(self, job_id: str, worker_id: str) -> StartDecision: ...
+
+    def start_next(self, worker_id: str, batch: bool = ..., exclude: Iterable[str] = ...) -> StartDecision | None: ...
 
     def append_event_with_progress(self, job_id: str, type: str, data: dict[str, Any], canvas: int,
                                    step: int, worker_id: str | None = None) -> bool: ...

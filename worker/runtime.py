@@ -21,10 +21,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.engine import Engine
-from services.jobs import JobStore, StartDecision
+from services.jobs import JobStore
 from worker.device import gpu_label, resolve_device, resolve_dtype, sample_memory
 from worker.engine_loop import Cancel, EngineLoop, LeaseLost, Shutdown
 from worker.heartbeat import Heartbeat
@@ -33,12 +33,15 @@ from worker.leases import LeaseKeeper, reap_and_resend
 from worker.liveness import LivenessFile
 from worker.metrics import MetricLabels, WorkerMetrics
 from worker.outage import STORE_UNREACHABLE, StoreOutage
+from worker.protocols import EngineLike
 from worker.requests import ModelInfo, prepare_job
 from worker.settings import WorkerSettings
+from worker.simulated_engine import BatchTimeModel, SimulatedEngine
 from worker.store_writer import StoreWriter
 from worker.tickets import JobOutcome, JobTicket
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 START_OUTAGE_WAIT_S = 60.0  # a job's start waits this long for an unreachable store before the task retries
 
 
@@ -72,7 +75,7 @@ class WorkerRuntime:
         interval_s = settings.worker_heartbeat_interval_seconds
         self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=interval_s, info={
             "queue": settings.queue_name, "model": settings.model_name, "gpu": self.metrics.labels.gpu,
-            "pid": os.getpid(),
+            "pid": os.getpid(), "engine": settings.worker_engine,
             "limits": self.engine.request_limits.to_json_dict()},  # what the API checks submissions against
             live_info=lambda: {"load": self.metrics.load_snapshot()})  # /readyz's worker_load, read at each beat
         self.leases = LeaseKeeper(
@@ -111,19 +114,29 @@ class WorkerRuntime:
             self._metrics_server.shutdown()
 
     # -- the task body ---------------------------------------------------------------------------------
-    def run_job(self, job_id: str) -> str:
+    def run_job(self, job_id: str, batch: bool = False) -> str:
         """Run one job to its terminal state; returns the outcome, raises HandBack / RetryLater.
 
+        The message is a turn, not a claim on `job_id`: it runs the job the store's fair pick gives
+        (`start_next`: API keys in turn, the message's class first; docs/architecture.md, "Tenant fairness"),
+        which may be `job_id` or another key's. Only when no job is waiting in the lanes does it try `job_id`
+        itself (a redelivery of a running or finished job, a job published outside the lanes).
         Never raises for a user's bad input: that fails the job with the validation message.
         """
-        if self.loop.is_in_flight(job_id):
-            # A second message for a job running here: kombu restored our own unacked message (after a broker
-            # reconnect, or a visibility timeout shorter than this run). Do not start the job a second time,
-            # but keep a message alive in case this worker dies.
-            raise RetryLater(float(self.settings.job_lease_seconds))
+        # Jobs still in flight here are not picked again: one requeued while this worker looked dead must
+        # first lose its lease here (at the next renewal), as for a redelivery of its own message below.
+        decision = self._store_call(lambda: self.store.start_next(self.worker_id, batch=batch,
+                                                                  exclude=self.loop.in_flight_ids()))
+        if decision is None:
+            if self.loop.is_in_flight(job_id):
+                # A second message for a job running here: kombu restored our own unacked message (after a
+                # broker reconnect, or a visibility timeout shorter than this run). Do not start the job a
+                # second time, but keep a message alive in case this worker dies.
+                raise RetryLater(float(self.settings.job_lease_seconds))
+            decision = self._store_call(lambda: self.store.try_start(job_id, self.worker_id))
+        job = decision.job
+        job_id = job.id if job is not None else job_id
         try:
-            decision = self._try_start(job_id)
-            job = decision.job
             prepared = prepare_job(job.request, self.model_info) if decision.should_run and job else None
         except ValueError as err:  # a stored payload this worker cannot read or run (pydantic errors included)
             self.store.fail(job_id, "invalid_request", f"the job's request cannot be run: {err}")
@@ -151,14 +164,15 @@ class WorkerRuntime:
             raise RetryLater(float(self.settings.job_lease_seconds))
         return outcome.value
 
-    def _try_start(self, job_id: str) -> StartDecision:
-        """`store.try_start`, waiting out a store outage of up to `START_OUTAGE_WAIT_S` (the message was
-        delivered just before Redis went away); past that the outage error propagates and the task retries."""
+    def _store_call(self, start: Callable[[], T]) -> T:
+        """`start()` (a store call that starts a job), waiting out a store outage of up to
+        `START_OUTAGE_WAIT_S` (the message was delivered just before Redis went away); past that the outage
+        error propagates and the task retries."""
         deadline = time.monotonic() + START_OUTAGE_WAIT_S
         delay = 0.1
         while True:
             try:
-                decision = self.store.try_start(job_id, self.worker_id)
+                decision = start()
             except STORE_UNREACHABLE as err:
                 self.outage.failed(err)
                 if time.monotonic() + delay > deadline:
@@ -182,8 +196,11 @@ class WorkerRuntime:
         sample_memory(self.metrics, self.device)
         self.heartbeat.beat()
 
-def load_engine(settings: WorkerSettings, device: Any) -> Engine:
-    """The engine on this worker's device, sized so one decoder forward holds every job Celery hands us."""
+def load_engine(settings: WorkerSettings, device: Any) -> Any:
+    """The engine on this worker's device, sized so one decoder forward holds every job Celery hands us
+    (`worker_engine=simulated`: the simulated engine, see `load_simulated_engine`)."""
+    if settings.worker_engine == "simulated":
+        return load_simulated_engine(settings, device)
     engine_options: dict[str, Any] = {
         "max_canvases_in_flight": settings.worker_concurrency,
         "max_tokens_per_forward": settings.worker_max_tokens_per_forward,
@@ -195,7 +212,21 @@ def load_engine(settings: WorkerSettings, device: Any) -> Engine:
                                   dtype=resolve_dtype(settings.worker_dtype, device), **engine_options)
 
 
-def model_info_of(engine: Engine) -> ModelInfo:
+def load_simulated_engine(settings: WorkerSettings, device: Any) -> EngineLike:
+    """`worker.simulated_engine.SimulatedEngine` with the checkpoint's tokenizer and limits and as many batch rows
+    as Celery threads. A GPU worker is a production worker: there it needs `worker_allow_simulated_engine` as
+    well, so that a stray setting cannot answer real users with placeholder text."""
+    if getattr(device, "type", str(device)) == "cuda" and not settings.worker_allow_simulated_engine:
+        raise ValueError("worker_engine: 'simulated' writes placeholder text and is refused on a GPU worker; set "
+                         "DGSERVE_WORKER_ALLOW_SIMULATED_ENGINE=1 as well to run it there on purpose")
+    batch_time = BatchTimeModel.parse(settings.worker_simulated_step_ms, settings.worker_simulated_step_scale)
+    logger.warning("SIMULATED ENGINE: no model runs in this worker; jobs get placeholder text after %s",
+                   settings.worker_simulated_step_ms)
+    return SimulatedEngine.from_checkpoint(settings.model, max_batch=settings.worker_concurrency,
+                                           max_context=settings.worker_max_context, batch_time=batch_time)
+
+
+def model_info_of(engine: Any) -> ModelInfo:
     return ModelInfo(tokenizer=engine.tokenizer, canvas_length=engine.config.canvas_length,
                      default_max_new_tokens=engine.generation_defaults.max_new_tokens)
 

@@ -42,6 +42,17 @@ class WorkerSettings(Settings):
         "live workers requeue the jobs. Keep it above the longest step (first-step torch.compile included)"))
     worker_cancel_poll_seconds: float = Field(default=0.25, gt=0, le=10, description=(
         "how often cancel flags of running jobs are read"))
+    worker_engine: Literal["model", "simulated"] = Field(default="model", description=(
+        "model: the real engine on the checkpoint's weights. simulated: worker.simulated_engine, which sleeps a "
+        "batch-time model instead of computing and writes placeholder text (load tests of the control plane "
+        "only, bench/load_sim.py); refused on a GPU unless worker_allow_simulated_engine is also set"))
+    worker_allow_simulated_engine: bool = Field(default=False, description=(
+        "let a worker on a GPU (a production card) run the simulated engine; CPU workers need no permission"))
+    worker_simulated_step_ms: str = Field(default="1:9.16,4:12.49,16:35.58", description=(
+        "the simulated engine's step time, 'batch:milliseconds,...' (interpolated, extended linearly past the "
+        "largest batch); default: the tiny preset's measured CPU step, docs/benchmarks.md (issue 2 table)"))
+    worker_simulated_step_scale: float = Field(default=1.0, gt=0, le=1000, description=(
+        "multiplies every simulated step time (e.g. 0.1 for a card ten times faster than the table)"))
     broker_restore_interval_seconds: int = Field(default=10, ge=1, le=3600, description=(
         "how often the worker sweeps for messages whose visibility timeout passed"))
 

@@ -20,7 +20,7 @@ import redis
 from celery import signals
 from celery.exceptions import Reject
 
-from services.job_messages import publish_job
+from services.job_messages import batch_queue_name, publish_job
 from worker.celery_app import TASK_NAME, app, settings
 from worker.runtime import HandBack, RetryLater, begin_shutdown, get_runtime, start_runtime, stop_runtime
 
@@ -30,9 +30,11 @@ REDIS_RETRY_SECONDS = 2.0
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def run_job(self: Any, job_id: str) -> str:
-    """Run the job `job_id` through the engine; returns how it ended."""
+    """Run the next job of this message's class (the fair pick, `job_id` when nobody else waits) through the
+    engine; returns how it ended."""
+    routing_key = (self.request.delivery_info or {}).get("routing_key") or ""
     try:
-        return get_runtime().run_job(job_id)
+        return get_runtime().run_job(job_id, batch=routing_key == batch_queue_name(settings.queue_name))
     except HandBack as err:
         logger.info("%s", err)
         raise Reject(str(err), requeue=True) from err

@@ -38,7 +38,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     409: "the job already finished (cancel) or was cancelled (OpenAI routes)",
     413: "the body is over the server's max_body_bytes",
     422: "invalid request: `error.field` names the offending field",
-    429: "the model queue is full (`queue_full`) or the key is past its rate (`rate_limited`)",
+    429: "the model queue is full (`queue_full`), the key is past its rate (`rate_limited`) or at one of its "
+         "own limits (`key_queued_limit`, `key_tokens_limit`)",
     500: "an unexpected failure (the job, if accepted, is unaffected)",
     503: "the job store (Redis) or the model's tokenizer is unavailable; retry after `Retry-After`",
     504: "the job did not finish within its deadline (OpenAI routes wait for it)",

@@ -9,7 +9,8 @@ from dgtext.checkpoint_files import CheckpointError
 from services.api.deps import AppServices
 from services.api.errors import ApiError
 from services.job_record import JobRecord
-from services.jobs import IdempotencyConflict, QueueFull
+from services.jobs import IdempotencyConflict, KeyLimitExceeded, QueueFull
+from services.key_limits import parse_key_limits
 from services.prompt_limits import LimitExceeded
 from services.replication import ReplicationTimeout
 from services.schemas import EditJobCreate, GenerateJobCreate
@@ -17,10 +18,15 @@ from services.schemas import EditJobCreate, GenerateJobCreate
 logger = logging.getLogger(__name__)
 
 
-def check_limits(services: AppServices, job: GenerateJobCreate | EditJobCreate) -> None:
-    """422 naming the field for a request over a `Settings` limit; 503 if the tokenizer cannot be loaded."""
+# The 429 codes of the per-key limits (services/key_limits.py), by the limit the store names.
+KEY_LIMIT_CODES = {"max_queued_jobs": "key_queued_limit", "tokens_per_minute": "key_tokens_limit"}
+
+
+def check_limits(services: AppServices, job: GenerateJobCreate | EditJobCreate) -> int:
+    """422 naming the field for a request over a `Settings` limit; 503 if the tokenizer cannot be loaded.
+    Returns the request's token cost (prompt + generation budget) for the per-key tokens-per-minute limit."""
     try:
-        services.limits.check(job)
+        return services.limits.check(job)
     except LimitExceeded as exc:
         services.metrics.job_rejected(exc.reason)
         raise ApiError(422, "invalid_request", str(exc), field=exc.field) from exc
@@ -34,8 +40,14 @@ def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, ow
                idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
     """Store and enqueue `job`; returns (record, created). `created` is False for an idempotent replay,
     which is not enqueued again."""
-    check_limits(services, job)
+    token_cost = check_limits(services, job)
     settings = services.settings
+    tokens_per_minute = parse_key_limits(settings.key_limits).for_owner(owner).tokens_per_minute
+    if tokens_per_minute is not None and token_cost > tokens_per_minute:
+        services.metrics.job_rejected("invalid")  # waiting cannot help: a 422, not a 429
+        raise ApiError(422, "invalid_request", f"max_new_tokens: this request counts {token_cost} tokens (prompt "
+                       f"+ max_new_tokens), more than this key may submit in a minute ({tokens_per_minute}, "
+                       "key_limits tpm:N)", field="max_new_tokens")
     retry_after = {"Retry-After": str(settings.retry_after_seconds)}
     if settings.max_jobs_per_minute_per_key:
         count, seconds_left = services.store.count_submission(owner)
@@ -45,7 +57,7 @@ def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, ow
                            f"this minute (max_jobs_per_minute_per_key); retry in {seconds_left} s",
                            headers={"Retry-After": str(seconds_left)})
     try:
-        created = services.store.create(job, owner=owner, idempotency_key=idempotency_key)
+        created = services.store.create(job, owner=owner, idempotency_key=idempotency_key, token_cost=token_cost)
     except IdempotencyConflict as exc:
         services.metrics.job_rejected("idempotency_conflict")
         raise ApiError(422, "idempotency_conflict", f"Idempotency-Key: {exc} (job {exc.existing_job_id})",
@@ -54,6 +66,11 @@ def accept_job(services: AppServices, job: GenerateJobCreate | EditJobCreate, ow
         services.metrics.job_rejected("queue_full")
         raise ApiError(429, "queue_full", f"{exc}; retry after {settings.retry_after_seconds} s",
                        headers=retry_after) from exc
+    except KeyLimitExceeded as exc:
+        services.metrics.job_rejected("key_limit")
+        seconds = exc.retry_after or settings.retry_after_seconds
+        raise ApiError(429, KEY_LIMIT_CODES[exc.limit], f"{exc}; retry in {seconds} s",
+                       headers={"Retry-After": str(seconds)}) from exc
     if created.created:
         try:
             services.queue.submit(created.job_id)

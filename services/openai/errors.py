@@ -150,6 +150,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {400: "invalid parameter (param names it)", 401: "missing or unknown API key",
                404: "unknown model, file, batch or job (or another key's)", 409: "the job was cancelled or the "
                "batch is finished", 413: "body over DGSERVE_MAX_BODY_BYTES", 422: "Idempotency-Key reused with "
-               "another body", 429: "queue full or key rate limit (Retry-After)", 500: "the job failed",
+               "another body", 429: "queue full, key rate or key limit (Retry-After)", 500: "the job failed",
                503: "Redis, the queue or the tokenizer unavailable (Retry-After)", 504: "the job expired"}
     return {status: {"model": OpenAIErrorBody, "description": meaning.get(status, "error")} for status in statuses}

@@ -98,6 +98,35 @@ def test_a_hit_without_its_sliding_tail_falls_back_to_a_shorter_prefix() -> None
     assert kv.try_admit("b", tokens[:20], 24) == 0
 
 
+def test_blocks_an_admitted_request_will_write_hold_back_requests_sharing_them() -> None:
+    kv = manager(has_sliding=False)
+    shared = list(range(100, 112))  # 3 whole blocks
+    writer = shared + [1, 2]
+    follower = kv.prefix_hashes(shared + [7, 7, 7, 7])
+    assert not kv.waits_for_pending(follower)
+    assert kv.try_admit("a", writer, 20) == 0
+    assert kv.waits_for_pending(follower)  # a announced blocks 0..2 and wrote none of them yet
+    kv.after_write("a", writer[:8])  # a chunk: blocks 0 and 1 written, block 2 still pending
+    assert kv.waits_for_pending(follower)
+    kv.after_write("a", writer[8:])
+    assert not kv.waits_for_pending(follower) and not kv.pending
+    assert kv.try_admit("b", shared + [7, 7, 7, 7], 20, hashes=follower) == 12
+    assert not kv.waits_for_pending(kv.prefix_hashes([5] * 8))  # unrelated prompts never wait
+
+
+def test_a_writer_that_leaves_before_writing_releases_the_requests_it_held() -> None:
+    kv = manager(has_sliding=False)
+    tokens = list(range(100, 116))
+    follower = kv.prefix_hashes(tokens)
+    kv.try_admit("a", tokens, 20)
+    kv.after_write("a", tokens[:4])  # block 0 written, blocks 1..3 pending
+    assert kv.waits_for_pending(follower)
+    kv.free("a")  # cancelled or failed mid-prefill
+    assert not kv.waits_for_pending(follower) and not kv.pending
+    assert kv.try_admit("b", tokens, 20, hashes=follower) == 4  # what a wrote is still a hit
+    assert kv.waits_for_pending(kv.prefix_hashes(tokens))  # and b now writes the rest for the next one
+
+
 def test_caching_off_frees_blocks_at_once_and_never_hits() -> None:
     kv = manager(caching=False)
     doc = list(range(16))
@@ -105,6 +134,7 @@ def test_caching_off_frees_blocks_at_once_and_never_hits() -> None:
     kv.free("a")
     assert run_prompt(kv, "b", doc, 16) == 0
     assert kv.stats().query_tokens == 0 and kv.stats().hit_tokens == 0
+    assert kv.prefix_hashes(doc) == [] and not kv.pending  # nothing is announced: nothing ever waits
 
 
 def test_salt_separates_models() -> None:

@@ -128,3 +128,90 @@ def test_prefix_hits_save_encoder_tokens(loaded: LoadedModel) -> None:
     engine.add_request(EngineRequest(prompt_token_ids=prompt, params=params(1)), request_id="b")
     engine.step()
     assert engine.last_step_stats.num_encoder_tokens == 70 - 64
+
+
+# ----- requests arriving together: a shared prompt being written holds back the requests that share it -----
+
+def arrivals_engine(loaded: LoadedModel, caching: bool) -> Engine:
+    """Room for 8 requests at once; prefill in chunks of 32 tokens, so a long prompt is written over steps."""
+    return Engine(loaded, EngineConfig(max_canvases_in_flight=8, max_context=512, sliding_chunk_tokens=32,
+                                       enable_prefix_caching=caching))
+
+
+def run_together(engine: Engine, requests: dict[str, EngineRequest], abort_after: dict[str, int] | None = None
+                 ) -> tuple[dict[str, list[int]], dict[str, StepOutput], int]:
+    """Add every request before the first step, step to the end (aborting `abort_after` ids after that many
+    steps); returns each request's committed tokens, its finished output and the encoder tokens computed."""
+    for name, request in requests.items():
+        engine.add_request(request, request_id=name)
+    tokens: dict[str, list[int]] = {name: [] for name in requests}
+    ends: dict[str, StepOutput] = {}
+    encoder_tokens = 0
+    for step in range(1, 1001):
+        for name, after in (abort_after or {}).items():
+            if step == after + 1:
+                engine.abort(name)
+        for out in engine.step():
+            if out.kind == "canvas":
+                tokens[out.request_id] += list(out.token_ids)
+            elif out.kind == "finished":
+                ends[out.request_id] = out
+        encoder_tokens += engine.last_step_stats.num_encoder_tokens
+        if not engine.has_unfinished():
+            return tokens, ends, encoder_tokens
+    raise AssertionError("engine still busy after 1000 steps")
+
+
+def test_requests_arriving_together_encode_a_shared_prompt_once(loaded: LoadedModel) -> None:
+    """8 requests added at once sharing a 160-token prompt (10 whole blocks), each with its own 10-token
+    question: the first encodes the shared part, the 7 others wait for it and encode only their questions."""
+    shared = doc_ids(160, 5)
+    requests = {f"r{i}": EngineRequest(prompt_token_ids=tuple(shared + doc_ids(10, 100 + i)), params=params(i))
+                for i in range(8)}
+    tokens_on, ends_on, computed_on = run_together(engine_on := arrivals_engine(loaded, True), requests)
+    tokens_off, _, computed_off = run_together(arrivals_engine(loaded, False), requests)
+    assert tokens_on == tokens_off
+    assert computed_off == 8 * 170
+    assert computed_on == 170 + 7 * 10  # one shared prompt + 8 questions
+    assert [ends_on[f"r{i}"].stats.cached_prompt_tokens for i in range(8)] == [0] + [160] * 7
+    assert engine_on.kv_stats().hit_tokens == 7 * 160 and not engine_on.runner.kv.pending
+
+
+@pytest.mark.slow
+def test_simultaneous_arrivals_give_identical_tokens_with_the_cache_on_and_off(loaded: LoadedModel) -> None:
+    """Generate, chat and edit requests all added at once: identical prompts ending in a partial block, prompts
+    diverging inside a block, a two-canvas request, two edits of one document at different spans."""
+    doc = doc_ids(140, 1)
+    system = {"role": "system", "content": "You are a careful assistant. " * 4}
+    requests = {
+        **{f"same{i}": EngineRequest(prompt_token_ids=tuple(doc[:50]), params=params(i, 64)) for i in range(3)},
+        "diverge_a": EngineRequest(prompt_token_ids=tuple(doc[:20] + doc_ids(30, 9)), params=params(4)),
+        "diverge_b": EngineRequest(prompt_token_ids=tuple(doc[:20] + doc_ids(30, 10)), params=params(5)),
+        "chat1": EngineRequest(messages=[system, {"role": "user", "content": "first"}], params=params(6)),
+        "chat2": EngineRequest(messages=[system, {"role": "user", "content": "second"}], params=params(7)),
+        "edit_later": edit(doc[:80], [([], doc[80:112], 4)], 8),
+        "edit_earlier": edit(doc[:40], [([], doc[40:72], 6)], 9),
+    }
+    tokens_on, ends_on, computed_on = run_together(arrivals_engine(loaded, True), requests)
+    tokens_off, _, computed_off = run_together(arrivals_engine(loaded, False), requests)
+    assert tokens_on == tokens_off
+    cached = {name: end.stats.cached_prompt_tokens for name, end in ends_on.items()}
+    assert cached["same0"] == 0 and cached["same1"] == cached["same2"] == 48
+    assert cached["diverge_a"] == cached["diverge_b"] == 16  # block 0 is same0's, written while they waited
+    assert cached["chat1"] + cached["chat2"] > 0 and cached["edit_earlier"] == 32
+    assert computed_on == computed_off - sum(cached.values())
+
+
+def test_cancelling_the_writer_releases_the_requests_it_held(loaded: LoadedModel) -> None:
+    """The writer of a shared prompt is aborted mid-prefill (after 2 chunks of 32): the first waiting request
+    reuses what it wrote and writes the rest, the second waits for that and hits the whole shared part."""
+    shared = doc_ids(128, 6)
+    requests = {"writer": EngineRequest(prompt_token_ids=tuple(shared + doc_ids(72, 7)), params=params(1)),
+                "first": EngineRequest(prompt_token_ids=tuple(shared + doc_ids(8, 8)), params=params(2)),
+                "second": EngineRequest(prompt_token_ids=tuple(shared + doc_ids(8, 9)), params=params(3))}
+    tokens_on, ends_on, _ = run_together(arrivals_engine(loaded, True), requests, abort_after={"writer": 2})
+    tokens_off, ends_off, _ = run_together(arrivals_engine(loaded, False), requests, abort_after={"writer": 2})
+    assert ends_on["writer"].finish_reason == "aborted" == ends_off["writer"].finish_reason
+    assert ends_on["first"].stats.cached_prompt_tokens == 64 and ends_on["second"].stats.cached_prompt_tokens == 128
+    assert ends_on["first"].finish_reason == "length" == ends_on["second"].finish_reason
+    assert tokens_on == tokens_off

@@ -4,6 +4,7 @@ freeing slots and blocks, prefix-cache hits (no torch)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,45 @@ def test_cached_prefix_is_not_encoded_again() -> None:
     assert plan.admitted == ("whole",) and not [w for w in plan.encodes if w.request_id == "whole"]
     assert [(w.request_id, w.step, w.canvas_start) for w in plan.denoises if w.request_id == "whole"] == \
         [("whole", 1, 32)]
+
+
+def test_requests_sharing_a_prompt_being_written_wait_for_it_and_others_pass_them() -> None:
+    """Arriving together: the first request writes the shared prompt chunk by chunk; one sharing its first
+    100 tokens stays waiting (holding no slot or block) only until the 6 shared whole blocks are written,
+    while the writer still encodes its own tail, then hits them; one sharing nothing is admitted at once."""
+    sched = create_scheduler(caching=True, max_tokens=64, max_canvases=4)
+    writer, same = create_seq("writer", 160), create_seq("same", 100)
+    other = dataclasses.replace(create_seq("other", 20), prompt_ids=(5,) * 20)
+    for seq in (writer, same, other):
+        sched.add(seq)
+    written_before: list[int] = []  # the writer's tokens in the cache when each step was planned
+    admitted: list[tuple[str, ...]] = []
+    for step in range(12):
+        written_before.append(writer.num_cached)
+        plan = sched.schedule(now=float(step))
+        admitted.append(plan.admitted)
+        for work in plan.encodes:
+            sched.kv.after_write(work.request_id, work.token_ids)
+    assert admitted[0] == ("writer", "other")
+    joined = admitted.index(("same",))
+    assert written_before[joined] >= 96 > written_before[joined - 1]  # the step after the shared part is written
+    assert written_before[joined] < 160  # the writer was still encoding its own tail
+    assert same.cached_prompt_tokens == 96 and writer.cached_prompt_tokens == 0 == other.cached_prompt_tokens
+    assert not sched.kv.pending
+
+
+def test_cancelled_writer_releases_the_requests_waiting_for_its_blocks() -> None:
+    """Rows of 64 tokens, two per forward: without the hold both would encode the same prompt at once."""
+    sched = Scheduler(create_scheduler(caching=True).kv, max_canvases_in_flight=4, max_tokens_per_forward=128,
+                      canvas_length=CANVAS, max_encode_row=64)
+    writer, follower = create_seq("writer", 200), create_seq("follower", 200)
+    sched.add(writer)
+    sched.add(follower)
+    plan = sched.schedule(now=0.0)  # the writer's first chunk; the follower waits for it
+    assert plan.admitted == ("writer",) and [len(w.token_ids) for w in plan.encodes] == [64]
+    for work in plan.encodes:
+        sched.kv.after_write(work.request_id, work.token_ids)
+    assert sched.schedule(now=1.0).admitted == ()  # block 4 on is still being written
+    sched.finish(writer)  # cancelled mid-prefill: its unwritten blocks are no longer pending
+    plan = sched.schedule(now=2.0)
+    assert plan.admitted == ("follower",) and follower.cached_prompt_tokens == 64

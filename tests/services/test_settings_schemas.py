@@ -79,3 +79,10 @@ def test_api_and_workers_agree_on_the_visibility_timeout(monkeypatch) -> None:
         assert worker.visibility_timeout_seconds == 123
     finally:
         queue.close()
+
+
+def test_a_bad_setting_names_the_field_without_echoing_its_secret_value(monkeypatch):
+    monkeypatch.setenv("DGSERVE_KEY_LIMITS", "sk-very-secret-key=queued:notanumber")
+    with pytest.raises(Exception) as caught:
+        Settings()
+    assert "key_limits" in str(caught.value) and "sk-very-secret-key" not in str(caught.value)
