@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(IMPLEMENTATIONS)}")
     parser.add_argument("--compile", default="off", choices=["on", "off"],
                         help="EngineConfig.compile_step for the `ours` implementation")
+    parser.add_argument("--compile-encoder", default="auto", choices=["auto", "on", "off"],
+                        help="EngineConfig.compile_encoder for the compiled implementations (auto: as compile_step)")
     parser.add_argument("--compile-sampler", default="auto", choices=["auto", "on", "off"],
                         help="torch.compile our sampler's vocabulary scan (auto: on CUDA only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,9 +117,12 @@ def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> lis
 
 
 def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_tokens: int,
-                compile_sampler: bool | None, compile_step: bool) -> Callable[[], int]:
+                compile_sampler: bool | None, compile_step: bool, compile_encoder: bool | None = None
+                ) -> Callable[[], int]:
     """A closure that runs the batch through one Engine (built once) and returns the forwards it ran."""
     options: dict[str, Any] = {"compile_step": compile_step} if has_compile_step() else {}
+    if compile_step and compile_encoder is not None:
+        options["compile_encoder"] = compile_encoder
     config = EngineConfig(max_canvases_in_flight=len(prompts), max_tokens_per_forward=sum(map(len, prompts)),
                           max_context=len(prompts[0]) + new_tokens, compile_sampler=compile_sampler, **options)
     engine = Engine(loaded, config)
@@ -169,14 +174,18 @@ def measure(run: Callable[[], int], device: torch.device) -> tuple[float, int, i
 Sample = tuple[float, int, int | None]
 
 
-def bench_batch(runners: dict[str, Callable[[], int]], repeats: int, device: torch.device
-                ) -> dict[str, Sample | str]:
-    """Warm each implementation up once (an implementation whose warm-up raises is reported by its error),
-    then alternate timed runs; median seconds per implementation."""
+def bench_batch(runners: dict[str, Callable[[], int]], repeats: int, device: torch.device,
+                warmups: dict[str, float] | None = None) -> dict[str, Sample | str]:
+    """Warm each implementation up once (an implementation whose warm-up raises is reported by its error;
+    `warmups` receives each warm-up's seconds, compiling included), then alternate timed runs; median seconds
+    per implementation."""
     failed: dict[str, Sample | str] = {}
+    warmups = {} if warmups is None else warmups
     for name, run in runners.items():
         try:
+            started = time.perf_counter()
             run()
+            warmups[name] = time.perf_counter() - started  # includes compiling, for compiled implementations
         except Exception as exc:  # noqa: BLE001 (e.g. the reference's compiled static cache on this device)
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     samples: dict[str, list[Sample]] = {name: [] for name in runners if name not in failed}
@@ -197,11 +206,14 @@ def bench_batch(runners: dict[str, Callable[[], int]], repeats: int, device: tor
 def make_runners(args: argparse.Namespace, loaded: LoadedModel, reference: Any, prompts: list[list[int]],
                  new_tokens: int) -> dict[str, Callable[[], int]]:
     compile_sampler = {"auto": None, "on": True, "off": False}[args.compile_sampler]
+    compile_encoder = {"auto": None, "on": True, "off": False}[args.compile_encoder]
     never = loaded.config.vocab_size
     factories: dict[str, Callable[[], Callable[[], int]]] = {
-        "ours": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, args.compile == "on"),
+        "ours": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, args.compile == "on",
+                                    compile_encoder),
         "ours-eager": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, False),
-        "ours-compiled": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, True),
+        "ours-compiled": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, True,
+                                             compile_encoder),
         "reference": lambda: reference_runner(reference, prompts, args.steps, new_tokens, never),
         "reference-static": lambda: reference_runner(reference, prompts, args.steps, new_tokens, never, True),
     }
@@ -218,14 +230,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, ratios = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = make_prompts(batch, prompt_len, loaded.config.vocab_size, args.seed + batch)
-        results = bench_batch(make_runners(args, loaded, reference, prompts, new_tokens), args.repeats, device)
+        warmups: dict[str, float] = {}
+        results = bench_batch(make_runners(args, loaded, reference, prompts, new_tokens), args.repeats, device,
+                              warmups)
         for impl, outcome in results.items():
             seconds, forwards, peak = outcome if isinstance(outcome, tuple) else (None, None, None)
             rows.append({"impl": impl, "preset": args.preset, "device": str(device), "batch": batch,
                          "steps_per_canvas": args.steps, "new_tokens": batch * new_tokens,
                          "tok_per_s": batch * new_tokens / seconds if seconds else None,
                          "ms_per_forward": 1000 * seconds / forwards if seconds and forwards else None,
-                         "peak_mem_bytes": peak, "error": outcome if isinstance(outcome, str) else None})
+                         "peak_mem_bytes": peak, "warmup_s": warmups.get(impl),
+                         "error": outcome if isinstance(outcome, str) else None})
         timed = {impl: outcome[0] for impl, outcome in results.items() if isinstance(outcome, tuple)}
         for ours in (impl for impl in timed if impl.startswith("ours")):
             for baseline in (impl for impl in REFERENCES if impl in timed):
@@ -243,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> None:
-    header = f"{'impl':<18}{'batch':>6}{'steps':>6}{'tokens':>8}{'tok/s':>10}{'ms/fwd':>9}{'peak MiB':>10}"
+    header = (f"{'impl':<18}{'batch':>6}{'steps':>6}{'tokens':>8}{'tok/s':>10}{'ms/fwd':>9}{'peak MiB':>10}"
+              f"{'warm-up s':>11}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -252,7 +268,7 @@ def print_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> Non
             continue
         peak = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**20:.0f}"
         print(f"{row['impl']:<18}{row['batch']:>6}{row['steps_per_canvas']:>6}{row['new_tokens']:>8}"
-              f"{row['tok_per_s']:>10.1f}{row['ms_per_forward']:>9.2f}{peak:>10}")
+              f"{row['tok_per_s']:>10.1f}{row['ms_per_forward']:>9.2f}{peak:>10}{row['warmup_s']:>11.1f}")
     for ratio in ratios:
         print(f"batch {ratio['batch']:>3}: {ratio['impl']} / {ratio['baseline']} = {ratio['speedup']:.2f}x")
 

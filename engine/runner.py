@@ -20,7 +20,7 @@ import torch
 
 from engine import rng
 from engine.block_manager import BlockManager
-from engine.compiled_step import StepRegion
+from engine.compiled_step import EncodeRegion, StepRegion
 from engine.config import FULL, SLIDING, ModelConfig
 from engine.kv_cache import BlockTables, PagedKVCache, blocks_for
 from engine.model.transformer import DiffusionGemmaModel
@@ -140,6 +140,8 @@ class ModelRunner:
             compile_step = self.device.type == "cuda"
         self.step_region = StepRegion(model, self.cache, compile_step, engine_config.vocab_chunk_size,
                                       self.chunk_kernels)
+        compile_encoder = compile_step if engine_config.compile_encoder is None else engine_config.compile_encoder
+        self.encode_region = EncodeRegion(model, self.cache, compile_encoder)
 
     def block_tables(self, request_ids: list[str], context_ends: list[int], write_ends: list[int]) -> BlockTables:
         """Tables for rows whose cached context ends at `context_ends` and whose forward writes up to (not
@@ -186,8 +188,10 @@ class ModelRunner:
         positions = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
         tables = self.block_tables([work.request_id for work in encodes], starts,
                                    [work.start_position + len(work.token_ids) for work in encodes])
-        self.model.encode(torch.tensor(ids, device=self.device), positions, torch.tensor(valid, device=self.device),
-                          self.cache, tables, context_bound=max(starts))
+        inputs = {"token_ids": torch.tensor(ids, device=self.device), "positions": positions,
+                  "token_valid": torch.tensor(valid, device=self.device), "full_table": tables.full,
+                  "sliding_table": tables.sliding, "sliding_first": tables.sliding_first}
+        self.encode_region.run(inputs, max(starts))
 
     def _start_canvases(self, works: list[DenoiseWork], sequences: dict[str, SequenceState]) -> None:
         """Fresh canvases: uniform noise (clamped where infill fixes ids), no history, no self-conditioning."""

@@ -292,9 +292,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     sliding_chunk_tokens: int = 256
     # The decoder step as one torch.compile(fullgraph=True) graph per batch bucket (engine/compiled_step.py);
-    # None -> compiled on CUDA (CUDA graphs), eager on CPU, where compiling costs minutes of a small
-    # machine's start-up and buys less (docs/benchmarks.md).
+    # None -> compiled on CUDA (CUDA graphs), eager on CPU, where one graph takes 100-300 s to compile on the
+    # 2-core machine and the compiled step is slower than eager at batch 16 (docs/benchmarks.md, issue 14).
     compile_step: bool | None = None
+    # The encoder passes (prefill chunks, commits) likewise, one graph per (rows, tokens, table widths) bucket;
+    # None -> as compile_step. Off with the step compiled: fewer graphs to compile (an encoder pass runs once
+    # per canvas, the decoder step every denoising step).
+    compile_encoder: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_canvases_in_flight", "max_tokens_per_forward", "max_context", "vocab_chunk_size",
@@ -304,8 +308,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size!r}")
-        if self.compile_step is not None and not isinstance(self.compile_step, bool):
-            raise ValueError(f"EngineConfig.compile_step must be True, False or None, got {self.compile_step!r}")
+        for name in ("compile_step", "compile_encoder"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be True, False or None, got {getattr(self, name)!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"EngineConfig.kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if not 0 < self.kv_cache_memory_fraction <= 1:

@@ -9,8 +9,6 @@ scales: the CUDA path, which this torch also runs on CPU, so tests exercise it t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -80,10 +78,20 @@ class FP8Linear(nn.Module):
         return scaled_linear(x, self.weight, self.weight_scale)
 
 
-@functools.cache
+# Probe results by device type: a plain dict that torch.compile reads as constants (engine/model/moe.py,
+# `probe_expert_kernels`, fills it before compiling; a traced probe would break the graph on its host read).
+_SCALED_GROUPED_MM_WORKS: dict[str, bool] = {}
+
+
 def scaled_grouped_mm_works(device_type: str) -> bool:
-    """Probe once whether `torch._scaled_grouped_mm` runs with row-wise scales here (CUDA SM90+ in this torch;
-    the CPU has no kernel, so the experts there loop over `scaled_linear`)."""
+    """Whether `torch._scaled_grouped_mm` runs with row-wise scales here (CUDA SM90+ in this torch; the CPU has no
+    kernel, so the experts there loop over `scaled_linear`, or run densely under torch.compile); probed once."""
+    if device_type not in _SCALED_GROUPED_MM_WORKS:
+        _SCALED_GROUPED_MM_WORKS[device_type] = _probe_scaled_grouped_mm(device_type)
+    return _SCALED_GROUPED_MM_WORKS[device_type]
+
+
+def _probe_scaled_grouped_mm(device_type: str) -> bool:
     if not hasattr(torch, "_scaled_grouped_mm"):
         return False
     try:

@@ -7,8 +7,6 @@ FP8 (`Experts.keep_fp8`) run the same two paths through `engine.model.fp8` (`_sc
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,9 +59,27 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[experts], experts
 
 
-@functools.cache
+# Probe results by (device type, dtype): a plain dict, not functools.cache, because torch.compile reads a global
+# dict's entries as constants but traces through a cached function (and the probe's host read breaks the graph);
+# `probe_expert_kernels` fills it before anything is compiled.
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def probe_expert_kernels(device: torch.device, dtype: torch.dtype) -> None:
+    """Run the grouped-matmul probes for `device` eagerly, so a compiled region only reads their results."""
+    _grouped_mm_works(device.type, dtype)
+    scaled_grouped_mm_works(device.type)
+
+
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe once whether grouped_mm runs (and agrees with matmul) for this device type and dtype."""
+    """Whether grouped_mm runs (and agrees with matmul) for this device type and dtype; probed once."""
+    key = (device_type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        _GROUPED_MM_WORKS[key] = _probe_grouped_mm(device_type, dtype)
+    return _GROUPED_MM_WORKS[key]
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     try:
@@ -139,7 +155,9 @@ class Experts(nn.Module):
 
     def _default_backend(self, x: torch.Tensor) -> str:
         if self.is_fp8:
-            return GROUPED_MM if scaled_grouped_mm_works(x.device.type) else LOOP
+            if scaled_grouped_mm_works(x.device.type):
+                return GROUPED_MM
+            return DENSE if torch.compiler.is_compiling() else LOOP  # the loop's host-side bounds break a graph
         return default_expert_backend(x.device, x.dtype)
 
     def _grouped(self, sorted_x: torch.Tensor, sorted_w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
@@ -177,5 +195,11 @@ class Experts(nn.Module):
         FLOPs, but static shapes and no host reads, so it traces whole. [N, D] -> [N, D]."""
         combine = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
         combine = combine.scatter_add(1, experts, weights).T.unsqueeze(-1).to(x.dtype)  # [E, N, 1]
+        if self.is_fp8:  # FP8 weights: each expert's scaled matmuls over every token, a static loop over E
+            out = torch.zeros_like(x)
+            for expert in range(self.num_experts):
+                gate, up = self._project("gate_up_proj", expert, x).split(self.expert_size, dim=-1)
+                out = out + self._project("down_proj", expert, gelu_tanh(gate) * up * combine[expert])
+            return out
         gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).split(self.expert_size, dim=-1)  # [E, N, I]
         return torch.matmul(gelu_tanh(gate) * up * combine, self.down_proj.transpose(1, 2)).sum(dim=0)

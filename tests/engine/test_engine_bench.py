@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_bench.py"
 ROW_KEYS = {"impl", "preset", "device", "batch", "steps_per_canvas", "new_tokens", "tok_per_s", "ms_per_forward",
-            "peak_mem_bytes", "error"}
+            "peak_mem_bytes", "warmup_s", "error"}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def test_engine_bench_writes_rows_and_ratios(bench, tmp_path: Path, capsys: pyte
     for row in report["rows"]:
         assert set(row) == ROW_KEYS and row["error"] is None
         assert row["new_tokens"] == row["batch"] * 32 and row["tok_per_s"] > 0 and row["ms_per_forward"] > 0
+        assert row["warmup_s"] > 0
     assert [(r["batch"], r["impl"], r["baseline"]) for r in report["ratios"]] == [
         (1, "ours-eager", "reference"), (2, "ours-eager", "reference")]
     assert all(r["speedup"] > 0 for r in report["ratios"])

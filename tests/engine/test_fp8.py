@@ -186,3 +186,30 @@ def test_unsupported_quantization_formats_are_refused(case: str, tiny_checkpoint
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
     with pytest.raises(UnsupportedModelError, match=message):
         load_model(folder)
+
+
+@pytest.mark.slow
+def test_fp8_kept_weights_trace_whole_under_torch_compile(fp8_pair) -> None:
+    """FP8 Linears (`torch._scaled_mm`) and FP8 experts compile with fullgraph=True (aot_eager: the trace inductor
+    and CUDA graphs would get): the experts' eager loop reads group bounds on the host, so under compilation
+    they run every expert densely, and the grouped-matmul probes are read, not traced. Same logits as eager."""
+    fp8_dir, _ = fp8_pair
+    kept = load_model(fp8_dir, fp8_weights=True)
+    model, config = kept.model, kept.config
+    assert model.layers[0].experts.is_fp8
+    cache = KVCache(config, num_slots=2, max_context=96)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, config.vocab_size, (16,), generator=gen) for _ in range(2)]
+    encode_batch(kept, cache, prompts, [0, 0], [0, 1])
+    canvas = torch.randint(0, config.vocab_size, (2, config.canvas_length), generator=gen)
+    positions = torch.arange(config.canvas_length).repeat(2, 1) + 16
+    slots, context_lens = torch.tensor([0, 1]), torch.tensor([16, 16])
+
+    def denoise(ids: torch.Tensor) -> torch.Tensor:
+        return model.denoise(ids, positions, cache, slots, context_lens, None, context_bound=96)
+
+    moe.probe_expert_kernels(torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        want = denoise(canvas)
+        got = torch.compile(denoise, fullgraph=True, dynamic=False, backend="aot_eager")(canvas)
+    assert relative_error(got, want) < 1e-6
