@@ -40,8 +40,10 @@ def test_task_events_are_sent(stack: Stack):
         with app.connection() as connection:
             receiver = app.events.Receiver(connection, handlers={"*": record})
             connected.set()
+            # Until the task finished and a worker event arrived: worker heartbeats come every few seconds, so a
+            # job that finishes first must not end the capture before one (bounded by the receiver's timeout).
             for _ in receiver.itercapture(limit=None, timeout=30, wakeup=False):
-                if "task-succeeded" in seen:
+                if "task-succeeded" in seen and ("worker-heartbeat" in seen or "worker-online" in seen):
                     return
 
     listener = threading.Thread(target=listen, daemon=True)
