@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from services.launcher import find_redis_server, free_loopback_port  # noqa: E402
 from services.settings import BUNDLED_MODEL_DIR  # noqa: E402
-from tests.support.processes import start_process, stop_process, wait_for_http, wait_until  # noqa: E402
+from tests.support.processes import api_command, start_process, stop_process, wait_for_http, wait_until  # noqa: E402
 
 MODES = ("everysec", "always")
 
@@ -44,9 +44,7 @@ def start_stack(mode: str, folder: Path) -> tuple[list[subprocess.Popen], str]:
                                       capture_output=True).returncode == 0, 30, interval=0.2, what="redis")
     env = {**os.environ, "DGSERVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "DGSERVE_MODEL": str(BUNDLED_MODEL_DIR), "DGSERVE_MAX_QUEUED_JOBS": "100000"}
-    api = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                         "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
-                        env=env, cwd=REPO_ROOT)
+    api = start_process(api_command(api_port), env=env, cwd=REPO_ROOT)
     base = f"http://127.0.0.1:{api_port}"
     wait_for_http(f"{base}/healthz", timeout=60, process=api)
     return [api, redis], base

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from services.jobs import JobStore  # noqa: E402
 from services.launcher import find_redis_server, free_loopback_port  # noqa: E402
 from services.settings import BUNDLED_MODEL_DIR, Settings  # noqa: E402
-from tests.support.processes import start_process, stop_process, wait_for_http, wait_until  # noqa: E402
+from tests.support.processes import api_command, start_process, stop_process, wait_for_http, wait_until  # noqa: E402
 
 QUEUE = "dgemma.loadsim"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -111,8 +111,7 @@ def _live_workers(stack: Stack) -> int:
 def _start_api(stack: Stack, env: dict[str, str], index: int) -> None:
     port = free_loopback_port()
     stack.apis.append(start_process(
-        [sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env", "--host",
-         "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        api_command(port, "--no-access-log"),
         log_path=stack.folder / f"api-{index}.log", env=env, cwd=REPO_ROOT))
     stack.api_urls.append(f"http://127.0.0.1:{port}")
 

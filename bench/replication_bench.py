@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from services.jobs import JobStore  # noqa: E402
 from services.launcher import free_loopback_port  # noqa: E402
 from services.settings import BUNDLED_MODEL_DIR, Settings  # noqa: E402
-from tests.support.processes import start_process, stop_process, wait_for_http  # noqa: E402
+from tests.support.processes import api_command, start_process, stop_process, wait_for_http  # noqa: E402
 from tests.support.sentinel_cluster import run_sentinel_cluster  # noqa: E402
 
 MODES = ("single", "sentinel_nowait", "sentinel_wait")
@@ -77,9 +77,7 @@ def measure(mode: str, jobs: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as folder, redis_settings(mode, Path(folder)) as redis_env:
         api_port = free_loopback_port()
         env = {**os.environ, **redis_env, "DGSERVE_MODEL": str(BUNDLED_MODEL_DIR), "DGSERVE_MAX_QUEUED_JOBS": "100000"}
-        api = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                             "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
-                            env=env, cwd=REPO_ROOT)
+        api = start_process(api_command(api_port), env=env, cwd=REPO_ROOT)
         try:
             wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
             with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from engine.engine import Engine  # noqa: E402
 from services.launcher import find_redis_server, free_loopback_port  # noqa: E402
 from services.schemas import TERMINAL_EVENTS, parse_job_create  # noqa: E402
+from tests.support.processes import api_command  # noqa: E402
 from worker.requests import prepare_job  # noqa: E402
 from worker.runtime import model_info_of  # noqa: E402
 
@@ -86,8 +87,7 @@ class LocalStack:
                               "--appendonly", "no"])
         self._start("worker", [sys.executable, "-m", "worker", "--cpu", "--model", model, "--concurrency",
                                str(concurrency), "--metrics-port", str(metrics_port), "--loglevel", "WARNING"])
-        self._start("api", [sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                            "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"])
+        self._start("api", api_command(api_port))
 
     def _start(self, name: str, args: list[str]) -> None:
         with open(self.log_dir / f"{name}.log", "ab") as log:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import REPO_ROOT, WorkerProcess, start_worker
-from tests.support.processes import free_port, start_process, stop_process, wait_for_http
+from tests.support.processes import api_command, free_port, start_process, stop_process, wait_for_http
 from tests.support.redis_server import run_redis_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,10 +74,7 @@ class ApiProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.process = start_process([sys.executable, "-m", "uvicorn", "--factory",
-                                      "services.api.app:create_app_from_env", "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--log-level", "warning"],
-                                     log_path=self.log_path, env={**self.env, "DGSERVE_API_PORT": str(self.port)},
+        self.process = start_process(api_command(self.port), log_path=self.log_path, env={**self.env, "DGSERVE_API_PORT": str(self.port)},
                                      cwd=REPO_ROOT)
 
     def wait_ready(self) -> None:

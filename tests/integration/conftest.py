@@ -23,7 +23,14 @@ import pytest
 
 from services.jobs import JobStore
 from services.settings import Settings
-from tests.support.processes import free_port, start_process, stop_process, wait_for_http, wait_until
+from tests.support.processes import (
+    api_command,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 from tests.support.redis_server import RedisServer, run_redis_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -110,9 +117,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         }
         api_port = free_port()
         api_env = {**base_env, "DGSERVE_QUEUE_NAME": SHARED_QUEUE, "DGSERVE_API_PORT": str(api_port)}
-        api = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                             "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
-                            log_path=log_dir / "api.log", env=api_env, cwd=REPO_ROOT)
+        api = start_process(api_command(api_port), log_path=log_dir / "api.log", env=api_env, cwd=REPO_ROOT)
         worker = None
         try:
             worker = start_worker(base_env, tiny_model_dir, log_dir, SHARED_QUEUE, name="shared")

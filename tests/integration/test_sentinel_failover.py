@@ -9,7 +9,6 @@ confirm writes again (with a single replica nothing could be acknowledged until 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +21,14 @@ import pytest
 from services.jobs import JobStore
 from services.settings import Settings
 from tests.integration.conftest import REPO_ROOT, WorkerProcess, start_worker, store_event_types
-from tests.support.processes import free_port, start_process, stop_process, wait_for_http, wait_until
+from tests.support.processes import (
+    api_command,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 from tests.support.sentinel_cluster import SentinelCluster, run_sentinel_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(480)]
@@ -62,9 +68,7 @@ def failover_stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[FailoverSta
                "OMP_NUM_THREADS": "1", "DGSERVE_CACHE_DIR": str(tmp_path / "cache"), "DGSERVE_JOB_LEASE_SECONDS": "5",
                "PYTHONUNBUFFERED": "1", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1", "DGSERVE_QUEUE_NAME": QUEUE}
         api_port = free_port()
-        api = start_process([sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
-                             "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
-                            log_path=tmp_path / "api.log", env=env, cwd=REPO_ROOT)
+        api = start_process(api_command(api_port), log_path=tmp_path / "api.log", env=env, cwd=REPO_ROOT)
         worker = None
         try:
             worker = start_worker(env, tiny_model_dir, tmp_path, QUEUE, concurrency=CONCURRENCY, name="failover",

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,12 @@ from pathlib import Path
 from services.launcher import free_loopback_port
 
 free_port = free_loopback_port  # a loopback TCP port that was free a moment ago (the launcher's own helper)
+
+
+def api_command(port: int, *extra: str) -> list[str]:
+    """The argv of one real API process (uvicorn, the app built from DGSERVE_* env) on 127.0.0.1:`port`."""
+    return [sys.executable, "-m", "uvicorn", "--factory", "services.api.app:create_app_from_env",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05,
