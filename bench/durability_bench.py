@@ -57,24 +57,29 @@ def submit(client: httpx.Client, n: int) -> float:
     return time.perf_counter() - started
 
 
+def time_submits(base_url: str, jobs: int, threads: int) -> dict:
+    """Submit latency of `jobs` sequential POSTs (after 20 warm-up ones) and jobs/s of `jobs` more from `threads`
+    threads, against the API at `base_url` (shared with bench/replication_bench.py)."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for n in range(20):  # warm-up: tokenizer, connections
+            submit(client, -n)
+        latencies = sorted(submit(client, n) for n in range(jobs))
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda n: submit(client, n), range(jobs)))
+        concurrent_s = time.perf_counter() - started
+    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+            "sequential_jobs_per_s": len(latencies) / sum(latencies), "concurrent_jobs_per_s": jobs / concurrent_s}
+
+
 def measure(mode: str, jobs: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         processes, base = start_stack(mode, Path(folder))
         try:
-            with httpx.Client(base_url=base, timeout=30) as client:
-                for n in range(20):  # warm-up: tokenizer, connections
-                    submit(client, -n)
-                latencies = [submit(client, n) for n in range(jobs)]
-                started = time.perf_counter()
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(lambda n: submit(client, n), range(jobs)))
-                concurrent_s = time.perf_counter() - started
+            return time_submits(base, jobs, threads)
         finally:
             for process in processes:
                 stop_process(process)
-    latencies.sort()
-    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-            "sequential_jobs_per_s": len(latencies) / sum(latencies), "concurrent_jobs_per_s": jobs / concurrent_s}
 
 
 def main() -> None:

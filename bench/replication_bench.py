@@ -23,14 +23,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.durability_bench import time_submits  # noqa: E402
 from services.jobs import JobStore  # noqa: E402
 from services.launcher import free_loopback_port  # noqa: E402
 from services.settings import BUNDLED_MODEL_DIR, Settings  # noqa: E402
@@ -53,13 +51,6 @@ def redis_settings(mode: str, folder: Path) -> Iterator[dict[str, str]]:
                "DGSERVE_REDIS_MIN_REPLICAS_ACK": "1" if mode == "sentinel_wait" else "0"}
 
 
-def submit(client: httpx.Client, n: int) -> float:
-    started = time.perf_counter()
-    response = client.post("/v1/jobs", json={"prompt": f"def f{n}(x):", "max_new_tokens": 8})
-    assert response.status_code == 202, response.text
-    return time.perf_counter() - started
-
-
 def wait_alone_ms(redis_env: dict[str, str], samples: int = 300) -> float:
     """Median of `confirm_replicated` (fence + WAIT, one round trip) from a client; 0 when off."""
     settings = Settings(**{key[len("DGSERVE_"):].lower(): value for key, value in redis_env.items()})
@@ -80,21 +71,10 @@ def measure(mode: str, jobs: int, threads: int) -> dict:
         api = start_process(api_command(api_port), env=env, cwd=REPO_ROOT)
         try:
             wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
-            with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as client:
-                for n in range(20):  # warm-up: tokenizer, connections
-                    submit(client, -n)
-                latencies = [submit(client, n) for n in range(jobs)]
-                started = time.perf_counter()
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(lambda n: submit(client, n), range(jobs)))
-                concurrent_s = time.perf_counter() - started
-            wait_ms = wait_alone_ms(redis_env)
+            return {**time_submits(f"http://127.0.0.1:{api_port}", jobs, threads),
+                    "confirm_alone_ms": wait_alone_ms(redis_env)}
         finally:
             stop_process(api)
-    latencies.sort()
-    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-            "sequential_jobs_per_s": len(latencies) / sum(latencies), "concurrent_jobs_per_s": jobs / concurrent_s,
-            "confirm_alone_ms": wait_ms}
 
 
 def main() -> None:
