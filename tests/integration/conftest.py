@@ -79,6 +79,29 @@ def worker_env(base_env: dict[str, str], queue: str, **settings: object) -> dict
     return env
 
 
+@contextlib.contextmanager
+def api_and_worker(redis_env: dict[str, str], model_dir: Path, folder: Path, queue: str, concurrency: int,
+                   name: str) -> Iterator[tuple[str, WorkerProcess]]:
+    """A real API process and one real worker (`concurrency` slots, heartbeat every 0.5 s, 5 s job leases) on
+    `queue`, against the Redis that `redis_env` (DGSERVE_REDIS_* variables) names; yields (API URL, worker) once
+    both answer, and stops both after. For the fault tests, which each bring their own Redis."""
+    env = {**redis_env, "DGSERVE_MODEL": str(model_dir), "OMP_NUM_THREADS": "1",
+           "DGSERVE_CACHE_DIR": str(folder / "cache"), "DGSERVE_JOB_LEASE_SECONDS": "5", "PYTHONUNBUFFERED": "1",
+           "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1", "DGSERVE_QUEUE_NAME": queue}
+    api_port = free_port()
+    api = start_process(api_command(api_port), log_path=folder / "api.log", env=env, cwd=REPO_ROOT)
+    worker = None
+    try:
+        worker = start_worker(env, model_dir, folder, queue, concurrency=concurrency, name=name,
+                              worker_heartbeat_interval_seconds=0.5)
+        wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
+        yield f"http://127.0.0.1:{api_port}", worker
+    finally:
+        if worker is not None:
+            stop_process(worker.process, timeout=30)
+        stop_process(api)
+
+
 def start_worker(stack_env: dict[str, str], model_dir: Path, log_dir: Path, queue: str, concurrency: int = 16,
                  name: str = "worker", **settings: object) -> WorkerProcess:
     """`python -m worker --cpu` on `queue`; returns once its metrics endpoint answers (model loaded)."""

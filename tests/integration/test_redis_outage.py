@@ -15,13 +15,12 @@ import pytest
 
 from services.jobs import JobStore
 from services.settings import Settings
-from tests.integration.conftest import REPO_ROOT, WorkerProcess, start_worker, store_event_types
+from tests.integration.conftest import (
+    WorkerProcess,
+    api_and_worker,
+    store_event_types,
+)
 from tests.support.processes import (
-    api_command,
-    free_port,
-    start_process,
-    stop_process,
-    wait_for_http,
     wait_until,
 )
 from tests.support.redis_server import RestartableRedis
@@ -47,22 +46,12 @@ class OutageStack:
 def outage_stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[OutageStack]:
     server = RestartableRedis(tmp_path / "redis")
     server.start()
-    env = {"DGSERVE_REDIS_URL": server.url, "DGSERVE_MODEL": str(tiny_model_dir), "OMP_NUM_THREADS": "1",
-           "DGSERVE_CACHE_DIR": str(tmp_path / "cache"), "DGSERVE_JOB_LEASE_SECONDS": "5",
-           "PYTHONUNBUFFERED": "1", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1", "DGSERVE_QUEUE_NAME": QUEUE}
-    api_port = free_port()
-    api = start_process(api_command(api_port), log_path=tmp_path / "api.log", env=env, cwd=REPO_ROOT)
-    worker = None
     try:
-        worker = start_worker(env, tiny_model_dir, tmp_path, QUEUE, concurrency=JOBS, name="outage",
-                              worker_heartbeat_interval_seconds=0.5)
-        wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
-        store = JobStore.from_settings(Settings(redis_url=server.url, queue_name=QUEUE, job_lease_seconds=5))
-        yield OutageStack(server, f"http://127.0.0.1:{api_port}", worker, store)
+        with api_and_worker({"DGSERVE_REDIS_URL": server.url}, tiny_model_dir, tmp_path, QUEUE, JOBS,
+                            "outage") as (api_url, worker):
+            store = JobStore.from_settings(Settings(redis_url=server.url, queue_name=QUEUE, job_lease_seconds=5))
+            yield OutageStack(server, api_url, worker, store)
     finally:
-        if worker is not None:
-            stop_process(worker.process, timeout=30)
-        stop_process(api)
         server.stop()
 
 

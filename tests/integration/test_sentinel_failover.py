@@ -20,13 +20,12 @@ import pytest
 
 from services.jobs import JobStore
 from services.settings import Settings
-from tests.integration.conftest import REPO_ROOT, WorkerProcess, start_worker, store_event_types
+from tests.integration.conftest import (
+    WorkerProcess,
+    api_and_worker,
+    store_event_types,
+)
 from tests.support.processes import (
-    api_command,
-    free_port,
-    start_process,
-    stop_process,
-    wait_for_http,
     wait_until,
 )
 from tests.support.sentinel_cluster import SentinelCluster, run_sentinel_cluster
@@ -63,24 +62,12 @@ class Probes:
 @pytest.fixture
 def failover_stack(tmp_path: Path, tiny_model_dir: Path) -> Iterator[FailoverStack]:
     with run_sentinel_cluster(tmp_path / "redis") as cluster:
-        env = {"DGSERVE_REDIS_URL": "redis://127.0.0.1/0", "DGSERVE_REDIS_SENTINELS": cluster.sentinel_addresses,
-               "DGSERVE_REDIS_MASTER_NAME": cluster.master_name, "DGSERVE_MODEL": str(tiny_model_dir),
-               "OMP_NUM_THREADS": "1", "DGSERVE_CACHE_DIR": str(tmp_path / "cache"), "DGSERVE_JOB_LEASE_SECONDS": "5",
-               "PYTHONUNBUFFERED": "1", "DGSERVE_WORKER_METRICS_HOST": "127.0.0.1", "DGSERVE_QUEUE_NAME": QUEUE}
-        api_port = free_port()
-        api = start_process(api_command(api_port), log_path=tmp_path / "api.log", env=env, cwd=REPO_ROOT)
-        worker = None
-        try:
-            worker = start_worker(env, tiny_model_dir, tmp_path, QUEUE, concurrency=CONCURRENCY, name="failover",
-                                  worker_heartbeat_interval_seconds=0.5)
-            wait_for_http(f"http://127.0.0.1:{api_port}/healthz", timeout=60, process=api)
+        redis_env = {"DGSERVE_REDIS_URL": "redis://127.0.0.1/0", "DGSERVE_REDIS_SENTINELS": cluster.sentinel_addresses,
+                     "DGSERVE_REDIS_MASTER_NAME": cluster.master_name}
+        with api_and_worker(redis_env, tiny_model_dir, tmp_path, QUEUE, CONCURRENCY, "failover") as (api_url, worker):
             store = JobStore.from_settings(Settings(redis_sentinels=cluster.sentinel_addresses, queue_name=QUEUE,
                                                     redis_master_name=cluster.master_name, job_lease_seconds=5))
-            yield FailoverStack(cluster, f"http://127.0.0.1:{api_port}", worker, store)
-        finally:
-            if worker is not None:
-                stop_process(worker.process, timeout=30)
-            stop_process(api)
+            yield FailoverStack(cluster, api_url, worker, store)
 
 
 def test_jobs_accepted_before_a_master_kill_finish_exactly_once_after_failover(failover_stack: FailoverStack):
