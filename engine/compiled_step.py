@@ -18,7 +18,7 @@ masked keys contribute nothing. `EncodeRegion` does the same for `encoder_pass`,
 Each transformer layer is a nested compile region (engine/model/layer.py): one compiled body per attention
 kind, reused by every layer of that kind. On CUDA the graphs are compiled with mode "reduce-overhead", i.e.
 captured as CUDA graphs by torch.compile's cudagraph trees, and the persistent buffers and the KV pools are
-marked as static addresses so a replay copies nothing. On CPU inductor emits scalar C++ (`compile_options`).
+marked as static addresses so a replay copies nothing. On CPU inductor emits vectorised C++ (`compile_options`).
 Tests compile both regions on CPU (aot_eager, fullgraph) and compare with eager
 (tests/engine/test_compiled_step.py); docs/benchmarks.md has the compile times and speed on CPU.
 """
@@ -76,15 +76,11 @@ def decoder_step(model: DiffusionGemmaModel, cache: PagedKVCache, inputs: dict[s
 
 def compile_options(device: torch.device, backend: str) -> dict[str, Any]:
     """torch.compile's mode / options for a step region. CUDA: mode "reduce-overhead" (CUDA graphs). CPU inductor:
-    scalar C++ kernels (`cpp.simdlen` 1, which gcc -O3 still auto-vectorises where it can): inductor's explicit
-    int64 vectorisation in torch 2.13 crashes (SIGSEGV) on the counter-based RNG fused with a bool-masked blend
-    (`where(mask, ids, rng.uniform_token_ids(...))`, the sampler's re-noise), and skipping its tiling search
-    also shortens code generation, which dominates the compile (docs/benchmarks.md, issue 14)."""
-    if backend != "inductor":
-        return {}
-    if device.type == "cuda":
+    its defaults, i.e. explicitly vectorised C++ kernels (they crashed on the counter-based RNG until
+    engine/rng.py kept its 64-bit counter multiply out of inductor's index arithmetic: `rng._opaque_counters`)."""
+    if backend == "inductor" and device.type == "cuda":
         return {"mode": "reduce-overhead"}
-    return {"options": {"cpp.simdlen": 1}}
+    return {}
 
 
 def bucket(count: int) -> int:

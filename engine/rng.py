@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 _MASK64 = (1 << 64) - 1
+_INT64_MAX = (1 << 63) - 1
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX_MUL_1 = 0xBF58476D1CE4E5B9
 _MIX_MUL_2 = 0x94D049BB133111EB
@@ -67,13 +68,26 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _logical_shift_right(x, 31)
 
 
+def _opaque_counters(counters: torch.Tensor) -> torch.Tensor:
+    """`counters` (non-negative, so `& INT64_MAX` leaves every bit as it is) behind a bitwise op.
+
+    Why: inductor folds `torch.arange(n) * _GOLDEN_GAMMA_S` into the index expression `x0 * gamma`, and its
+    vectorised C++ (torch 2.13, AVX2) materialises that as `VectorizedN<int64_t, 2>::arange(x0 * gamma, gamma)`,
+    whose `base + k * step` overflows a signed 64-bit integer: undefined behaviour that gcc -O3 turned into a
+    SIGSEGV (and a step below 2**31, an int literal, into wrong bits). A bitwise op is outside inductor's index
+    arithmetic, so the multiply stays a vector multiply of values, which wraps (tests/engine/test_rng_inductor.py).
+    """
+    return counters & _INT64_MAX
+
+
 def hashed_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """64 mixed bits for every (key, counter) pair.
 
-    keys: int64 [B]; counters: int64 of any shape S (broadcast against each key). Returns int64 [B, *S].
+    keys: int64 [B]; counters: non-negative int64 of any shape S (broadcast against each key). Returns int64
+    [B, *S].
     """
     view = keys.reshape(keys.shape + (1,) * counters.dim())
-    return mix64(view + counters.unsqueeze(0) * _GOLDEN_GAMMA_S)
+    return mix64(view + _opaque_counters(counters).unsqueeze(0) * _GOLDEN_GAMMA_S)
 
 
 def uniform_token_ids(keys: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:

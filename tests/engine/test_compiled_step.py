@@ -105,9 +105,9 @@ def test_padding_rows_repeat_the_last_real_row(loaded: LoadedModel) -> None:
         assert torch.equal(buffers[name][:3], value) and torch.equal(buffers[name][3], value[2]), name
 
 
-def test_cpu_inductor_compiles_scalar_kernels_and_cuda_uses_cuda_graphs() -> None:
+def test_cpu_inductor_uses_its_vectorised_defaults_and_cuda_uses_cuda_graphs() -> None:
     """The options StepRegion passes to torch.compile per device (engine/compiled_step.py, compile_options)."""
-    assert compile_options(torch.device("cpu"), "inductor") == {"options": {"cpp.simdlen": 1}}
+    assert compile_options(torch.device("cpu"), "inductor") == {}
     assert compile_options(torch.device("cuda"), "inductor") == {"mode": "reduce-overhead"}
     assert compile_options(torch.device("cpu"), "aot_eager") == {}
 
