@@ -75,12 +75,22 @@ def decoder_step(model: DiffusionGemmaModel, cache: PagedKVCache, inputs: dict[s
 
 
 def compile_options(device: torch.device, backend: str) -> dict[str, Any]:
-    """torch.compile's mode / options for a step region. CUDA: mode "reduce-overhead" (CUDA graphs). CPU inductor:
-    its defaults, i.e. explicitly vectorised C++ kernels (they crashed on the counter-based RNG until
-    engine/rng.py kept its 64-bit counter multiply out of inductor's index arithmetic: `rng._opaque_counters`)."""
-    if backend == "inductor" and device.type == "cuda":
-        return {"mode": "reduce-overhead"}
-    return {}
+    """torch.compile's keyword arguments for a step region (inductor only; other backends: none).
+
+    CUDA: CUDA graphs (`triton.cudagraphs`, what mode "reduce-overhead" sets; mode and options cannot both be
+    given). CPU: inductor's explicitly vectorised C++ kernels (they crashed on the counter-based RNG until
+    engine/rng.py kept its 64-bit counter multiply out of inductor's index arithmetic: `rng._opaque_counters`).
+    Both: no size/stride/alignment asserts in the generated wrapper (hundreds per step: our inputs are the
+    persistent buffers allocated here, the weights fixed at load), and no guards on the model's modules (a
+    step's guard check otherwise walks every parameter): a region's model is never modified after it is built,
+    and one engine serves one model (docs/benchmarks.md, issue 14: both are a measured share of a batch-1 step)."""
+    if backend != "inductor":
+        return {}
+    options: dict[str, Any] = {"size_asserts": False, "alignment_asserts": False,
+                               "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if device.type == "cuda":
+        options["triton.cudagraphs"] = True
+    return {"options": options}
 
 
 def bucket(count: int) -> int:

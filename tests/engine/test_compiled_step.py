@@ -105,10 +105,14 @@ def test_padding_rows_repeat_the_last_real_row(loaded: LoadedModel) -> None:
         assert torch.equal(buffers[name][:3], value) and torch.equal(buffers[name][3], value[2]), name
 
 
-def test_cpu_inductor_uses_its_vectorised_defaults_and_cuda_uses_cuda_graphs() -> None:
-    """The options StepRegion passes to torch.compile per device (engine/compiled_step.py, compile_options)."""
-    assert compile_options(torch.device("cpu"), "inductor") == {}
-    assert compile_options(torch.device("cuda"), "inductor") == {"mode": "reduce-overhead"}
+def test_cpu_inductor_uses_vectorised_kernels_and_cuda_uses_cuda_graphs() -> None:
+    """The options StepRegion passes to torch.compile per device (engine/compiled_step.py, compile_options): no
+    scalar-only `cpp.simdlen` on CPU, CUDA graphs on CUDA, no wrapper asserts and no module guards on both."""
+    cpu, cuda = (compile_options(torch.device(kind), "inductor")["options"] for kind in ("cpu", "cuda"))
+    common = {"size_asserts": False, "alignment_asserts": False,
+              "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    assert cpu == common and "cpp.simdlen" not in cpu
+    assert cuda == {**common, "triton.cudagraphs": True}
     assert compile_options(torch.device("cpu"), "aot_eager") == {}
 
 
