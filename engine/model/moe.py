@@ -1,7 +1,10 @@
 """Feed-forward blocks: the dense GeGLU MLP, the top-k router and the packed experts.
 
 Experts run as grouped GEMMs (`torch.nn.functional.grouped_mm`) where torch supports them for the
-device/dtype, otherwise as a loop over contiguous per-expert groups of expert-sorted tokens. Experts kept in
+device/dtype, otherwise as a loop over contiguous per-expert groups of expert-sorted tokens. Under torch.compile
+where grouped_mm does not trace (fp32), they run block-aligned (`Experts._blocked`: static shapes, about the
+routed FLOPs) or, for few tokens, where the blocks' own overhead outweighs what they save, densely (every
+expert on every token). Experts kept in
 FP8 (`Experts.keep_fp8`) run the same two paths through `engine.model.fp8` (`_scaled_grouped_mm` / `_scaled_mm`).
 """
 
@@ -15,7 +18,8 @@ from .fp8 import FP8_DTYPE, scaled_grouped_linear, scaled_grouped_mm_works, scal
 
 # Shapes: N tokens, D hidden, I expert width, E experts, K experts per token, P = N*K token-expert pairs.
 
-GROUPED_MM, LOOP, DENSE = "grouped_mm", "loop", "dense"
+GROUPED_MM, LOOP, DENSE, BLOCKED = "grouped_mm", "loop", "dense", "blocked"
+EXPERT_BLOCK = 16  # rows per block of the BLOCKED path (measured at tiny's shapes: docs/benchmarks.md, issue 14)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +102,9 @@ def default_expert_backend(device: torch.device, dtype: torch.dtype) -> str:
     """grouped_mm on CUDA bf16 (the production path) and on CPU fp32 inference where this torch has a
     kernel; the loop otherwise. CPU grouped_mm has no backward in this torch, so training uses the loop.
     Under torch.compile (engine/compiled_step.py) grouped_mm traces only in bf16 and the loop's host-side
-    group bounds would break the graph, so other dtypes run every expert densely (`Experts._dense`)."""
+    group bounds would break the graph, so other dtypes run block-aligned (`Experts._blocked`)."""
     if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return DENSE
+        return BLOCKED  # Experts.forward falls back to DENSE where blocks would not save FLOPs
     if device.type == "cuda" and dtype == torch.bfloat16 and _grouped_mm_works("cuda", dtype):
         return GROUPED_MM
     if device.type == "cpu" and dtype == torch.float32 and not torch.is_grad_enabled():
@@ -134,6 +138,13 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights fp32 [N, K], experts [N, K] -> [N, D] = sum_k w_k * expert_k(x)."""
         n, k = experts.shape
+        backend = self.backend or self._default_backend(x)
+        # Blocks pay a sort and scatters of their own: worth it from half the dense rows (at tiny's shapes:
+        # 0.8 vs 2.0 ms a layer at 512 tokens, 0.30 vs 0.18 ms at 32, compiled, one thread).
+        if backend == BLOCKED and 2 * blocked_rows(n * k, self.num_experts) <= n * self.num_experts:
+            return self._blocked(x, weights, experts)
+        if backend in (BLOCKED, DENSE):
+            return self._dense(x, weights, experts)
         flat = experts.reshape(-1)
         sorted_experts, order = torch.sort(flat, stable=True)  # pairs grouped by expert (values for free)
         sorted_x = x[order // k]                               # [P, D]
@@ -143,9 +154,6 @@ class Experts(nn.Module):
         # Routing weights scale the [P, I] activations rather than the [P, D] outputs (down_proj is linear):
         # 4x less elementwise traffic at the released shapes.
         sorted_w = weights.reshape(-1)[order, None].to(x.dtype)
-        backend = self.backend or self._default_backend(x)
-        if backend == DENSE:
-            return self._dense(x, weights, experts)
         run = self._grouped if backend == GROUPED_MM else self._loop
         sorted_y = run(sorted_x, sorted_w, group_ends)         # [P, D]
         # Unpermute then sum the K contributions of each token: a fixed summation order (no atomics), so a
@@ -203,3 +211,41 @@ class Experts(nn.Module):
             return out
         gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).split(self.expert_size, dim=-1)  # [E, N, I]
         return torch.matmul(gelu_tanh(gate) * up * combine, self.down_proj.transpose(1, 2)).sum(dim=0)
+
+    def _blocked(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Block-aligned experts: the P pairs sorted by expert, each expert's group padded to whole blocks of
+        EXPERT_BLOCK rows (padding rows are a zero token with weight 0), then two batched matmuls over the
+        blocks, each block with its expert's weights gathered. Static shapes (NB = `blocked_rows` / block, an
+        upper bound; blocks past the last group are all padding) and no host reads, so it traces whole. It
+        computes (P // block + E) x block rows, against N x E for `_dense` (P = N x K: 1,280 vs 4,096 rows for
+        512 tokens, E = 8, K = 2). [N, D] -> [N, D]; each pair's output is one row of a matmul, summed over its
+        token's K pairs in a fixed order."""
+        n, k = experts.shape
+        pairs, block = n * k, EXPERT_BLOCK
+        num_blocks = blocked_rows(pairs, self.num_experts, block) // block
+        sorted_experts, order = torch.sort(experts.reshape(-1), stable=True)  # [P]
+        expert_ids = torch.arange(self.num_experts, device=x.device, dtype=sorted_experts.dtype)
+        group_ends = torch.searchsorted(sorted_experts, expert_ids, right=True)  # [E]
+        counts = torch.diff(group_ends, prepend=group_ends.new_zeros(1))
+        block_ends = torch.cumsum((counts + block - 1) // block, dim=0)  # [E], in blocks
+        first_row = (block_ends - (counts + block - 1) // block) * block - (group_ends - counts)  # [E]
+        slot = torch.arange(pairs, device=x.device) + first_row[sorted_experts]  # [P]: sorted pair -> padded row
+        rows = num_blocks * block
+        # padded row -> token (n: the zero row appended to x) and routing weight (0 for padding)
+        token = torch.full((rows,), n, device=x.device, dtype=order.dtype).scatter(0, slot, order // k)
+        row_weight = weights.new_zeros(rows).scatter(0, slot, weights.reshape(-1)[order])
+        padded_x = torch.cat([x, x.new_zeros(1, x.shape[1])])[token].view(num_blocks, block, -1)  # [NB, b, D]
+        blocks = torch.arange(num_blocks, device=x.device, dtype=block_ends.dtype)
+        block_expert = torch.searchsorted(block_ends, blocks, right=True).clamp_(max=self.num_experts - 1)
+        gate, up = torch.bmm(padded_x, self.gate_up_proj[block_expert].transpose(1, 2)).split(self.expert_size, -1)
+        hidden = gelu_tanh(gate) * up * row_weight.view(num_blocks, block, 1).to(x.dtype)  # [NB, b, I]
+        padded_y = torch.bmm(hidden, self.down_proj[block_expert].transpose(1, 2)).view(rows, -1)  # [NB*b, D]
+        pair_slot = torch.empty_like(slot).scatter_(0, order, slot)  # pair (token-major) -> padded row
+        return padded_y[pair_slot].view(n, k, -1).sum(dim=1)
+
+
+def blocked_rows(pairs: int, num_experts: int, block: int = EXPERT_BLOCK) -> int:
+    """Padded rows of `Experts._blocked` for `pairs` token-expert pairs: a static bound on the sum over experts
+    of their groups rounded up to whole blocks (each group wastes under one block: sum ceil(c_e / b) <=
+    P // b + E)."""
+    return (pairs // block + num_experts) * block

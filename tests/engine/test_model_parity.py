@@ -199,6 +199,27 @@ def test_grouped_mm_and_loop_experts_agree() -> None:
 
 
 @torch.no_grad()
+def test_block_aligned_and_dense_experts_agree_with_the_loop() -> None:
+    """The traceable fp32 expert paths (moe.BLOCKED, moe.DENSE) against the loop: empty experts, a group larger
+    than a block, and few tokens (where blocks would not save FLOPs, forward takes the dense path)."""
+    torch.manual_seed(0)
+    experts = moe.Experts(num_experts=8, hidden_size=32, expert_size=16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    for tokens, used in ((50, 5), (200, 3), (3, 8)):  # 200 tokens on 3 experts: groups of ~133 pairs, 9 blocks
+        x, weights = torch.randn(tokens, 32), torch.rand(tokens, 2)
+        chosen = torch.stack([torch.randperm(used)[:2] for _ in range(tokens)])
+        experts.backend = moe.LOOP
+        looped = experts(x, weights, chosen)
+        assert relative_error(experts._blocked(x, weights, chosen), looped) < 1e-6
+        assert relative_error(experts._dense(x, weights, chosen), looped) < 1e-6
+        experts.backend = moe.BLOCKED
+        assert relative_error(experts(x, weights, chosen), looped) < 1e-6
+    assert moe.blocked_rows(100, 8) == (100 // moe.EXPERT_BLOCK + 8) * moe.EXPERT_BLOCK
+    assert 2 * moe.blocked_rows(6, 8) > 3 * 8  # 3 tokens: too few to gain from blocks, so forward runs dense
+
+
+@torch.no_grad()
 def test_other_shapes_match_reference(tmp_path: Path) -> None:
     """No GQA on sliding layers, 2 kv heads on full layers, a full first layer, top-3 routing, window 8."""
     from tests.support.checkpoints import save_reference_checkpoint
