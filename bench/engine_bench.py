@@ -18,8 +18,9 @@ reaches; stop tokens are disabled on both sides (an id outside the vocabulary), 
 canvas. Each measurement is the median of `--repeats` runs after one warm-up run; ours and the reference
 alternate so that drift on a shared machine hits both. "Forwards" counts model passes (encoder and decoder
 passes, as docs/performance.md counts them). Peak memory is CUDA's allocator peak; on CPU it is not
-measured (null). Prints a table and, with --json, writes {"rows": [...], "ratios": [...], "settings": {...}};
-ratios are each of our implementations' speed over each reference implementation's at the same batch.
+measured (null). Prints a table and, with --json, writes {"rows": [...], "ratios": [...], "token_checks": [...],
+"settings": {...}}; ratios are each of our implementations' speed over each reference implementation's at the same batch; token checks
+compare the committed tokens of each of our implementations with the first one's (e.g. compiled vs eager).
 """
 
 from __future__ import annotations
@@ -116,10 +117,14 @@ def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> lis
     return torch.randint(3, vocab_size, (batch, prompt_len), generator=generator).tolist()
 
 
+Tokens = list[tuple[int, ...]]
+
+
 def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_tokens: int,
-                compile_sampler: bool | None, compile_step: bool, compile_encoder: bool | None = None
-                ) -> Callable[[], int]:
-    """A closure that runs the batch through one Engine (built once) and returns the forwards it ran."""
+                compile_sampler: bool | None, compile_step: bool, compile_encoder: bool | None = None,
+                record: Tokens | None = None) -> Callable[[], int]:
+    """A closure that runs the batch through one Engine (built once) and returns the forwards it ran; `record`
+    receives the committed canvases of its last run (request order, then canvas order)."""
     options: dict[str, Any] = {"compile_step": compile_step} if has_compile_step() else {}
     if compile_step and compile_encoder is not None:
         options["compile_encoder"] = compile_encoder
@@ -129,13 +134,14 @@ def ours_runner(loaded: LoadedModel, prompts: list[list[int]], steps: int, new_t
     params = SamplingParams(max_new_tokens=new_tokens, max_denoising_steps=steps, fixed_steps=True, seed=1)
 
     def run() -> int:
-        for prompt in prompts:
-            engine.add_request(EngineRequest(prompt_token_ids=tuple(prompt), params=params))
-        forwards = 0
+        ids = [engine.add_request(EngineRequest(prompt_token_ids=tuple(prompt), params=params)) for prompt in prompts]
+        forwards, canvases = 0, []
         while engine.has_unfinished():
-            engine.step()
+            canvases += [(o.request_id, o.token_ids) for o in engine.step() if o.kind == "canvas"]
             stats = engine.last_step_stats
             forwards += int(stats.num_encoder_tokens > 0) + int(stats.num_denoising_canvases > 0)
+        if record is not None:
+            record[:] = [tokens for request in ids for rid, tokens in canvases if rid == request]
         return forwards
 
     return run
@@ -204,16 +210,18 @@ def bench_batch(runners: dict[str, Callable[[], int]], repeats: int, device: tor
 
 
 def make_runners(args: argparse.Namespace, loaded: LoadedModel, reference: Any, prompts: list[list[int]],
-                 new_tokens: int) -> dict[str, Callable[[], int]]:
+                 new_tokens: int, records: dict[str, Tokens]) -> dict[str, Callable[[], int]]:
+    """The runners of `--impls`; each of ours records its last run's tokens in `records[impl]`."""
     compile_sampler = {"auto": None, "on": True, "off": False}[args.compile_sampler]
     compile_encoder = {"auto": None, "on": True, "off": False}[args.compile_encoder]
     never = loaded.config.vocab_size
     factories: dict[str, Callable[[], Callable[[], int]]] = {
         "ours": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, args.compile == "on",
-                                    compile_encoder),
-        "ours-eager": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, False),
+                                    compile_encoder, records.setdefault("ours", [])),
+        "ours-eager": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, False,
+                                          record=records.setdefault("ours-eager", [])),
         "ours-compiled": lambda: ours_runner(loaded, prompts, args.steps, new_tokens, compile_sampler, True,
-                                             compile_encoder),
+                                             compile_encoder, records.setdefault("ours-compiled", [])),
         "reference": lambda: reference_runner(reference, prompts, args.steps, new_tokens, never),
         "reference-static": lambda: reference_runner(reference, prompts, args.steps, new_tokens, never, True),
     }
@@ -227,12 +235,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     canvas_length = loaded.config.canvas_length
     prompt_len = args.prompt_len or canvas_length
     new_tokens = args.canvases * canvas_length
-    rows, ratios = [], []
+    rows, ratios, token_checks = [], [], []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = make_prompts(batch, prompt_len, loaded.config.vocab_size, args.seed + batch)
         warmups: dict[str, float] = {}
-        results = bench_batch(make_runners(args, loaded, reference, prompts, new_tokens), args.repeats, device,
-                              warmups)
+        records: dict[str, Tokens] = {}
+        results = bench_batch(make_runners(args, loaded, reference, prompts, new_tokens, records), args.repeats,
+                              device, warmups)
+        # Same seeds, same prompts: our implementations must commit the same tokens (fp32: exactly, so far).
+        ran = [impl for impl in records if records[impl]]
+        token_checks += [{"batch": batch, "impl": impl, "baseline": ran[0],
+                          "equal": records[impl] == records[ran[0]]} for impl in ran[1:]]
         for impl, outcome in results.items():
             seconds, forwards, peak = outcome if isinstance(outcome, tuple) else (None, None, None)
             rows.append({"impl": impl, "preset": args.preset, "device": str(device), "batch": batch,
@@ -248,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ratios.append({"batch": batch, "impl": ours, "baseline": baseline,
                                "speedup": timed[baseline] / timed[ours]})
     print_table(rows, ratios)
-    report = {"rows": rows, "ratios": ratios,
+    for check in token_checks:
+        print(f"batch {check['batch']:>3}: {check['impl']} tokens == {check['baseline']} tokens: {check['equal']}")
+    report = {"rows": rows, "ratios": ratios, "token_checks": token_checks,
               "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                            "prompt_len": prompt_len, "torch": torch.__version__,
                            "threads": torch.get_num_threads()}}

@@ -25,18 +25,23 @@ def bench():
 def test_engine_bench_writes_rows_and_ratios(bench, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--batches", "1,2", "--steps", "2", "--canvases", "1", "--repeats", "1",
-                "--impls", "ours-eager,reference", "--json", str(out)])
+                "--impls", "ours-eager,ours,reference", "--json", str(out)])
     report = json.loads(out.read_text())
-    assert [(r["impl"], r["batch"]) for r in report["rows"]] == [("ours-eager", 1), ("reference", 1),
-                                                                 ("ours-eager", 2), ("reference", 2)]
+    assert [(r["impl"], r["batch"]) for r in report["rows"]] == [
+        ("ours-eager", 1), ("ours", 1), ("reference", 1), ("ours-eager", 2), ("ours", 2), ("reference", 2)]
     for row in report["rows"]:
         assert set(row) == ROW_KEYS and row["error"] is None
         assert row["new_tokens"] == row["batch"] * 32 and row["tok_per_s"] > 0 and row["ms_per_forward"] > 0
         assert row["warmup_s"] > 0
     assert [(r["batch"], r["impl"], r["baseline"]) for r in report["ratios"]] == [
-        (1, "ours-eager", "reference"), (2, "ours-eager", "reference")]
+        (1, "ours-eager", "reference"), (1, "ours", "reference"), (2, "ours-eager", "reference"),
+        (2, "ours", "reference")]
     assert all(r["speedup"] > 0 for r in report["ratios"])
-    assert "ours-eager / reference" in capsys.readouterr().out
+    # `ours` is eager here (--compile off): the same seeds and prompts must commit the same tokens
+    assert report["token_checks"] == [{"batch": batch, "impl": "ours", "baseline": "ours-eager", "equal": True}
+                                      for batch in (1, 2)]
+    printed = capsys.readouterr().out
+    assert "ours-eager / reference" in printed and "ours tokens == ours-eager tokens: True" in printed
 
 
 def test_a_failing_implementation_is_reported_with_its_error(bench) -> None:
