@@ -56,6 +56,11 @@ class TransformerLayer(nn.Module):
         moe_in = self.pre_feedforward_layernorm_2.apply_weight(flat_normed, h.dtype)
         moe = self.experts(moe_in, weights, experts).view_as(residual)
         h = residual + self.post_feedforward_layernorm(self._post_branch_norms(dense, moe))
+        if torch.compiler.is_compiling():
+            # Inductor (torch 2.13) hands k and v out of this nested region as views into its concatenated
+            # keys/values buffers, with a layout the caller reads wrongly: the encoder's cache writes stored
+            # garbage (tests/engine/test_compiled_step.py, the inductor encoder test). Copies are returned whole.
+            k, v = k.clone(), v.clone()
         return h * self.layer_scalar, k, v
 
     def _post_branch_norms(self, dense: torch.Tensor, moe: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,30 @@ def test_compiled_fullgraph_encoder_writes_the_eager_kv_at_two_token_buckets(loa
             assert error < 1e-5 and bool((want_kv != 0).any()), (layer, error)
 
 
+@pytest.mark.slow
+def test_inductor_compiled_encoder_writes_the_eager_kv(loaded: LoadedModel) -> None:
+    """One prefill through the encoder pass compiled by inductor (the CPU code generation, not aot_eager) writes
+    the eager pass's K/V to fp32 rounding. Before layer.py copied k and v out of the nested layer region, every
+    layer's cache rows differed (relative error ~1.5, some entries 1e37: a wrong layout read back)."""
+    config = EngineConfig(max_canvases_in_flight=1, max_context=256, compile_step=False)
+    eager, compiled = Engine(loaded, config), Engine(loaded, config)
+    runner = compiled.runner
+    runner.encode_region = EncodeRegion(runner.model, runner.cache, True, backend="inductor")
+    for engine in (eager, compiled):
+        engine.add_request(EngineRequest(prompt="a prompt of a few words", params=SamplingParams(
+            seed=3, max_new_tokens=32, max_denoising_steps=1, fixed_steps=True)))
+        engine.step()  # the prefill (and the first canvas's step, eager: compile_step is off)
+    assert runner.encode_region._buffers  # the compiled pass ran
+    cache, reference = runner.cache, eager.runner.cache
+    for layer, kind in enumerate(loaded.config.layer_types):
+        visible = cache.scratch[kind] * cache.block_size
+        for got_pool, want_pool in ((cache.keys[layer], reference.keys[layer]),
+                                    (cache.values[layer], reference.values[layer])):
+            want_kv = want_pool[:visible]
+            error = float((got_pool[:visible] - want_kv).abs().max() / want_kv.abs().max())
+            assert error < 1e-5 and bool((want_kv != 0).any()), (layer, error)
+
+
 def test_padding_rows_repeat_the_last_real_row(loaded: LoadedModel) -> None:
     """Padding rows must hold valid inputs (every knob in range, reads in bounds): they repeat the last row."""
     runner = Engine(loaded, EngineConfig(max_canvases_in_flight=8, max_context=256)).runner
