@@ -16,11 +16,12 @@ masked keys contribute nothing. `EncodeRegion` does the same for `encoder_pass`,
 (`EngineConfig.compile_encoder`, None = as compile_step); its padding tokens and rows write only the scratch block.
 
 Each transformer layer is a nested compile region (engine/model/layer.py): one compiled body per attention
-kind, reused by every layer of that kind. On CUDA the graphs are compiled with mode "reduce-overhead", i.e.
-captured as CUDA graphs by torch.compile's cudagraph trees, and the persistent buffers and the KV pools are
-marked as static addresses so a replay copies nothing. On CPU inductor emits vectorised C++ (`compile_options`).
-Tests compile both regions on CPU (aot_eager, fullgraph) and compare with eager
-(tests/engine/test_compiled_step.py); docs/benchmarks.md has the compile times and speed on CPU.
+kind, reused by every layer of that kind. On CUDA the graphs are captured as CUDA graphs by torch.compile's
+cudagraph trees (option `triton.cudagraphs`, what mode "reduce-overhead" sets), and the persistent buffers and
+the KV pools are marked as static addresses so a replay copies nothing. On CPU inductor emits vectorised C++
+(`compile_options`). Tests compile both regions on CPU (aot_eager, fullgraph) and compare with eager, and the
+encoder pass and the RNG kernels with inductor (tests/engine/test_compiled_step.py, test_rng_inductor.py);
+docs/benchmarks.md has the compile times and speed on CPU.
 """
 
 from __future__ import annotations

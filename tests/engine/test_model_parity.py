@@ -215,8 +215,9 @@ def test_block_aligned_and_dense_experts_agree_with_the_loop() -> None:
         assert relative_error(experts._dense(x, weights, chosen), looped) < 1e-6
         experts.backend = moe.BLOCKED
         assert relative_error(experts(x, weights, chosen), looped) < 1e-6
-    assert moe.blocked_rows(100, 8) == (100 // moe.EXPERT_BLOCK + 8) * moe.EXPERT_BLOCK
-    assert 2 * moe.blocked_rows(6, 8) > 3 * 8  # 3 tokens: too few to gain from blocks, so forward runs dense
+    assert moe.blocked_rows(100, 8, 16) == (100 // 16 + 8) * 16
+    # 3 tokens: too few to gain from blocks, so forward runs dense
+    assert 2 * moe.blocked_rows(6, 8, moe.EXPERT_BLOCK) > 3 * 8
 
 
 @torch.no_grad()
