@@ -82,16 +82,23 @@ def compile_options(device: torch.device, backend: str) -> dict[str, Any]:
     given). CPU: inductor's explicitly vectorised C++ kernels (they crashed on the counter-based RNG until
     engine/rng.py kept its 64-bit counter multiply out of inductor's index arithmetic: `rng._opaque_counters`).
     Both: no size/stride/alignment asserts in the generated wrapper (hundreds per step: our inputs are the
-    persistent buffers allocated here, the weights fixed at load), and no guards on the model's modules (a
-    step's guard check otherwise walks every parameter): a region's model is never modified after it is built,
-    and one engine serves one model (docs/benchmarks.md, issue 14: both are a measured share of a batch-1 step)."""
+    persistent buffers allocated here, the weights fixed at load), and no tensor guards on the model's
+    parameters (`skip_parameter_guards`; docs/benchmarks.md, issue 14: both a measured share of a batch-1 step)."""
     if backend != "inductor":
         return {}
     options: dict[str, Any] = {"size_asserts": False, "alignment_asserts": False,
-                               "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                               "guard_filter_fn": skip_parameter_guards}
     if device.type == "cuda":
         options["triton.cudagraphs"] = True
     return {"options": options}
+
+
+def skip_parameter_guards(guard_entries: list[Any]) -> list[bool]:
+    """Keep every dynamo guard but the tensor checks of the model's parameters and buffers (one per tensor on
+    every call; they are fixed after loading). The guards on the modules themselves and their other attributes
+    stay, so another model, or a changed attribute, still recompiles instead of reusing a graph."""
+    return [not (entry.guard_type == "TENSOR_MATCH" and entry.orig_guard.source.is_unspecialized_nn_module())
+            for entry in guard_entries]
 
 
 def bucket(count: int) -> int:

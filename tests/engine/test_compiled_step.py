@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, EngineRequest, SamplingParams, StepOutput, load_model
-from engine.compiled_step import EncodeRegion, StepRegion, bucket, compile_options
+from engine.compiled_step import EncodeRegion, StepRegion, bucket, compile_options, skip_parameter_guards
 from engine.loader import LoadedModel
 
 STEPS = 3
@@ -131,10 +131,9 @@ def test_padding_rows_repeat_the_last_real_row(loaded: LoadedModel) -> None:
 
 def test_cpu_inductor_uses_vectorised_kernels_and_cuda_uses_cuda_graphs() -> None:
     """The options StepRegion passes to torch.compile per device (engine/compiled_step.py, compile_options): no
-    scalar-only `cpp.simdlen` on CPU, CUDA graphs on CUDA, no wrapper asserts and no module guards on both."""
+    scalar-only `cpp.simdlen` on CPU, CUDA graphs on CUDA, no wrapper asserts and no parameter guards on both."""
     cpu, cuda = (compile_options(torch.device(kind), "inductor")["options"] for kind in ("cpu", "cuda"))
-    common = {"size_asserts": False, "alignment_asserts": False,
-              "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    common = {"size_asserts": False, "alignment_asserts": False, "guard_filter_fn": skip_parameter_guards}
     assert cpu == common and "cpp.simdlen" not in cpu
     assert cuda == {**common, "triton.cudagraphs": True}
     assert compile_options(torch.device("cpu"), "aot_eager") == {}
@@ -145,3 +144,36 @@ def test_engine_default_is_eager_on_cpu(loaded: LoadedModel) -> None:
     assert not engine.runner.step_region.compiled
     assert Engine(loaded, EngineConfig(max_canvases_in_flight=2, max_context=256, compile_step=True)
                   ).runner.step_region.compiled
+
+
+def test_guard_filter_skips_parameter_checks_but_recompiles_for_a_changed_module() -> None:
+    """`skip_parameter_guards` (engine/compiled_step.py): parameters are not checked but read at call time (a
+    second module of the same kind shares the graph and gets its own output), and a changed module attribute the
+    trace branched on still recompiles (dropping every module guard would reuse the stale graph)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from engine.model import moe
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def run(experts: moe.Experts, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        return experts(x, weights, chosen)
+
+    compiled = torch.compile(run, backend=counter, fullgraph=True, dynamic=False,
+                             options={"guard_filter_fn": skip_parameter_guards})
+    first, second = moe.Experts(4, 8, 4), moe.Experts(4, 8, 4)
+    for experts, scale in ((first, 0.1), (second, 0.3)):
+        torch.nn.init.normal_(experts.gate_up_proj, std=scale)
+        torch.nn.init.normal_(experts.down_proj, std=scale)
+        experts.backend = moe.DENSE
+    x, weights, chosen = torch.randn(6, 8), torch.rand(6, 2), torch.tensor([[0, 1], [1, 2], [2, 3]] * 2)
+    with torch.no_grad():
+        got_first = compiled(first, x, weights, chosen)
+        got_second = compiled(second, x, weights, chosen)
+        assert torch.allclose(got_first, first(x, weights, chosen))
+        assert torch.allclose(got_second, second(x, weights, chosen)) and not torch.allclose(got_first, got_second)
+        assert counter.frame_count == 1
+        first.backend = moe.LOOP  # the trace branched on it (the loop reads group bounds: a graph break)
+        with pytest.raises(Exception, match="(?i)graph break|data-dependent|tolist|unsupported"):
+            compiled(first, x, weights, chosen)
