@@ -169,8 +169,8 @@ class ModelRunner:
         """Run one step: the encoder forward for `plan.encodes`, then one decoder forward and the sampler
         for `plan.denoises`. Returns the host copy of every canvas's argmax and converged flag."""
         started = time.perf_counter()
-        if plan.encodes:
-            self._encode(plan.encodes)
+        for group in plan.encode_groups:  # one encoder forward per group of similar row lengths
+            self._encode(group)
         canvases: list[CanvasResult] = []
         if plan.denoises:
             starting = [work for work in plan.denoises if work.starts_canvas]

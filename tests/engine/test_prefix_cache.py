@@ -215,3 +215,24 @@ def test_cancelling_the_writer_releases_the_requests_it_held(loaded: LoadedModel
     assert ends_on["first"].stats.cached_prompt_tokens == 64 and ends_on["second"].stats.cached_prompt_tokens == 128
     assert ends_on["first"].finish_reason == "length" == ends_on["second"].finish_reason
     assert tokens_on == tokens_off
+
+
+def test_short_uncached_tails_and_a_long_prompt_run_as_separate_encoder_forwards(loaded: LoadedModel) -> None:
+    """Edits of a cached document (each encodes only its partial last block, 4-14 tokens) arrive with a new
+    200-token prompt: the step encodes the long prompt and the short tails in two forwards instead of padding
+    every tail to 200 tokens, and every request gets the tokens it gets alone with the cache off."""
+    doc, other = doc_ids(232, 11), doc_ids(200, 12)
+    requests = {f"edit{end}": edit(doc[:end], [([], doc[end:end + 32], 3)], end) for end in (60, 100, 150, 190)}
+    requests["new"] = EngineRequest(prompt_token_ids=tuple(other), params=params(13))
+    engine = Engine(loaded, EngineConfig(max_canvases_in_flight=8, max_context=512))
+    run_phase(engine, {"open": edit(doc[:200], [([], doc[200:232], 2)], 1)})  # the document is cached
+    forwards: list[int] = []
+    encode = engine.runner._encode
+    engine.runner._encode = lambda group: (forwards.append(len(group)), encode(group))  # a spy: counts, then runs
+    tokens, ends, computed = run_together(engine, requests)
+    assert forwards[:2] == [1, 4]  # first step: the 200-token prompt alone, then the four tails together
+    assert computed == 200 + (60 - 48) + (100 - 96) + (150 - 144) + (190 - 176)
+    alone_engine = Engine(loaded, EngineConfig(max_context=512, enable_prefix_caching=False))
+    for name, request in requests.items():  # one at a time
+        assert tokens[name] == run_together(alone_engine, {name: request})[0][name], name
+    assert all(end.finish_reason == "stop" for name, end in ends.items() if name != "new")
