@@ -14,7 +14,9 @@ Without `--model` a random tiny checkpoint is written to a temporary folder (noi
 
 Prefix-cache workloads (issue 9; bench/prefix_bench.py), each with the KV prefix cache on and off in one run:
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 16 \
+        --steps 4 --edit-order forward                  # also --accept-rate, --doc-chars MIN:MAX
     OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 """
@@ -257,7 +259,7 @@ def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
                                                  max_context=8192) for caching in (True, False)}
         documents = make_documents(args.docs, seed=args.seed, chars=args.doc_chars)
         results = prefix_bench.run_session(engines, documents, args.n, args.concurrency, args.steps, args.seed,
-                                           rounds=args.rounds, order=args.edit_order)
+                                           rounds=args.rounds, order=args.edit_order, accept_rate=args.accept_rate)
     for caching in (True, False) if args.mode == "chat" else ():
         engine = prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency, max_context=8192)
         results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edit-order", choices=["random", "forward"], default="random",
                         help="--mode session: where edits go: random words, or walking forward through each "
                              "document about a dozen spans per pass")
+    parser.add_argument("--accept-rate", type=float, default=0.5,
+                        help="--mode session: share of finished edits the user accepts (the document moves on)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")

@@ -1,17 +1,23 @@
 """Prefix-cache workloads (issue 9), each run with the cache on and off in one process, side by side:
 
 - `session`: an editing session: a few documents, many single-span edits each, `--concurrency` in flight
-  (closed loop); each editor takes the current version of its document, and half of the finished edits are
-  accepted, so the next edit of that document follows the previous one's result. Reports edits/s, p50/p99.
+  (closed loop); editor i works on document i mod `--docs` and takes its current version; edits go to random
+  words or walk forward through the document (`--edit-order`), and a share of the finished edits
+  (`--accept-rate`, default half) is accepted, so later edits of that document see the new text. Reports
+  edits/s, p50/p99 latency, prompt / cached / encoder tokens per edit.
 - `chat`: `--chat-requests` chat requests sharing a 1,000-token system prompt, all submitted at once:
   prefill tokens computed and time to first canvas.
 - `capacity`: at one KV byte budget, prompts of 50..3,000 tokens: how many requests are in flight at once
   with the paged cache, against the slots the previous design (one `max_context` slot per request) allowed.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 16 \
+        --steps 4 --edit-order forward
     OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 
+One OpenMP thread for the session: on the shared 2-core machine two threads stall in every op's parallel
+region whenever another process holds a core, which made single steps take seconds (docs/benchmarks.md).
 Run through `bench/edit_bench.py` (which owns the model and document options); one JSON line per result.
 """
 
@@ -67,10 +73,11 @@ SPANS_PER_PASS = 12  # "an editor sends a dozen spans of one file": forward orde
 class SessionDocuments:
     """One cache setting's documents as the session goes, and where each edit goes.
 
-    `random`: each edit picks a random word of its document. `forward`: each document has a cursor, and each
-    edit of it starts at the first word past the cursor plus a random gap of 0..2/SPANS_PER_PASS of the
-    document (so about a dozen spans per pass), then moves the cursor to its span's end, wrapping to the top
-    at the end: a user walking through a file span by span. Edit n draws from its own seeded generator, so
+    `random`: each edit picks a random word of its document. `forward`: each document has a cursor (starting
+    at a seeded random place), and each edit of it starts at the first word past the cursor plus a random gap
+    of 0..2/SPANS_PER_PASS of the document (so about a dozen spans per pass), then moves the cursor to its
+    span's end, wrapping to the top at the end: a user walking through a file span by span. A finished edit
+    is accepted with probability `accept_rate`. Edit n draws from its own seeded generator, so
     both settings make the same choices for edit n.
 
     Accepting applies the edit's replacement to its span in the *current* document, moved past the edits
@@ -78,11 +85,11 @@ class SessionDocuments:
     another accepted edit touched meanwhile is not applied. (Before 2026-11-30 the stale whole result document
     replaced the current one, undoing the edits accepted in between: see docs/benchmarks.md.)"""
 
-    def __init__(self, documents: list[str], order: str, seed: int) -> None:
+    def __init__(self, documents: list[str], order: str, seed: int, accept_rate: float = 0.5) -> None:
         if order not in EDIT_ORDERS:
             raise ValueError(f"order must be one of {EDIT_ORDERS}, got {order!r}")
-        self.docs, self.order, self.seed = list(documents), order, seed
-        self.cursors = [0] * len(documents)
+        self.docs, self.order, self.seed, self.accept_rate = list(documents), order, seed, accept_rate
+        self.cursors = [random.Random(f"cursor-{seed}-{i}").randrange(len(doc)) for i, doc in enumerate(documents)]
         # Per document, every accepted change in order: (position, old length, new length).
         self.changes: list[list[tuple[int, int, int]]] = [[] for _ in documents]
         self.accepted = self.conflicts = 0
@@ -121,14 +128,14 @@ class SessionDocuments:
 
 
 def run_session(engines: dict[bool, Any], documents: list[str], edits: int, concurrency: int, steps: int | None,
-                seed: int, rounds: int = 3, order: str = "random") -> dict[bool, dict]:
+                seed: int, rounds: int = 3, order: str = "random", accept_rate: float = 0.5) -> dict[bool, dict]:
     """Closed loops of `edits` edits per cache setting (`engines`: setting -> engine); editor i works on document
     i % len(documents), edits placed by `order` (`SessionDocuments`). The edits run in `rounds` rounds, the
     settings taking turns within each round (the first setting alternates), so that load on a shared machine
     weighs on both alike; each setting keeps its own documents and cache across rounds. Untimed warm-up first:
     one edit of each document's last word (the editor opening the document)."""
     totals: dict[bool, dict] = {}
-    docs = {caching: SessionDocuments(documents, order, seed) for caching in engines}
+    docs = {caching: SessionDocuments(documents, order, seed, accept_rate) for caching in engines}
     for caching, engine in engines.items():
         rng = random.Random(seed)
         for index, document in enumerate(documents):
@@ -143,7 +150,8 @@ def run_session(engines: dict[bool, Any], documents: list[str], edits: int, conc
         first, count = number * per_round, min(per_round, edits - number * per_round)
         for caching in order_now:
             _closed_loop(engines[caching], docs[caching], first, count, concurrency, steps, totals[caching])
-    return {caching: {**_session_summary(total), "edit_order": order, "accepted": docs[caching].accepted,
+    return {caching: {**_session_summary(total), "edit_order": order, "accept_rate": accept_rate,
+                      "documents": len(documents), "accepted": docs[caching].accepted,
                       "accepts_dropped_as_stale": docs[caching].conflicts} for caching, total in totals.items()}
 
 
@@ -168,7 +176,7 @@ def _closed_loop(engine: Any, docs: SessionDocuments, first: int, count: int, co
                 if out.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.error}")
                 result = assemble_edit_result(plan, committed, engine.tokenizer)
-                if random.Random(f"accept-{docs.seed}-{out.request_id}").random() < 0.5:
+                if random.Random(f"accept-{docs.seed}-{out.request_id}").random() < docs.accept_rate:
                     docs.accept(doc_index, version, result.edits[0])
                 total["latencies"].append(time.perf_counter() - added_at)
                 total["cached"] += out.stats.cached_prompt_tokens

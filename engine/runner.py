@@ -78,8 +78,11 @@ def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch
     A running request holds at most `sliding_per_request` sliding blocks: the window before its context end
     plus one encode chunk of at most `max_encode_row` (= `sliding_chunk_tokens`) tokens. The sliding pool holds
     that for every canvas in flight, plus one more window each when that costs at most an eighth of the budget
-    (so cached prefix tails survive a while); the rest of the budget is the full pool, capped at four `max_context` requests per canvas in flight (more would only
-    serve the prefix cache; the cap keeps a default budget from reserving memory a small model never uses).
+    (so cached prefix tails survive a while); the rest of the budget is the full pool, capped at four
+    `max_context` requests per canvas in flight (more would only serve the prefix cache; the cap keeps a
+    default budget from reserving memory a small model never uses). What the cap leaves of the budget keeps
+    window tails: a prefix hit at block h needs the sliding blocks of the window before h, so the sliding pool
+    grows by up to one block per full block (more could never be read), and by at most the full pool's bytes.
     """
     bs, running = engine_config.block_size, engine_config.max_canvases_in_flight
     block_bytes = PagedKVCache.block_bytes(config, bs, dtype)
@@ -94,6 +97,10 @@ def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch
     cap = 4 * running * context_blocks
     remaining = budget - sliding_blocks * block_bytes[SLIDING]
     full_blocks = min(cap, remaining // block_bytes[FULL]) if block_bytes[FULL] else cap
+    if has_sliding and full_blocks == cap and remaining >= 0:
+        left = remaining - full_blocks * block_bytes[FULL]
+        sliding_blocks += min(left, full_blocks * block_bytes[FULL]) // block_bytes[SLIDING]
+        sliding_blocks = min(sliding_blocks, running * per_request + full_blocks)
     if remaining < 0 or full_blocks < context_blocks:
         need = context_blocks * block_bytes[FULL] + running * per_request * block_bytes[SLIDING]
         raise ValueError(f"a KV budget of {budget} bytes holds no request: one request of max_context "

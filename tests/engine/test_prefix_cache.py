@@ -236,3 +236,20 @@ def test_short_uncached_tails_and_a_long_prompt_run_as_separate_encoder_forwards
     for name, request in requests.items():  # one at a time
         assert tokens[name] == run_together(alone_engine, {name: request})[0][name], name
     assert all(end.finish_reason == "stop" for name, end in ends.items() if name != "new")
+
+
+def test_a_budget_beyond_the_full_pool_keeps_window_tails_so_edits_of_many_documents_hit(
+        loaded: LoadedModel) -> None:
+    """Six 200-token documents are opened one after another, then each is edited at position 100: every edit
+    reuses its document's 6 leading blocks, because the budget the (capped) full pool leaves over keeps the
+    sliding layers' window tails of cached blocks (with only the running requests' sliding blocks, the first
+    documents' tails were evicted and their edits re-encoded from the start)."""
+    engine = Engine(loaded, EngineConfig(max_canvases_in_flight=2, max_context=512, kv_cache_bytes=1 << 28))
+    sizes = engine.runner.pools
+    assert sizes.sliding_blocks > 2 * sizes.sliding_per_request + 6 * 13  # room for every document's tail
+    docs = [doc_ids(232, 20 + i) for i in range(6)]
+    for i, doc in enumerate(docs):
+        run_phase(engine, {f"open{i}": edit(doc[:200], [([], doc[200:232], 2)], i)})
+    ends = {o.request_id: o for o in run_phase(engine, {f"edit{i}": edit(doc[:100], [([], doc[100:132], 3)], i)
+                                                        for i, doc in enumerate(docs)}) if o.kind == "finished"}
+    assert [ends[f"edit{i}"].stats.cached_prompt_tokens for i in range(6)] == [96] * 6
