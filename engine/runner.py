@@ -70,6 +70,7 @@ class KVPoolSizes:
     sliding_blocks: int
     max_encode_row: int  # longest encode chunk of one row (the sliding reservation covers one)
     sliding_per_request: int  # sliding blocks one running request can hold at once
+    sliding_tail_blocks: int = 0  # of sliding_blocks: what the capped full pool left, keeping window tails
 
 
 def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype, budget: int) -> KVPoolSizes:
@@ -97,17 +98,17 @@ def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch
     cap = 4 * running * context_blocks
     remaining = budget - sliding_blocks * block_bytes[SLIDING]
     full_blocks = min(cap, remaining // block_bytes[FULL]) if block_bytes[FULL] else cap
+    tails = 0
     if has_sliding and full_blocks == cap and remaining >= 0:
-        left = remaining - full_blocks * block_bytes[FULL]
-        sliding_blocks += min(left, full_blocks * block_bytes[FULL]) // block_bytes[SLIDING]
-        sliding_blocks = min(sliding_blocks, running * per_request + full_blocks)
+        left = min(remaining - full_blocks * block_bytes[FULL], full_blocks * block_bytes[FULL])
+        tails = min(left // block_bytes[SLIDING], full_blocks)
     if remaining < 0 or full_blocks < context_blocks:
         need = context_blocks * block_bytes[FULL] + running * per_request * block_bytes[SLIDING]
         raise ValueError(f"a KV budget of {budget} bytes holds no request: one request of max_context "
                          f"{engine_config.max_context} with {running} in flight needs {need} bytes; raise "
                          "kv_cache_bytes or lower max_context")
-    return KVPoolSizes(full_blocks=full_blocks, sliding_blocks=sliding_blocks, max_encode_row=max_encode_row,
-                       sliding_per_request=per_request)
+    return KVPoolSizes(full_blocks=full_blocks, sliding_blocks=sliding_blocks + tails, max_encode_row=max_encode_row,
+                       sliding_per_request=per_request, sliding_tail_blocks=tails)
 
 
 class ModelRunner:

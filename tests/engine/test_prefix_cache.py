@@ -31,7 +31,8 @@ def tight_budget(loaded: LoadedModel, block_size: int, full_blocks: int) -> int:
     """A byte budget whose full pool holds about `full_blocks` blocks: small enough to force evictions."""
     options = EngineConfig(max_canvases_in_flight=IN_FLIGHT, max_context=MAX_CONTEXT, block_size=block_size)
     per_block = PagedKVCache.block_bytes(loaded.config, block_size, torch.float32)
-    sliding = plan_kv_pools(loaded.config, options, torch.float32, 1 << 40).sliding_blocks
+    pools = plan_kv_pools(loaded.config, options, torch.float32, 1 << 40)
+    sliding = pools.sliding_blocks - pools.sliding_tail_blocks  # a budget this tight keeps no extra tails
     return sliding * per_block[SLIDING] + full_blocks * per_block[FULL]
 
 
@@ -246,7 +247,10 @@ def test_a_budget_beyond_the_full_pool_keeps_window_tails_so_edits_of_many_docum
     documents' tails were evicted and their edits re-encoded from the start)."""
     engine = Engine(loaded, EngineConfig(max_canvases_in_flight=2, max_context=512, kv_cache_bytes=1 << 28))
     sizes = engine.runner.pools
-    assert sizes.sliding_blocks > 2 * sizes.sliding_per_request + 6 * 13  # room for every document's tail
+    assert sizes.sliding_tail_blocks > 6 * 13  # room for every document's window tails
+    per_block = PagedKVCache.block_bytes(loaded.config, 16, torch.float32)  # and never more than can be read:
+    assert sizes.sliding_tail_blocks <= sizes.full_blocks  # one tail block per full block,
+    assert sizes.sliding_tail_blocks * per_block[SLIDING] <= sizes.full_blocks * per_block[FULL]  # its bytes
     docs = [doc_ids(232, 20 + i) for i in range(6)]
     for i, doc in enumerate(docs):
         run_phase(engine, {f"open{i}": edit(doc[:200], [([], doc[200:232], 2)], i)})
