@@ -94,16 +94,16 @@ class SessionDocuments:
         self.changes: list[list[tuple[int, int, int]]] = [[] for _ in documents]
         self.accepted = self.conflicts = 0
 
-    def next_edit(self, engine: Any, number: int, steps: int | None) -> tuple[Any, Any, int, int]:
-        """Edit `number` of document number % len(docs) -> (EngineRequest, plan, document index, version: the
-        number of changes its document had when the edit was made)."""
-        index = number % len(self.docs)
-        document, rng = self.docs[index], random.Random(f"edit-{self.seed}-{number}")
+    def next_edit(self, engine: Any, editor: int, turn: int, steps: int | None) -> tuple[Any, Any, int, int]:
+        """Editor `editor`'s edit number `turn`, of document editor % len(docs) -> (EngineRequest, plan,
+        document index, version: the number of changes its document had when the edit was made)."""
+        index = editor % len(self.docs)
+        document, rng = self.docs[index], random.Random(f"edit-{self.seed}-{editor}-{turn}")
         at = None
         if self.order == "forward":
             at = self.cursors[index] + rng.randint(0, 2 * len(document) // SPANS_PER_PASS)
             at = at if at < len(document) else 0
-        request, plan = _edit_request(engine, document, rng, number, steps, self.seed, at=at)
+        request, plan = _edit_request(engine, document, rng, editor * 100_000 + turn, steps, self.seed, at=at)
         if self.order == "forward":
             self.cursors[index] = plan.spans[0].edit.end
         return request, plan, index, len(self.changes[index])
@@ -129,11 +129,13 @@ class SessionDocuments:
 
 def run_session(engines: dict[bool, Any], documents: list[str], edits: int, concurrency: int, steps: int | None,
                 seed: int, rounds: int = 3, order: str = "random", accept_rate: float = 0.5) -> dict[bool, dict]:
-    """Closed loops of `edits` edits per cache setting (`engines`: setting -> engine); editor i works on document
-    i % len(documents), edits placed by `order` (`SessionDocuments`). The edits run in `rounds` rounds, the
-    settings taking turns within each round (the first setting alternates), so that load on a shared machine
-    weighs on both alike; each setting keeps its own documents and cache across rounds. Untimed warm-up first:
-    one edit of each document's last word (the editor opening the document)."""
+    """`concurrency` editors per cache setting (`engines`: setting -> engine); editor i works on document
+    i % len(documents) and sends its next edit when the previous one finished (closed loop), edits placed by
+    `order` (`SessionDocuments`); about `edits` edits in all (each editor makes the same number). They run in
+    `rounds` rounds, the settings taking turns within each round (the first setting alternates), so that load
+    on a shared machine weighs on both alike; each setting keeps its own documents and cache across rounds.
+    An editor's n-th edit makes the same seeded choices in both settings. Untimed warm-up first: one edit of
+    each document's last word (the editor opening the document)."""
     totals: dict[bool, dict] = {}
     docs = {caching: SessionDocuments(documents, order, seed, accept_rate) for caching in engines}
     for caching, engine in engines.items():
@@ -144,32 +146,34 @@ def run_session(engines: dict[bool, Any], documents: list[str], edits: int, conc
         while engine.has_unfinished():
             engine.step()
         totals[caching] = {"latencies": [], "wall": 0.0, "cached": 0, "prompt": 0, "encoder_tokens": 0}
-    per_round = -(-edits // rounds)
+    turns = max(1, -(-edits // (concurrency * rounds)))  # edits per editor per round
     for number in range(rounds):
-        order_now = sorted(engines, reverse=number % 2 == 0)
-        first, count = number * per_round, min(per_round, edits - number * per_round)
-        for caching in order_now:
-            _closed_loop(engines[caching], docs[caching], first, count, concurrency, steps, totals[caching])
+        for caching in sorted(engines, reverse=number % 2 == 0):
+            _closed_loop(engines[caching], docs[caching], range(number * turns, (number + 1) * turns),
+                         concurrency, steps, totals[caching])
     return {caching: {**_session_summary(total), "edit_order": order, "accept_rate": accept_rate,
                       "documents": len(documents), "accepted": docs[caching].accepted,
                       "accepts_dropped_as_stale": docs[caching].conflicts} for caching, total in totals.items()}
 
 
-def _closed_loop(engine: Any, docs: SessionDocuments, first: int, count: int, concurrency: int,
-                 steps: int | None, total: dict) -> None:
-    """Edits first..first+count-1, `concurrency` in flight; accumulates latencies and token counts in `total`."""
-    in_flight: dict[str, tuple[float, Any, list, tuple[int, int]]] = {}
-    submitted, done, started = first, 0, time.perf_counter()
-    while done < count:
-        while submitted < first + count and len(in_flight) < concurrency:
-            request, plan, doc_index, version = docs.next_edit(engine, submitted, steps)
-            rid = engine.add_request(request, request_id=f"edit-{submitted}")
-            in_flight[rid] = (time.perf_counter(), plan, [], (doc_index, version))
-            submitted += 1
+def _closed_loop(engine: Any, docs: SessionDocuments, turns: range, editors: int, steps: int | None,
+                 total: dict) -> None:
+    """Every editor makes its edits `turns`, one at a time; accumulates latencies and token counts in `total`."""
+    in_flight: dict[str, tuple[float, Any, list, tuple[int, int, int, int]]] = {}
+
+    def submit(editor: int, turn: int) -> None:
+        request, plan, doc_index, version = docs.next_edit(engine, editor, turn, steps)
+        rid = engine.add_request(request, request_id=f"edit-{editor}-{turn}")
+        in_flight[rid] = (time.perf_counter(), plan, [], (editor, turn, doc_index, version))
+
+    for editor in range(editors):
+        submit(editor, turns.start)
+    started = time.perf_counter()
+    while in_flight:
         outputs = engine.step()
         total["encoder_tokens"] += engine.last_step_stats.num_encoder_tokens
         for out in outputs:
-            added_at, plan, committed, (doc_index, version) = in_flight[out.request_id]
+            added_at, plan, committed, (editor, turn, doc_index, version) = in_flight[out.request_id]
             if out.kind == "canvas":
                 committed.append(out.token_ids)
             elif out.kind == "finished":
@@ -182,7 +186,8 @@ def _closed_loop(engine: Any, docs: SessionDocuments, first: int, count: int, co
                 total["cached"] += out.stats.cached_prompt_tokens
                 total["prompt"] += out.stats.prompt_tokens
                 del in_flight[out.request_id]
-                done += 1
+                if turn + 1 < turns.stop:  # the editor asks for its next span
+                    submit(editor, turn + 1)
     total["wall"] += time.perf_counter() - started
 
 
