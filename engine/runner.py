@@ -1,4 +1,4 @@
-"""Model runner: a StepPlan -> padded tensors -> one encoder forward -> one decoder forward -> the sampler.
+"""Model runner: a StepPlan -> padded tensors -> encoder forwards -> one decoder forward -> the sampler.
 
 # B canvases in the decoder forward, R rows in the encoder forward, T longest encode row, C canvas length,
 # V vocab, D hidden, N canvas-state rows (max canvases in flight), Nf / Ns block-table widths
