@@ -14,7 +14,9 @@ Without `--model` a random tiny checkpoint is written to a temporary folder (noi
 
 Prefix-cache workloads (issue 9; bench/prefix_bench.py), each with the KV prefix cache on and off in one run:
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 16 \
+        --steps 4 --edit-order forward                  # also --accept-rate, --doc-chars MIN:MAX
     OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 """
@@ -51,12 +53,13 @@ _CODE = ["def {w}(a, b):", "\treturn a + b  # {w}", "for i in range(n):", "    t
          "class {W}:", "    \"\"\"{w} docs\"\"\"", "if {w} is None:\r", "        raise ValueError('{w}')"]
 
 
-def make_documents(count: int, seed: int = 0) -> list[str]:
-    """`count` deterministic documents of 200..2000 characters: prose and code, CRLF, tabs, unicode."""
+def make_documents(count: int, seed: int = 0, chars: tuple[int, int] = (200, 2000)) -> list[str]:
+    """`count` deterministic documents of `chars` (min, max) characters, at least (prose and code, CRLF, tabs,
+    unicode); each ends at the first line that reaches its drawn length."""
     rng = random.Random(seed)
     documents = []
     for _ in range(count):
-        target = rng.randint(200, 2000)
+        target = rng.randint(*chars)
         lines: list[str] = []
         while sum(len(line) + 1 for line in lines) < target:
             word = rng.choice(_WORDS)
@@ -254,14 +257,26 @@ def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
     if args.mode == "session":  # both engines live at once: the settings take turns, round by round
         engines = {caching: prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency,
                                                  max_context=8192) for caching in (True, False)}
-        results = prefix_bench.run_session(engines, make_documents(args.docs, seed=args.seed), args.n,
-                                           args.concurrency, args.steps, args.seed, rounds=args.rounds)
+        documents = make_documents(args.docs, seed=args.seed, chars=args.doc_chars)
+        results = prefix_bench.run_session(engines, documents, args.n, args.concurrency, args.steps, args.seed,
+                                           rounds=args.rounds, order=args.edit_order, accept_rate=args.accept_rate)
     for caching in (True, False) if args.mode == "chat" else ():
         engine = prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency, max_context=8192)
         results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
         del engine
     keys = ("edits_per_s", "p50_s", "p99_s") if args.mode == "session" else ("prefill_tokens_computed", "ttfc_p50_s")
     print(json.dumps(prefix_bench.compare(args.mode, results[True], results[False], keys)), flush=True)
+
+
+def _char_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--doc-chars takes MIN:MAX characters, got {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"--doc-chars needs 1 <= MIN <= MAX, got {text!r}")
+    return bounds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -274,6 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chat-requests", type=int, default=64, help="--mode chat: requests sharing the prompt")
     parser.add_argument("--rounds", type=int, default=3,
                         help="--mode session: rounds in which the cache settings take turns")
+    parser.add_argument("--doc-chars", type=_char_range, default=(200, 2000), metavar="MIN:MAX",
+                        help="document sizes in characters (default 200:2000)")
+    parser.add_argument("--edit-order", choices=["random", "forward"], default="random",
+                        help="--mode session: where edits go: random words, or walking forward through each "
+                             "document about a dozen spans per pass")
+    parser.add_argument("--accept-rate", type=float, default=0.5,
+                        help="--mode session: share of finished edits the user accepts (the document moves on)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")
@@ -284,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    documents = make_documents(args.docs, seed=args.seed)
+    documents = make_documents(args.docs, seed=args.seed, chars=args.doc_chars)
     if args.mode in ("session", "chat", "capacity"):
         run_prefix_workload(args, _model_dir(args.model))
         return

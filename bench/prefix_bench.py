@@ -1,17 +1,23 @@
 """Prefix-cache workloads (issue 9), each run with the cache on and off in one process, side by side:
 
 - `session`: an editing session: a few documents, many single-span edits each, `--concurrency` in flight
-  (closed loop); each editor takes the current version of its document, and half of the finished edits are
-  accepted, so the next edit of that document follows the previous one's result. Reports edits/s, p50/p99.
+  (closed loop); editor i works on document i mod `--docs` and takes its current version; edits go to random
+  words or walk forward through the document (`--edit-order`), and a share of the finished edits
+  (`--accept-rate`, default half) is accepted, so later edits of that document see the new text. Reports
+  edits/s, p50/p99 latency, prompt / cached / encoder tokens per edit.
 - `chat`: `--chat-requests` chat requests sharing a 1,000-token system prompt, all submitted at once:
   prefill tokens computed and time to first canvas.
 - `capacity`: at one KV byte budget, prompts of 50..3,000 tokens: how many requests are in flight at once
   with the paged cache, against the slots the previous design (one `max_context` slot per request) allowed.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 48 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 4 --steps 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode session --concurrency 16 --n 96 --docs 16 \
+        --steps 4 --edit-order forward
     OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
 
+One OpenMP thread for the session: on the shared 2-core machine two threads stall in every op's parallel
+region whenever another process holds a core, which made single steps take seconds (docs/benchmarks.md).
 Run through `bench/edit_bench.py` (which owns the model and document options); one JSON line per result.
 """
 
@@ -39,13 +45,18 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _edit_request(engine: Any, document: str, rng: random.Random, number: int, steps: int | None,
-                  seed: int, last_word: bool = False) -> tuple[Any, Any]:
-    """A single-span edit of 1-3 words at a random place of `document` (or of its last word) ->
-    (EngineRequest, plan)."""
+                  seed: int, last_word: bool = False, at: int | None = None) -> tuple[Any, Any]:
+    """A single-span edit of 1-3 words of `document` -> (EngineRequest, plan): at a random word, at its last
+    word (`last_word`), or at the first word that ends after character `at` (the first word if none does)."""
     from engine.types import EngineRequest, InfillCanvas, SamplingParams
 
     words = [m.span() for m in re.finditer(r"\w+", document)]
-    first = len(words) - 1 if last_word else rng.randrange(len(words))
+    if last_word:
+        first = len(words) - 1
+    elif at is not None:
+        first = next((i for i, (_, end) in enumerate(words) if end > at), 0)
+    else:
+        first = rng.randrange(len(words))
     last = min(first + rng.randint(0, 2), len(words) - 1)
     resolved = resolve_edits(document, [EditSpec(start=words[first][0], end=words[last][1])])
     length = engine.config.canvas_length
@@ -55,15 +66,78 @@ def _edit_request(engine: Any, document: str, rng: random.Random, number: int, s
     return EngineRequest(prompt_token_ids=plan.prompt_token_ids, params=params, infill=canvases), plan
 
 
+EDIT_ORDERS = ("random", "forward")
+SPANS_PER_PASS = 12  # "an editor sends a dozen spans of one file": forward order's mean gap is 1/12 of a document
+
+
+class SessionDocuments:
+    """One cache setting's documents as the session goes, and where each edit goes.
+
+    `random`: each edit picks a random word of its document. `forward`: each document has a cursor (starting
+    at a seeded random place), and each edit of it starts at the first word past the cursor plus a random gap
+    of 0..2/SPANS_PER_PASS of the document (so about a dozen spans per pass), then moves the cursor to its
+    span's end, wrapping to the top at the end: a user walking through a file span by span. A finished edit
+    is accepted with probability `accept_rate`. Edit n draws from its own seeded generator, so
+    both settings make the same choices for edit n.
+
+    Accepting applies the edit's replacement to its span in the *current* document, moved past the edits
+    accepted since it was submitted (as an editor applies a result to the span it sent); a result whose span
+    another accepted edit touched meanwhile is not applied. (Before 2026-11-30 the stale whole result document
+    replaced the current one, undoing the edits accepted in between: see docs/benchmarks.md.)"""
+
+    def __init__(self, documents: list[str], order: str, seed: int, accept_rate: float = 0.5) -> None:
+        if order not in EDIT_ORDERS:
+            raise ValueError(f"order must be one of {EDIT_ORDERS}, got {order!r}")
+        self.docs, self.order, self.seed, self.accept_rate = list(documents), order, seed, accept_rate
+        self.cursors = [random.Random(f"cursor-{seed}-{i}").randrange(len(doc)) for i, doc in enumerate(documents)]
+        # Per document, every accepted change in order: (position, old length, new length).
+        self.changes: list[list[tuple[int, int, int]]] = [[] for _ in documents]
+        self.accepted = self.conflicts = 0
+
+    def next_edit(self, engine: Any, editor: int, turn: int, steps: int | None) -> tuple[Any, Any, int, int]:
+        """Editor `editor`'s edit number `turn`, of document editor % len(docs) -> (EngineRequest, plan,
+        document index, version: the number of changes its document had when the edit was made)."""
+        index = editor % len(self.docs)
+        document, rng = self.docs[index], random.Random(f"edit-{self.seed}-{editor}-{turn}")
+        at = None
+        if self.order == "forward":
+            at = self.cursors[index] + rng.randint(0, 2 * len(document) // SPANS_PER_PASS)
+            at = at if at < len(document) else 0
+        request, plan = _edit_request(engine, document, rng, editor * 100_000 + turn, steps, self.seed, at=at)
+        if self.order == "forward":
+            self.cursors[index] = plan.spans[0].edit.end
+        return request, plan, index, len(self.changes[index])
+
+    def accept(self, index: int, version: int, outcome: Any) -> None:
+        """Apply a finished edit's `outcome` (an `EditOutcome` of a document at `version`) to the document."""
+        start, end = outcome.original_start, outcome.original_end
+        for position, old, new in self.changes[index][version:]:
+            if position + old <= start and (old or position < start):  # wholly before the span: shift it
+                start, end = start + new - old, end + new - old
+            elif position >= end and (old or position > end):
+                continue  # wholly after the span
+            else:  # the span was changed meanwhile: the user would not apply this stale result
+                self.conflicts += 1
+                return
+        document = self.docs[index][:start] + outcome.replacement + self.docs[index][end:]
+        if not re.search(r"\w", document):  # keep a word to edit
+            return
+        self.docs[index] = document
+        self.changes[index].append((start, end - start, len(outcome.replacement)))
+        self.accepted += 1
+
+
 def run_session(engines: dict[bool, Any], documents: list[str], edits: int, concurrency: int, steps: int | None,
-                seed: int, rounds: int = 3) -> dict[bool, dict]:
-    """Closed loops of `edits` edits per cache setting (`engines`: setting -> engine); editor i works on document
-    i % len(documents). The edits run in `rounds` rounds, the settings taking turns within each round (the
-    first setting alternates), so that load on a shared machine weighs on both alike; each setting keeps its
-    own documents and cache across rounds. Untimed warm-up first: one edit of each document's last word (the
-    editor opening the document)."""
+                seed: int, rounds: int = 3, order: str = "random", accept_rate: float = 0.5) -> dict[bool, dict]:
+    """`concurrency` editors per cache setting (`engines`: setting -> engine); editor i works on document
+    i % len(documents) and sends its next edit when the previous one finished (closed loop), edits placed by
+    `order` (`SessionDocuments`); about `edits` edits in all (each editor makes the same number). They run in
+    `rounds` rounds, the settings taking turns within each round (the first setting alternates), so that load
+    on a shared machine weighs on both alike; each setting keeps its own documents and cache across rounds.
+    An editor's n-th edit makes the same seeded choices in both settings. Untimed warm-up first: one edit of
+    each document's last word (the editor opening the document)."""
     totals: dict[bool, dict] = {}
-    docs = {caching: list(documents) for caching in engines}
+    docs = {caching: SessionDocuments(documents, order, seed, accept_rate) for caching in engines}
     for caching, engine in engines.items():
         rng = random.Random(seed)
         for index, document in enumerate(documents):
@@ -72,47 +146,48 @@ def run_session(engines: dict[bool, Any], documents: list[str], edits: int, conc
         while engine.has_unfinished():
             engine.step()
         totals[caching] = {"latencies": [], "wall": 0.0, "cached": 0, "prompt": 0, "encoder_tokens": 0}
-    per_round = -(-edits // rounds)
+    turns = max(1, -(-edits // (concurrency * rounds)))  # edits per editor per round
     for number in range(rounds):
-        order = sorted(engines, reverse=number % 2 == 0)
-        first, count = number * per_round, min(per_round, edits - number * per_round)
-        for caching in order:
-            _closed_loop(engines[caching], docs[caching], first, count, concurrency, steps, seed, totals[caching])
-    return {caching: _session_summary(total) for caching, total in totals.items()}
+        for caching in sorted(engines, reverse=number % 2 == 0):
+            _closed_loop(engines[caching], docs[caching], range(number * turns, (number + 1) * turns),
+                         concurrency, steps, totals[caching])
+    return {caching: {**_session_summary(total), "edit_order": order, "accept_rate": accept_rate,
+                      "documents": len(documents), "accepted": docs[caching].accepted,
+                      "accepts_dropped_as_stale": docs[caching].conflicts} for caching, total in totals.items()}
 
 
-def _closed_loop(engine: Any, docs: list[str], first: int, count: int, concurrency: int, steps: int | None,
-                 seed: int, total: dict) -> None:
-    """Edits first..first+count-1, `concurrency` in flight; accumulates latencies and token counts in `total`."""
-    in_flight: dict[str, tuple[float, Any, list, int]] = {}
-    submitted, done, started = first, 0, time.perf_counter()
-    while done < count:
-        while submitted < first + count and len(in_flight) < concurrency:
-            doc_index = submitted % len(docs)
-            # Each edit's own random choices, so that both cache settings make the same choices for edit n.
-            request, plan = _edit_request(engine, docs[doc_index], random.Random(f"edit-{seed}-{submitted}"),
-                                          submitted, steps, seed)
-            rid = engine.add_request(request, request_id=f"edit-{submitted}")
-            in_flight[rid] = (time.perf_counter(), plan, [], doc_index)
-            submitted += 1
+def _closed_loop(engine: Any, docs: SessionDocuments, turns: range, editors: int, steps: int | None,
+                 total: dict) -> None:
+    """Every editor makes its edits `turns`, one at a time; accumulates latencies and token counts in `total`."""
+    in_flight: dict[str, tuple[float, Any, list, tuple[int, int, int, int]]] = {}
+
+    def submit(editor: int, turn: int) -> None:
+        request, plan, doc_index, version = docs.next_edit(engine, editor, turn, steps)
+        rid = engine.add_request(request, request_id=f"edit-{editor}-{turn}")
+        in_flight[rid] = (time.perf_counter(), plan, [], (editor, turn, doc_index, version))
+
+    for editor in range(editors):
+        submit(editor, turns.start)
+    started = time.perf_counter()
+    while in_flight:
         outputs = engine.step()
         total["encoder_tokens"] += engine.last_step_stats.num_encoder_tokens
         for out in outputs:
-            added_at, plan, committed, doc_index = in_flight[out.request_id]
+            added_at, plan, committed, (editor, turn, doc_index, version) = in_flight[out.request_id]
             if out.kind == "canvas":
                 committed.append(out.token_ids)
             elif out.kind == "finished":
                 if out.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"{out.request_id} ended with {out.finish_reason}: {out.error}")
                 result = assemble_edit_result(plan, committed, engine.tokenizer)
-                accepted = random.Random(f"accept-{seed}-{out.request_id}").random() < 0.5
-                if accepted and re.search(r"\w", result.document):  # the document moves on
-                    docs[doc_index] = result.document
+                if random.Random(f"accept-{docs.seed}-{out.request_id}").random() < docs.accept_rate:
+                    docs.accept(doc_index, version, result.edits[0])
                 total["latencies"].append(time.perf_counter() - added_at)
                 total["cached"] += out.stats.cached_prompt_tokens
                 total["prompt"] += out.stats.prompt_tokens
                 del in_flight[out.request_id]
-                done += 1
+                if turn + 1 < turns.stop:  # the editor asks for its next span
+                    submit(editor, turn + 1)
     total["wall"] += time.perf_counter() - started
 
 

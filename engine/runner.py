@@ -1,4 +1,4 @@
-"""Model runner: a StepPlan -> padded tensors -> one encoder forward -> one decoder forward -> the sampler.
+"""Model runner: a StepPlan -> padded tensors -> encoder forwards -> one decoder forward -> the sampler.
 
 # B canvases in the decoder forward, R rows in the encoder forward, T longest encode row, C canvas length,
 # V vocab, D hidden, N canvas-state rows (max canvases in flight), Nf / Ns block-table widths
@@ -70,6 +70,7 @@ class KVPoolSizes:
     sliding_blocks: int
     max_encode_row: int  # longest encode chunk of one row (the sliding reservation covers one)
     sliding_per_request: int  # sliding blocks one running request can hold at once
+    sliding_tail_blocks: int = 0  # of sliding_blocks: what the capped full pool left, keeping window tails
 
 
 def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype, budget: int) -> KVPoolSizes:
@@ -78,8 +79,11 @@ def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch
     A running request holds at most `sliding_per_request` sliding blocks: the window before its context end
     plus one encode chunk of at most `max_encode_row` (= `sliding_chunk_tokens`) tokens. The sliding pool holds
     that for every canvas in flight, plus one more window each when that costs at most an eighth of the budget
-    (so cached prefix tails survive a while); the rest of the budget is the full pool, capped at four `max_context` requests per canvas in flight (more would only
-    serve the prefix cache; the cap keeps a default budget from reserving memory a small model never uses).
+    (so cached prefix tails survive a while); the rest of the budget is the full pool, capped at four
+    `max_context` requests per canvas in flight (more would only serve the prefix cache; the cap keeps a
+    default budget from reserving memory a small model never uses). What the cap leaves of the budget keeps
+    window tails: a prefix hit at block h needs the sliding blocks of the window before h, so the sliding pool
+    grows by up to one block per full block (more could never be read), and by at most the full pool's bytes.
     """
     bs, running = engine_config.block_size, engine_config.max_canvases_in_flight
     block_bytes = PagedKVCache.block_bytes(config, bs, dtype)
@@ -94,13 +98,17 @@ def plan_kv_pools(config: ModelConfig, engine_config: EngineConfig, dtype: torch
     cap = 4 * running * context_blocks
     remaining = budget - sliding_blocks * block_bytes[SLIDING]
     full_blocks = min(cap, remaining // block_bytes[FULL]) if block_bytes[FULL] else cap
+    tails = 0
+    if has_sliding and full_blocks == cap and remaining >= 0:
+        left = min(remaining - full_blocks * block_bytes[FULL], full_blocks * block_bytes[FULL])
+        tails = min(left // block_bytes[SLIDING], full_blocks)
     if remaining < 0 or full_blocks < context_blocks:
         need = context_blocks * block_bytes[FULL] + running * per_request * block_bytes[SLIDING]
         raise ValueError(f"a KV budget of {budget} bytes holds no request: one request of max_context "
                          f"{engine_config.max_context} with {running} in flight needs {need} bytes; raise "
                          "kv_cache_bytes or lower max_context")
-    return KVPoolSizes(full_blocks=full_blocks, sliding_blocks=sliding_blocks, max_encode_row=max_encode_row,
-                       sliding_per_request=per_request)
+    return KVPoolSizes(full_blocks=full_blocks, sliding_blocks=sliding_blocks + tails, max_encode_row=max_encode_row,
+                       sliding_per_request=per_request, sliding_tail_blocks=tails)
 
 
 class ModelRunner:
@@ -169,8 +177,8 @@ class ModelRunner:
         """Run one step: the encoder forward for `plan.encodes`, then one decoder forward and the sampler
         for `plan.denoises`. Returns the host copy of every canvas's argmax and converged flag."""
         started = time.perf_counter()
-        if plan.encodes:
-            self._encode(plan.encodes)
+        for group in plan.encode_groups:  # one encoder forward per group of similar row lengths
+            self._encode(group)
         canvases: list[CanvasResult] = []
         if plan.denoises:
             starting = [work for work in plan.denoises if work.starts_canvas]

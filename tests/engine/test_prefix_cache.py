@@ -31,7 +31,8 @@ def tight_budget(loaded: LoadedModel, block_size: int, full_blocks: int) -> int:
     """A byte budget whose full pool holds about `full_blocks` blocks: small enough to force evictions."""
     options = EngineConfig(max_canvases_in_flight=IN_FLIGHT, max_context=MAX_CONTEXT, block_size=block_size)
     per_block = PagedKVCache.block_bytes(loaded.config, block_size, torch.float32)
-    sliding = plan_kv_pools(loaded.config, options, torch.float32, 1 << 40).sliding_blocks
+    pools = plan_kv_pools(loaded.config, options, torch.float32, 1 << 40)
+    sliding = pools.sliding_blocks - pools.sliding_tail_blocks  # a budget this tight keeps no extra tails
     return sliding * per_block[SLIDING] + full_blocks * per_block[FULL]
 
 
@@ -215,3 +216,44 @@ def test_cancelling_the_writer_releases_the_requests_it_held(loaded: LoadedModel
     assert ends_on["first"].stats.cached_prompt_tokens == 64 and ends_on["second"].stats.cached_prompt_tokens == 128
     assert ends_on["first"].finish_reason == "length" == ends_on["second"].finish_reason
     assert tokens_on == tokens_off
+
+
+def test_short_uncached_tails_and_a_long_prompt_run_as_separate_encoder_forwards(loaded: LoadedModel) -> None:
+    """Edits of a cached document (each encodes only its partial last block, 4-14 tokens) arrive with a new
+    200-token prompt: the step encodes the long prompt and the short tails in two forwards instead of padding
+    every tail to 200 tokens, and every request gets the tokens it gets alone with the cache off."""
+    doc, other = doc_ids(232, 11), doc_ids(200, 12)
+    requests = {f"edit{end}": edit(doc[:end], [([], doc[end:end + 32], 3)], end) for end in (60, 100, 150, 190)}
+    requests["new"] = EngineRequest(prompt_token_ids=tuple(other), params=params(13))
+    engine = Engine(loaded, EngineConfig(max_canvases_in_flight=8, max_context=512))
+    run_phase(engine, {"open": edit(doc[:200], [([], doc[200:232], 2)], 1)})  # the document is cached
+    forwards: list[int] = []
+    encode = engine.runner._encode
+    engine.runner._encode = lambda group: (forwards.append(len(group)), encode(group))  # a spy: counts, then runs
+    tokens, ends, computed = run_together(engine, requests)
+    assert forwards[:2] == [1, 4]  # first step: the 200-token prompt alone, then the four tails together
+    assert computed == 200 + (60 - 48) + (100 - 96) + (150 - 144) + (190 - 176)
+    alone_engine = Engine(loaded, EngineConfig(max_context=512, enable_prefix_caching=False))
+    for name, request in requests.items():  # one at a time
+        assert tokens[name] == run_together(alone_engine, {name: request})[0][name], name
+    assert all(end.finish_reason == "stop" for name, end in ends.items() if name != "new")
+
+
+def test_a_budget_beyond_the_full_pool_keeps_window_tails_so_edits_of_many_documents_hit(
+        loaded: LoadedModel) -> None:
+    """Six 200-token documents are opened one after another, then each is edited at position 100: every edit
+    reuses its document's 6 leading blocks, because the budget the (capped) full pool leaves over keeps the
+    sliding layers' window tails of cached blocks (with only the running requests' sliding blocks, the first
+    documents' tails were evicted and their edits re-encoded from the start)."""
+    engine = Engine(loaded, EngineConfig(max_canvases_in_flight=2, max_context=512, kv_cache_bytes=1 << 28))
+    sizes = engine.runner.pools
+    assert sizes.sliding_tail_blocks > 6 * 13  # room for every document's window tails
+    per_block = PagedKVCache.block_bytes(loaded.config, 16, torch.float32)  # and never more than can be read:
+    assert sizes.sliding_tail_blocks <= sizes.full_blocks  # one tail block per full block,
+    assert sizes.sliding_tail_blocks * per_block[SLIDING] <= sizes.full_blocks * per_block[FULL]  # its bytes
+    docs = [doc_ids(232, 20 + i) for i in range(6)]
+    for i, doc in enumerate(docs):
+        run_phase(engine, {f"open{i}": edit(doc[:200], [([], doc[200:232], 2)], i)})
+    ends = {o.request_id: o for o in run_phase(engine, {f"edit{i}": edit(doc[:100], [([], doc[100:132], 3)], i)
+                                                        for i, doc in enumerate(docs)}) if o.kind == "finished"}
+    assert [ends[f"edit{i}"].stats.cached_prompt_tokens for i in range(6)] == [96] * 6

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.scheduler import Phase, Scheduler, SequenceState
+from engine.scheduler import EncodeWork, Phase, Scheduler, SequenceState, StepPlan, group_encode_rows
 from engine.types import GenerationDefaults, InfillCanvas, SamplingParams, resolve_params
 
 DEFAULTS = GenerationDefaults(stop_token_ids=(1,))
@@ -259,3 +259,29 @@ def test_cancelled_writer_releases_the_requests_waiting_for_its_blocks() -> None
     sched.finish(writer)  # cancelled mid-prefill: its unwritten blocks are no longer pending
     plan = sched.schedule(now=2.0)
     assert plan.admitted == ("follower",) and follower.cached_prompt_tokens == 64
+
+
+def encode_row(request_id: str, length: int, start: int) -> EncodeWork:
+    return EncodeWork(request_id=request_id, slot=0, token_ids=tuple(range(length)), start_position=start,
+                      is_prefill=True)
+
+
+def test_short_rows_are_not_padded_to_a_long_row_in_one_encoder_forward() -> None:
+    """A 256-token prompt chunk and nine 32-token commits: two forwards (256 + 9 x 32 tokens), not one of
+    10 x 256; every row runs exactly once, and each group is as wide as its widest row."""
+    long_row = encode_row("long", 256, 1400)
+    commits = tuple(encode_row(f"c{i}", 32 - i % 3, 1400 + 16 * i) for i in range(9))
+    plan = StepPlan(encodes=(commits[0], long_row, *commits[1:]))
+    groups = plan.encode_groups
+    assert [tuple(w.request_id for w in group) for group in groups][0] == ("long",)
+    assert sorted(w.request_id for group in groups for w in group) == sorted(w.request_id for w in plan.encodes)
+    assert len(groups) == 2 and plan.num_padded_encoder_tokens == 256 + 9 * 32
+    assert all(len(group[0].token_ids) == max(len(w.token_ids) for w in group) for group in groups)
+
+
+def test_rows_of_similar_length_share_one_encoder_forward() -> None:
+    rows = tuple(encode_row(f"r{i}", 250 + i, 600) for i in range(6))
+    assert len(StepPlan(encodes=rows).encode_groups) == 1
+    # a split pays only where the padding saved outweighs one more forward: 40 and 24 tokens stay together
+    assert len(group_encode_rows((encode_row("a", 40, 100), encode_row("b", 24, 100)))) == 1
+    assert group_encode_rows(()) == () and len(group_encode_rows(rows[:1])) == 1
