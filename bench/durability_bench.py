@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,19 +83,32 @@ def measure(mode: str, jobs: int, threads: int) -> dict:
                 stop_process(process)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def submit_bench_arguments(description: str, default_out: Path) -> argparse.Namespace:
+    """The options shared by the submit benchmarks: jobs per run, submitting threads, rounds, JSON output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/durability_bench.json"))
-    args = parser.parse_args()
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    parser.add_argument("--out", type=Path, default=default_out)
+    return parser.parse_args()
+
+
+def alternating_rounds(modes: tuple[str, ...], args: argparse.Namespace,
+                       measure_mode: Callable[[str, int, int], dict]) -> tuple[dict[str, list[dict]], dict]:
+    """Each round measures every mode in turn (so load drift weighs on all of them alike); returns the runs by
+    mode and, per mode, the median of each metric over the rounds."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
-        for mode in MODES:
-            runs[mode].append(measure(mode, args.jobs, args.threads))
+        for mode in modes:
+            runs[mode].append(measure_mode(mode, args.jobs, args.threads))
     summary = {mode: {key: statistics.median(run[key] for run in runs[mode]) for key in runs[mode][0]}
-               for mode in MODES}
+               for mode in modes}
+    return runs, summary
+
+
+def main() -> None:
+    args = submit_bench_arguments(__doc__.splitlines()[0], Path("/tmp/durability_bench.json"))
+    runs, summary = alternating_rounds(MODES, args, measure)
     print(f"{'metric':<24}{'everysec':>12}{'always':>12}{'always/everysec':>18}")
     for key in summary["always"]:
         a, e = summary["always"][key], summary["everysec"][key]

@@ -14,7 +14,6 @@ round, so load drift on a shared machine hits all alike. Prints a table with rat
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.durability_bench import time_submits  # noqa: E402
+from bench.durability_bench import alternating_rounds, submit_bench_arguments, time_submits  # noqa: E402
 from services.jobs import JobStore  # noqa: E402
 from services.launcher import free_loopback_port  # noqa: E402
 from services.settings import BUNDLED_MODEL_DIR, Settings  # noqa: E402
@@ -78,18 +77,8 @@ def measure(mode: str, jobs: int, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/replication_bench.json"))
-    args = parser.parse_args()
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    for _ in range(args.rounds):
-        for mode in MODES:
-            runs[mode].append(measure(mode, args.jobs, args.threads))
-    summary = {mode: {key: statistics.median(run[key] for run in runs[mode]) for key in runs[mode][0]}
-               for mode in MODES}
+    args = submit_bench_arguments(__doc__.splitlines()[0], Path("/tmp/replication_bench.json"))
+    runs, summary = alternating_rounds(MODES, args, measure)
     print(f"load average: {os.getloadavg()}")
     print(f"{'metric':<24}" + "".join(f"{mode:>18}" for mode in MODES) + f"{'wait/nowait':>14}{'wait/single':>14}")
     for key in summary["single"]:
