@@ -34,7 +34,7 @@ import torch
 from engine.config import FULL, SLIDING
 from engine.kv_cache import BlockTables, PagedKVCache, blocks_for
 from engine.model.moe import probe_expert_kernels
-from engine.model.transformer import DiffusionGemmaModel
+from engine.model.transformer import DiffusionGemmaModel, RowGroups
 from engine.sampler import CanvasState, ChunkKernels, SamplerInputs, denoise_step
 from engine.sampler_kernels import EAGER_KERNELS
 
@@ -50,14 +50,16 @@ RECOMPILE_LIMIT = 64  # graphs per region: buckets x table widths x knob combina
 
 def decoder_step(model: DiffusionGemmaModel, cache: PagedKVCache, inputs: dict[str, torch.Tensor],
                  context_bound: int, vocab_chunk: int, logprobs_top: int | None,
-                 kernels: ChunkKernels = EAGER_KERNELS) -> dict[str, torch.Tensor]:
+                 kernels: ChunkKernels = EAGER_KERNELS, row_groups: RowGroups | None = None
+                 ) -> dict[str, torch.Tensor]:
     """One decoder step of every canvas in `inputs` (names above) -> next_canvas, argmax [B, C], stable_steps,
     converged [B], sc_embeds [B, C, D] (the next step's self-conditioning input) and, with `logprobs_top`,
-    logprob_selected [B, C], logprob_top_ids, logprob_top [B, C, n]. Reads the KV cache, writes nothing."""
+    logprob_selected [B, C], logprob_top_ids, logprob_top [B, C, n]. Reads the KV cache, writes nothing.
+    `row_groups`: as `DiffusionGemmaModel.denoise` takes them (eager only)."""
     tables = BlockTables(full=inputs["full_table"], sliding=inputs["sliding_table"],
                          sliding_first=inputs["sliding_first"])
     logits = model.denoise(inputs["canvas_ids"], inputs["positions"], cache, tables, inputs["context_lens"],
-                           inputs["sc_embeds"], context_bound=context_bound)  # fp32 [B, C, V]
+                           inputs["sc_embeds"], context_bound=context_bound, row_groups=row_groups)  # fp32 [B, C, V]
     state = CanvasState(canvas_ids=inputs["canvas_ids"], prev_argmax=inputs["prev_argmax"],
                         stable_steps=inputs["stable_steps"], is_fixed=inputs["is_fixed"],
                         fixed_ids=inputs["fixed_ids"])
@@ -126,13 +128,15 @@ class StepRegion:
                ) -> dict[str, torch.Tensor]:
         return decoder_step(self.model, self.cache, inputs, context_bound, self.vocab_chunk, logprobs_top)
 
-    def run(self, inputs: dict[str, torch.Tensor], context_bound: int, logprobs_top: int | None
-            ) -> dict[str, torch.Tensor]:
-        """The step's outputs for the B rows of `inputs` (eager: `context_bound` as given; compiled: the
-        padded full table's whole width)."""
+    def run(self, inputs: dict[str, torch.Tensor], context_bound: int, logprobs_top: int | None,
+            row_groups: RowGroups | None = None) -> dict[str, torch.Tensor]:
+        """The step's outputs for the B rows of `inputs` (eager: `context_bound` and `row_groups` as given;
+        compiled: the padded full table's whole width, one group: a graph's shapes cannot follow the
+        groups, and on a GPU a paged-attention kernel that skips blocks past each row's context is the way
+        to the same saving, docs/architecture.md)."""
         if self._compiled_step is None:
             return decoder_step(self.model, self.cache, inputs, context_bound, self.vocab_chunk, logprobs_top,
-                                self.kernels)
+                                self.kernels, row_groups)
         rows = inputs["canvas_ids"].shape[0]
         buffers = self._padded(inputs)
         bound = min(buffers["full_table"].shape[1] * self.cache.block_size, self.cache.max_context)

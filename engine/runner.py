@@ -23,7 +23,8 @@ from engine.block_manager import BlockManager
 from engine.compiled_step import EncodeRegion, StepRegion
 from engine.config import FULL, SLIDING, ModelConfig
 from engine.kv_cache import BlockTables, PagedKVCache, blocks_for
-from engine.model.transformer import DiffusionGemmaModel
+from engine.model.transformer import DiffusionGemmaModel, RowGroups
+from engine.row_groups import decoder_row_groups
 from engine.sampler import (
     ChunkKernels,
     CompiledWithFallback,
@@ -257,6 +258,19 @@ class ModelRunner:
         )
 
     def _denoise(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]) -> list[CanvasResult]:
+        """One decoder step of `works`, run in order of context length so that the full-attention layers
+        read each run of rows only up to its own longest context (`decoder_row_groups`); the results come
+        back in the order of `works`."""
+        order, row_groups = decoder_row_groups([work.canvas_start for work in works], self.config.canvas_length,
+                                               self.block_size)
+        results = self._denoise_rows(tuple(works[row] for row in order), sequences, row_groups)
+        in_order: list[CanvasResult | None] = [None] * len(works)
+        for row, result in zip(order, results, strict=True):
+            in_order[row] = result
+        return [result for result in in_order if result is not None]
+
+    def _denoise_rows(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState],
+                      row_groups: RowGroups) -> list[CanvasResult]:
         slots = torch.tensor([work.slot for work in works], device=self.device)
         starts_host = [work.canvas_start for work in works]
         starts = torch.tensor(starts_host, device=self.device)
@@ -270,7 +284,7 @@ class ModelRunner:
                   "fixed_ids": self.fixed_ids[slots],
                   **{name: value for name, value in sampler.__dict__.items() if value is not None}}
         wants_logprobs = any(sequences[work.request_id].params.logprobs is not None for work in works)
-        out = self.step_region.run(inputs, max(starts_host), MAX_LOGPROBS if wants_logprobs else None)
+        out = self.step_region.run(inputs, max(starts_host), MAX_LOGPROBS if wants_logprobs else None, row_groups)
         self.sc_embeds[slots] = out["sc_embeds"]
         if wants_logprobs:
             self.logprob_selected[slots] = out["logprob_selected"]

@@ -6,7 +6,7 @@ A request moves WAITING -> ENCODING -> DENOISING -> (ENCODING -> DENOISING)* -> 
 - DENOISING: its canvas runs one decoder step per engine step until the sampler stops it.
 
 `Scheduler.schedule()` builds the next `StepPlan` under three budgets: `max_tokens_per_forward` (padded tokens
-of the step's encode rows: rows x the widest row, see `Scheduler._encode_width`; `group_encode_rows` then splits
+of the step's encode rows: rows x the widest row, see `Scheduler._encode_width`; `group_encode_rows` (engine/row_groups.py) then splits
 them into forwards of similar row lengths, which only lowers what is computed), `max_canvases_in_flight`
 (running requests; each has at most one canvas, and one row of the runner's canvas state, its "slot") and
 the KV blocks (`engine/block_manager.py`): a request is admitted only when the full-layer pool can hold every
@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
+from engine.row_groups import group_encode_rows
 from engine.types import InfillCanvas, ResolvedParams
 
 
@@ -126,45 +127,6 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.encodes and not self.denoises
-
-
-# Encoder forwards of one step are split where the padding saved outweighs one more forward's fixed cost.
-# Measured on the CPU `tiny` preset (docs/benchmarks.md, issue 9): a forward costs about 17 ms before its
-# first token, and a padded token about 0.03 ms + 0.064 us per position it attends to; in those units
-# (0.064 us) the fixed cost is ~265,000 and a token 470 + its context. Only the split points depend on
-# these numbers, never the tokens (rows are independent requests).
-FORWARD_COST = 265_000
-TOKEN_COST = 470
-
-
-def group_encode_rows(encodes: tuple[EncodeWork, ...]) -> tuple[tuple[EncodeWork, ...], ...]:
-    """Split one step's encode rows into groups, one encoder forward each, each padded to its own widest row.
-
-    One forward pads every row to the widest, so a step that encodes one 256-token prompt chunk and nine
-    32-token commits would compute 2,560 tokens for 544. Rows are sorted by length (longest first, so each
-    group's first row is its width) and cut into contiguous runs by dynamic programming over
-    `FORWARD_COST + rows * width * (TOKEN_COST + context + width)` per group, the context being the group's
-    furthest first position (what its attention reads). O(rows^2) host work on at most
-    max_canvases_in_flight rows. Groups come out longest rows first; the order does not change any result.
-    """
-    if len(encodes) <= 1:
-        return (encodes,) if encodes else ()
-    rows = sorted(encodes, key=lambda work: -len(work.token_ids))
-    best = [0] * (len(rows) + 1)  # best[j]: least cost of rows[:j]
-    cut = [0] * (len(rows) + 1)   # cut[j]: where the last group of that best split of rows[:j] starts
-    for end in range(1, len(rows) + 1):
-        context, candidates = 0, []
-        for start in range(end - 1, -1, -1):  # the last group is rows[start:end]; its width is rows[start]'s
-            width = len(rows[start].token_ids)
-            context = max(context, rows[start].start_position)
-            cost = best[start] + FORWARD_COST + (end - start) * width * (TOKEN_COST + context + width)
-            candidates.append((cost, start))
-        best[end], cut[end] = min(candidates)
-    groups, end = [], len(rows)
-    while end > 0:
-        groups.append(tuple(rows[cut[end]:end]))
-        end = cut[end]
-    return tuple(reversed(groups))
 
 
 class Scheduler:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention
+from .attention import Attention, PastKV
 from .moe import Experts, GatedMLP, Router
 from .norms import RMSNorm, rms_normalize
 
@@ -38,14 +38,13 @@ class TransformerLayer(nn.Module):
     # Under torch.compile each distinct layer (one per attention kind) is traced and compiled once and reused by
     # every layer of its kind (engine/compiled_step.py): compile time stops growing with depth. Eager: no-op.
     @torch.compiler.nested_compile_region
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: torch.Tensor,
-                past_v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: PastKV,
+                past_v: PastKV, mask: PastKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [B, T, D]; past_k/v [B, S_past, G, hd] precede the new tokens' keys; mask [B, 1, 1 or R*T, S_past+T]
-        (see `Attention.attend`).
+        (see `Attention.attend`); or all three per row group (`Attention.attend_with_past`).
         Returns (new h, new tokens' k, v [B, T, G, hd]) so the caller can cache them."""
         q, k, v = self.self_attn.project(self.input_layernorm(h), cos, sin)
-        keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)
-        h = h + self.post_attention_layernorm(self.self_attn.attend(q, keys, values, mask))
+        h = h + self.post_attention_layernorm(self.self_attn.attend_with_past(q, k, v, past_k, past_v, mask))
         residual = h
         # The two pre-feedforward norms and the router's weightless norm all normalise the raw residual:
         # one RMS pass serves the three.

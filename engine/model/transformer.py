@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FULL, SLIDING, ModelConfig
-from ..kv_cache import BlockTables, PagedKVCache
+from ..kv_cache import BlockTables, PagedKVCache, blocks_for
+from .attention import additive_mask, folds_gqa_queries
 from .layer import TransformerLayer
 from .norms import RMSNorm
 from .rope import inverse_frequencies, rope_cos_sin
@@ -21,7 +22,10 @@ from .self_conditioning import SelfConditioning
 # Shapes: B rows (canvases or prompt chunks), T tokens per row, C canvas length, V vocab, D hidden,
 # L full-layer context bound, W sliding window.
 
-VOCAB_CHUNK = 32_768  # vocabulary-sized products run in slices of this many ids to bound temporaries
+VOCAB_CHUNK = 32_768
+
+# ((rows, context bound), ...): contiguous runs of a decoder batch's rows and the past positions each reads.
+RowGroups = tuple[tuple[int, int], ...]  # vocabulary-sized products run in slices of this many ids to bound temporaries
 
 
 class DiffusionGemmaModel(nn.Module):
@@ -55,7 +59,10 @@ class DiffusionGemmaModel(nn.Module):
         h = self.embed(input_ids)
         rope = self._rope_tables(positions, h.dtype)
         index = cache.forward_index(cache.tables(slots, positions[:, 0]), positions, token_valid, bound)
-        masks = self._fold_masks_for_gqa(self._encoder_masks(positions, token_valid, index.key_positions))
+        masks = self._encoder_masks(positions, token_valid, index.key_positions)
+        if folds_gqa_queries(h.device):
+            masks = self._fold_masks_for_gqa(masks)
+        masks = {kind: additive_mask(mask, h.dtype) for kind, mask in masks.items()}
         for layer_idx, layer in enumerate(self.layers):
             layer_type = self.config.layer_types[layer_idx]
             past_k, past_v = cache.read(layer_idx, index.read[layer_type])
@@ -65,13 +72,17 @@ class DiffusionGemmaModel(nn.Module):
 
     def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                 slots: torch.Tensor | BlockTables, context_lens: torch.Tensor, sc_embeds: torch.Tensor | None,
-                context_bound: int | None = None) -> torch.Tensor:
+                context_bound: int | None = None, row_groups: RowGroups | None = None) -> torch.Tensor:
         """Decoder mode over canvas_ids [B, C] at `positions` [B, C]: every canvas token sees the whole canvas
         and the row's cached positions < context_lens [B] (sliding layers: only the last `window - 1` of
         them, as the reference's dynamic cache keeps). Never writes the cache. `slots` as in `encode`.
         `sc_embeds` [B, C, D] is the self-conditioning soft embedding (None or zeros = no signal).
-        `context_bound` (host int, default cache.max_context) must be >= max(context_lens). Returns fp32
-        softcapped logits [B, C, V]."""
+        `context_bound` (host int, default cache.max_context) must be >= max(context_lens). `row_groups`
+        (host ints, optional): ((rows, bound), ...) splits the batch into contiguous runs of rows, in order, whose
+        full-attention layers read only `bound` past positions (each >= its rows' context_lens, <= context_bound;
+        the counts sum to B): rows sorted by context length then skip the keys only longer rows need. The
+        result equals the ungrouped one up to float rounding (SDPA's accumulation order follows the key
+        count, as it does whenever a batch's longest context changes). Returns fp32 softcapped logits [B, C, V]."""
         bound = self._check_inputs(canvas_ids, positions, cache, slots, context_bound)
         if sc_embeds is not None and sc_embeds.shape != (*canvas_ids.shape, self.config.hidden_size):
             raise ValueError(f"sc_embeds shape {tuple(sc_embeds.shape)} must be "
@@ -79,12 +90,38 @@ class DiffusionGemmaModel(nn.Module):
         h = self.self_conditioning(self.embed(canvas_ids), sc_embeds)
         rope = self._rope_tables(positions, h.dtype)
         index = cache.forward_index(cache.tables(slots, context_lens), positions, None, bound)
-        masks = self._decoder_masks(context_lens, index.key_positions, canvas_ids.shape[1])
+        masks = {kind: additive_mask(mask, h.dtype) for kind, mask in
+                 self._decoder_masks(context_lens, index.key_positions, canvas_ids.shape[1]).items()}
+        groups = None
+        if row_groups is not None and len(row_groups) > 1 and FULL in index.read:
+            groups = self._full_layer_row_groups(index.read[FULL], masks[FULL], row_groups, cache.block_size)
         for layer_idx, layer in enumerate(self.layers):
             layer_type = self.config.layer_types[layer_idx]
+            if groups is not None and layer_type == FULL:
+                reads = [cache.read(layer_idx, rows) for rows in groups[0]]
+                h, _, _ = layer(h, *rope[layer_type], tuple(k for k, _ in reads), tuple(v for _, v in reads),
+                                groups[1])
+                continue
             past_k, past_v = cache.read(layer_idx, index.read[layer_type])
             h, _, _ = layer(h, *rope[layer_type], past_k, past_v, masks[layer_type])
         return self.logits(h)
+
+    @staticmethod
+    def _full_layer_row_groups(read: torch.Tensor, mask: torch.Tensor, row_groups: RowGroups, block_size: int
+                               ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per row group: its storage rows [b, S_g] (the first S_g of `read` [B, S], whole blocks covering the
+        group's bound) and its decoder mask [b, 1, 1, S_g + C] (from `mask` [B, 1, 1, S + C])."""
+        width = read.shape[1]
+        if sum(rows for rows, _ in row_groups) != read.shape[0]:
+            raise ValueError(f"row_groups {row_groups} must cover the batch's {read.shape[0]} rows")
+        reads, masks, start = [], [], 0
+        for rows, bound in row_groups:
+            keys = min(width, blocks_for(bound, block_size) * block_size)
+            reads.append(read[start:start + rows, :keys])
+            rows_mask = mask[start:start + rows]
+            masks.append(torch.cat((rows_mask[..., :keys], rows_mask[..., width:]), dim=-1))
+            start += rows
+        return tuple(reads), tuple(masks)
 
     def self_conditioning_embeds(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """softmax(sc_logits) @ E * sqrt(D) -> [B, C, D] in the model dtype, softmax in fp32, processed in

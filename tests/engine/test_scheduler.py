@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.scheduler import EncodeWork, Phase, Scheduler, SequenceState, StepPlan, group_encode_rows
+from engine.row_groups import group_encode_rows
+from engine.scheduler import EncodeWork, Phase, Scheduler, SequenceState, StepPlan
 from engine.types import GenerationDefaults, InfillCanvas, SamplingParams, resolve_params
 
 DEFAULTS = GenerationDefaults(stop_token_ids=(1,))
