@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-# Encoder forwards: a forward costs about 17 ms before its first token, and a padded token about 0.03 ms +
-# 0.064 us per position it attends to; in those units (0.064 us) the fixed cost is ~265,000 and a token 470
-# plus its context.
-FORWARD_COST = 265_000
-TOKEN_COST = 470
+# Encoder forwards, in microseconds (fitted to 13 forwards of 1-16 rows, 1-256 tokens, contexts 0-2,000 on
+# the CPU `tiny` preset, one thread): a forward costs ~14 ms before its first token; each row reads its past
+# (gather, mask, attention: ~0.88 us per past position, whatever its width); each token ~43 us plus ~0.036 us
+# per key it attends to.
+FORWARD_US = 14_000.0
+ROW_KEY_US = 0.88
+TOKEN_US = 43.0
+TOKEN_KEY_US = 0.036
 
 # Decoder attention row groups, in past keys read by one row: a row-key costs ~1.3 us over tiny's two full
 # layers (32 canvas queries x 4 heads), an extra group ~0.43 ms (one more gather, join and SDPA call per full
@@ -44,9 +47,9 @@ def group_encode_rows(encodes: Sequence[Row]) -> tuple[tuple[Row, ...], ...]:
 
     One forward pads every row to the widest, so a step that encodes one 256-token prompt chunk and nine
     32-token commits would compute 2,560 tokens for 544. Rows are sorted by length (longest first, so each
-    group's first row is its width) and cut into contiguous runs minimising
-    `FORWARD_COST + rows * width * (TOKEN_COST + context + width)` per group, the context being the group's
-    furthest first position (what its attention reads). O(rows^2) host work on at most
+    group's first row is its width) and cut into contiguous runs minimising the measured cost per group,
+    `FORWARD_US + rows * (past * ROW_KEY_US + width * (TOKEN_US + (past + width) * TOKEN_KEY_US))`, `past`
+    being the group's furthest first position (every row reads that many past positions). O(rows^2) host work on at most
     max_canvases_in_flight rows. Groups come out longest rows first; the order does not change any result.
     """
     if len(encodes) <= 1:
@@ -60,9 +63,10 @@ def group_encode_rows(encodes: Sequence[Row]) -> tuple[tuple[Row, ...], ...]:
             furthest = max(furthest, rows[end - 1].start_position)
             context[start, end] = furthest
 
-    def cost(start: int, end: int) -> int:
-        width = len(rows[start].token_ids)
-        return FORWARD_COST + (end - start) * width * (TOKEN_COST + context[start, end] + width)
+    def cost(start: int, end: int) -> float:
+        width, past = len(rows[start].token_ids), context[start, end]
+        per_row = past * ROW_KEY_US + width * (TOKEN_US + (past + width) * TOKEN_KEY_US)
+        return FORWARD_US + (end - start) * per_row
 
     return tuple(tuple(rows[start:end]) for start, end in _cheapest_cuts(len(rows), cost))
 
@@ -82,7 +86,7 @@ def decoder_row_groups(context_lens: Sequence[int], canvas_length: int, block_si
     def keys(bound: int) -> int:
         return -(-bound // block_size) * block_size
 
-    def cost(start: int, end: int) -> int:
+    def cost(start: int, end: int) -> float:
         return ATTENTION_GROUP_COST + (end - start) * (keys(lens[end - 1]) + canvas_length)
 
     if not lens:
@@ -90,10 +94,10 @@ def decoder_row_groups(context_lens: Sequence[int], canvas_length: int, block_si
     return order, tuple((end - start, lens[end - 1]) for start, end in _cheapest_cuts(len(lens), cost))
 
 
-def _cheapest_cuts(count: int, cost: Callable[[int, int], int]) -> list[tuple[int, int]]:
+def _cheapest_cuts(count: int, cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
     """Contiguous runs [(start, end), ...] covering 0..count that minimise the sum of cost(start, end):
     dynamic programming, O(count^2) calls."""
-    best = [0] * (count + 1)  # best[j]: least cost of the first j rows
+    best = [0.0] * (count + 1)  # best[j]: least cost of the first j rows
     cut = [0] * (count + 1)   # cut[j]: where the last run of that best split starts
     for end in range(1, count + 1):
         best[end], cut[end] = min((best[start] + cost(start, end), start) for start in range(end))
