@@ -49,8 +49,9 @@ def group_encode_rows(encodes: Sequence[Row]) -> tuple[tuple[Row, ...], ...]:
     32-token commits would compute 2,560 tokens for 544. Rows are sorted by length (longest first, so each
     group's first row is its width) and cut into contiguous runs minimising the measured cost per group,
     `FORWARD_US + rows * (past * ROW_KEY_US + width * (TOKEN_US + (past + width) * TOKEN_KEY_US))`, `past`
-    being the group's furthest first position (every row reads that many past positions). O(rows^2) host work on at most
-    max_canvases_in_flight rows. Groups come out longest rows first; the order does not change any result.
+    being the group's furthest first position (every row reads that many past positions). O(rows^2) host
+    work on at most max_canvases_in_flight rows. Groups come out longest rows first; the order does not
+    change any result.
     """
     if len(encodes) <= 1:
         return (tuple(encodes),) if encodes else ()

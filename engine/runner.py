@@ -264,10 +264,8 @@ class ModelRunner:
         order, row_groups = decoder_row_groups([work.canvas_start for work in works], self.config.canvas_length,
                                                self.block_size)
         results = self._denoise_rows(tuple(works[row] for row in order), sequences, row_groups)
-        in_order: list[CanvasResult | None] = [None] * len(works)
-        for row, result in zip(order, results, strict=True):
-            in_order[row] = result
-        return [result for result in in_order if result is not None]
+        by_row = dict(zip(order, results, strict=True))
+        return [by_row[row] for row in range(len(works))]
 
     def _denoise_rows(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState],
                       row_groups: RowGroups) -> list[CanvasResult]:

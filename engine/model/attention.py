@@ -59,9 +59,9 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, hd], keys/values [B, S, G, hd], mask [B, 1, 1, S] (one row for every query) or
-        [B, 1, T, S], folded for GQA as [B, 1, R*T, S] where `folds_gqa_queries` (R = H / G, rows in the order
-        of the folded queries below; the model folds encoder masks once per forward) -> [B, T, D]. The mask is bool (True = attend) or, as the model
-        passes it, additive in q's dtype (`additive_mask`) -> [B, T, D]."""
+        [B, 1, T, S], which is folded for GQA as [B, 1, R*T, S] where `folds_gqa_queries` (R = H / G, rows in
+        the order of the folded queries below; the model folds encoder masks once per forward) -> [B, T, D].
+        The mask is bool (True = attend) or, as the model passes it, additive in q's dtype (`additive_mask`)."""
         return self.o_proj(self._attend_heads(q, keys, values, mask))
 
     def attend_with_past(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: PastKV,
@@ -69,7 +69,7 @@ class Attention(nn.Module):
         """Attention of the new tokens' q [B, T, H, hd] over the past keys followed by their own k, v
         [B, T, G, hd] -> [B, T, D].
 
-        `past_k`, `past_v` [B, S, G, hd] and `mask` [B, 1, 1 or R*T, S+T] (as in `attend`) cover every row; or
+        `past_k`, `past_v` [B, S, G, hd] and `mask` [B, 1, 1 | T | R*T, S+T] (as in `attend`) cover every row; or
         each is a tuple with one entry per contiguous run of rows ("row groups", in row order: group g holds
         the next past_k[g].shape[0] rows), each group read and masked to its own past width S_g. Groups let
         rows with short contexts skip the keys a long row in the same batch needs: SDPA computes every key

@@ -40,7 +40,7 @@ class TransformerLayer(nn.Module):
     @torch.compiler.nested_compile_region
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past_k: PastKV,
                 past_v: PastKV, mask: PastKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, T, D]; past_k/v [B, S_past, G, hd] precede the new tokens' keys; mask [B, 1, 1 or R*T, S_past+T]
+        """h [B, T, D]; past_k/v [B, S_past, G, hd] precede the new tokens' keys; mask [B, 1, 1 | T | R*T, S_past+T]
         (see `Attention.attend`); or all three per row group (`Attention.attend_with_past`).
         Returns (new h, new tokens' k, v [B, T, G, hd]) so the caller can cache them."""
         q, k, v = self.self_attn.project(self.input_layernorm(h), cos, sin)

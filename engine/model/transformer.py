@@ -22,10 +22,10 @@ from .self_conditioning import SelfConditioning
 # Shapes: B rows (canvases or prompt chunks), T tokens per row, C canvas length, V vocab, D hidden,
 # L full-layer context bound, W sliding window.
 
-VOCAB_CHUNK = 32_768
+VOCAB_CHUNK = 32_768  # vocabulary-sized products run in slices of this many ids to bound temporaries
 
 # ((rows, context bound), ...): contiguous runs of a decoder batch's rows and the past positions each reads.
-RowGroups = tuple[tuple[int, int], ...]  # vocabulary-sized products run in slices of this many ids to bound temporaries
+RowGroups = tuple[tuple[int, int], ...]
 
 
 class DiffusionGemmaModel(nn.Module):
