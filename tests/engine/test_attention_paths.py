@@ -8,8 +8,9 @@ import torch
 
 from engine.config import preset
 from engine.kv_cache import KVCache
-from engine.model import DiffusionGemmaModel, attention, transformer
+from engine.model import attention, transformer
 from engine.model.attention import additive_mask
+from tests.support.checkpoints import random_model
 
 CFG = preset("tiny")
 
@@ -23,10 +24,7 @@ def test_additive_mask_is_zero_where_attended_and_minus_infinity_elsewhere() -> 
 
 @torch.inference_mode()
 def test_folded_and_enable_gqa_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    net = DiffusionGemmaModel(CFG).eval()
-    for p in net.parameters():
-        p.normal_(0, 0.1) if p.dim() >= 2 else p.uniform_(0.5, 1.5)
+    net = random_model(CFG, seed=0)
     gen = torch.Generator().manual_seed(5)
     lens = [40, 75, 130]
     width = max(lens)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from engine.config import FULL, SLIDING, preset
 from engine.kv_cache import BlockTables, KVCache, PagedKVCache
 from engine.model import DiffusionGemmaModel, moe
+from tests.support.checkpoints import random_model
 
 # B rows, T tokens, C canvas length, V vocab, W sliding window
 
@@ -20,12 +21,7 @@ CFG = preset("tiny")
 
 @pytest.fixture(scope="module")
 def model() -> DiffusionGemmaModel:
-    torch.manual_seed(0)
-    net = DiffusionGemmaModel(CFG).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.1) if p.dim() >= 2 else p.uniform_(0.5, 1.5)
-    return net
+    return random_model(CFG, seed=0)
 
 
 def encode(model: DiffusionGemmaModel, cache: KVCache, rows: list[list[int]], slots: list[int],
@@ -282,11 +278,7 @@ def test_models_of_one_layer_kind_encode_and_denoise(layer_types: tuple[str, ...
     kinds it has; batched and chunked encodes still agree with one pass. (All-sliding models are refused by
     the config, as the reference forces the last layer to full attention: tests/engine/test_engine_defects.py.)"""
     config = CFG.replace(layer_types=layer_types, num_hidden_layers=len(layer_types))
-    torch.manual_seed(3)
-    net = DiffusionGemmaModel(config).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.1) if p.dim() >= 2 else p.uniform_(0.5, 1.5)
+    net = random_model(config, seed=3)
     prompt = torch.randint(0, config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(4))
     canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length), generator=torch.Generator().manual_seed(5))
     slot = torch.zeros(1, dtype=torch.long)

@@ -10,6 +10,7 @@ from engine.config import preset
 from engine.kv_cache import KVCache
 from engine.model import DiffusionGemmaModel
 from engine.row_groups import ATTENTION_GROUP_COST, decoder_row_groups
+from tests.support.checkpoints import random_model
 
 CFG = preset("tiny")
 C = CFG.canvas_length
@@ -41,12 +42,7 @@ def test_a_split_that_saves_less_than_a_group_costs_is_not_made() -> None:
 
 @pytest.fixture(scope="module")
 def model() -> DiffusionGemmaModel:
-    torch.manual_seed(0)
-    net = DiffusionGemmaModel(CFG).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.1) if p.dim() >= 2 else p.uniform_(0.5, 1.5)
-    return net
+    return random_model(CFG, seed=0)
 
 
 @torch.inference_mode()

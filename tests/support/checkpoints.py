@@ -7,9 +7,13 @@ The reference builders import `transformers` lazily (a test-only dependency).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.config import ModelConfig
+    from engine.model import DiffusionGemmaModel
 
 # Small enough to build and save in well under a second; full layers at 2 and 5, a window shorter
 # than a two-canvas context so the sliding ring wraps.
@@ -76,3 +80,17 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     from engine.checkpoint import write_random_checkpoint
 
     return write_random_checkpoint(out_dir, preset="tiny", seed=seed)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> DiffusionGemmaModel:
+    """An eval-mode `DiffusionGemmaModel` of `config` with random weights in memory (no checkpoint):
+    matrices N(0, 0.1), vectors (norm weights, layer scalars) U(0.5, 1.5), so that norms and scalars are
+    not left at their initial ones."""
+    from engine.model import DiffusionGemmaModel
+
+    torch.manual_seed(seed)
+    net = DiffusionGemmaModel(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1) if p.dim() >= 2 else p.uniform_(0.5, 1.5)
+    return net
