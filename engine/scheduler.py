@@ -6,8 +6,9 @@ A request moves WAITING -> ENCODING -> DENOISING -> (ENCODING -> DENOISING)* -> 
 - DENOISING: its canvas runs one decoder step per engine step until the sampler stops it.
 
 `Scheduler.schedule()` builds the next `StepPlan` under three budgets: `max_tokens_per_forward` (padded tokens
-of the step's encode rows: rows x the widest row, see `Scheduler._encode_width`; `group_encode_rows` (engine/row_groups.py) then splits
-them into forwards of similar row lengths, which only lowers what is computed), `max_canvases_in_flight`
+of the step's encode rows: rows x the widest row, see `Scheduler._encode_width`; `group_encode_rows` in
+engine/row_groups.py then splits them into forwards of similar row lengths, which only lowers what is
+computed), `max_canvases_in_flight`
 (running requests; each has at most one canvas, and one row of the runner's canvas state, its "slot") and
 the KV blocks (`engine/block_manager.py`): a request is admitted only when the full-layer pool can hold every
 position it will ever write (free blocks plus cached blocks eviction can take), after reusing its longest
