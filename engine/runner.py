@@ -175,8 +175,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sequences: dict[str, SequenceState]) -> RunResult:
-        """Run one step: the encoder forward for `plan.encodes`, then one decoder forward and the sampler
-        for `plan.denoises`. Returns the host copy of every canvas's argmax and converged flag."""
+        """Run one step: the encoder forwards for `plan.encodes` (one per `plan.encode_groups` group), then one
+        decoder forward and the sampler for `plan.denoises`. Returns the host copy of every canvas's argmax and converged flag."""
         started = time.perf_counter()
         for group in plan.encode_groups:  # one encoder forward per group of similar row lengths
             self._encode(group)
@@ -260,7 +260,10 @@ class ModelRunner:
     def _denoise(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState]) -> list[CanvasResult]:
         """One decoder step of `works`, run in order of context length so that the full-attention layers
         read each run of rows only up to its own longest context (`decoder_row_groups`); the results come
-        back in the order of `works`."""
+        back in the order of `works`. The compiled step reads one padded table for every row, so it takes the
+        rows as they come."""
+        if self.step_region.compiled:
+            return self._denoise_rows(works, sequences, None)
         order, row_groups = decoder_row_groups([work.canvas_start for work in works], self.config.canvas_length,
                                                self.block_size)
         results = self._denoise_rows(tuple(works[row] for row in order), sequences, row_groups)
@@ -268,7 +271,7 @@ class ModelRunner:
         return [by_row[row] for row in range(len(works))]
 
     def _denoise_rows(self, works: tuple[DenoiseWork, ...], sequences: dict[str, SequenceState],
-                      row_groups: RowGroups) -> list[CanvasResult]:
+                      row_groups: RowGroups | None) -> list[CanvasResult]:
         slots = torch.tensor([work.slot for work in works], device=self.device)
         starts_host = [work.canvas_start for work in works]
         starts = torch.tensor(starts_host, device=self.device)

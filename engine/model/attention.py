@@ -78,8 +78,7 @@ class Attention(nn.Module):
             if not isinstance(past_v, torch.Tensor) or not isinstance(mask, torch.Tensor):
                 raise TypeError("past_k, past_v and mask must all be tensors or all be tuples")
             return self.attend(q, torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1), mask)
-        if isinstance(past_v, torch.Tensor) or isinstance(mask, torch.Tensor) or not len(past_k) == len(past_v) \
-                == len(mask):
+        if isinstance(past_v, torch.Tensor) or isinstance(mask, torch.Tensor):
             raise TypeError("past_k, past_v and mask must be tuples of one entry per row group")
         outs, start = [], 0
         for group_k, group_v, group_mask in zip(past_k, past_v, mask, strict=True):

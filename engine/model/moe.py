@@ -218,8 +218,8 @@ class Experts(nn.Module):
         blocks, each block with its expert's weights gathered. Static shapes (NB = `blocked_rows` / block, an
         upper bound; blocks past the last group are all padding) and no host reads, so it traces whole. It
         computes (P // block + E) x block rows, against N x E for `_dense` (P = N x K: 1,152 vs 4,096 rows for
-        512 tokens, E = 8, K = 2, blocks of 16). Not for FP8 experts (bmm has no FP8 kernel). [N, D] -> [N, D]; each pair's output is one row of a matmul, summed over its
-        token's K pairs in a fixed order."""
+        512 tokens, E = 8, K = 2, blocks of 16). Not for FP8 experts (bmm has no FP8 kernel). [N, D] -> [N, D];
+        each pair's output is one row of a matmul, summed over its token's K pairs in a fixed order."""
         n, k = experts.shape
         pairs, block = n * k, EXPERT_BLOCK
         num_blocks = blocked_rows(pairs, self.num_experts, block) // block
