@@ -4,7 +4,10 @@
   (closed loop); editor i works on document i mod `--docs` and takes its current version; edits go to random
   words or walk forward through the document (`--edit-order`), and a share of the finished edits
   (`--accept-rate`, default half) is accepted, so later edits of that document see the new text. Reports
-  edits/s, p50/p99 latency, prompt / cached / encoder tokens per edit.
+  edits/s, p50/p99 latency, prompt / cached / encoder tokens per edit, and the model GFLOPs each edit needs
+  (engine/flops.py: what an engine bound by arithmetic computes); their off/on ratio,
+  `compute_bound_edits_per_s_on_over_off`, is the speed-up such an engine would get from the cache on this
+  workload: a ceiling set by the workload and the model's shapes, not by the engine.
 - `chat`: `--chat-requests` chat requests sharing a 1,000-token system prompt, all submitted at once:
   prefill tokens computed and time to first canvas.
 - `capacity`: at one KV byte budget, prompts of 50..3,000 tokens: how many requests are in flight at once
@@ -145,7 +148,8 @@ def run_session(engines: dict[bool, Any], documents: list[str], edits: int, conc
             engine.add_request(request, request_id=f"warm-{index}")
         while engine.has_unfinished():
             engine.step()
-        totals[caching] = {"latencies": [], "wall": 0.0, "cached": 0, "prompt": 0, "encoder_tokens": 0}
+        totals[caching] = {"latencies": [], "wall": 0.0, "cached": 0, "prompt": 0, "encoder_tokens": 0,
+                           "encode_flops": 0, "denoise_flops": 0}
     turns = max(1, -(-edits // (concurrency * rounds)))  # edits per editor per round
     for number in range(rounds):
         for caching in sorted(engines, reverse=number % 2 == 0):
@@ -158,7 +162,8 @@ def run_session(engines: dict[bool, Any], documents: list[str], edits: int, conc
 
 def _closed_loop(engine: Any, docs: SessionDocuments, turns: range, editors: int, steps: int | None,
                  total: dict) -> None:
-    """Every editor makes its edits `turns`, one at a time; accumulates latencies and token counts in `total`."""
+    """Every editor makes its edits `turns`, one at a time; accumulates latencies, token counts and model FLOPs in
+    `total`."""
     in_flight: dict[str, tuple[float, Any, list, tuple[int, int, int, int]]] = {}
 
     def submit(editor: int, turn: int) -> None:
@@ -185,6 +190,9 @@ def _closed_loop(engine: Any, docs: SessionDocuments, turns: range, editors: int
                 total["latencies"].append(time.perf_counter() - added_at)
                 total["cached"] += out.stats.cached_prompt_tokens
                 total["prompt"] += out.stats.prompt_tokens
+                flops = _edit_flops(engine.config, plan, out.stats)
+                total["encode_flops"] += flops.encode
+                total["denoise_flops"] += flops.denoise
                 del in_flight[out.request_id]
                 if turn + 1 < turns.stop:  # the editor asks for its next span
                     submit(editor, turn + 1)
@@ -197,7 +205,21 @@ def _session_summary(total: dict) -> dict:
             "p50_s": round(_percentile(latencies, 0.5), 3), "p99_s": round(_percentile(latencies, 0.99), 3),
             "prompt_tokens_per_edit": round(total["prompt"] / n, 1),
             "cached_prompt_tokens_per_edit": round(total["cached"] / n, 1),
-            "encoder_tokens_per_edit": round(total["encoder_tokens"] / n, 1)}
+            "encoder_tokens_per_edit": round(total["encoder_tokens"] / n, 1),
+            "model_gflops_per_edit": round((total["encode_flops"] + total["denoise_flops"]) / n / 1e9, 4),
+            "model_encode_gflops_per_edit": round(total["encode_flops"] / n / 1e9, 4)}
+
+
+def _edit_flops(config: Any, plan: Any, stats: Any) -> Any:
+    """The model FLOPs of one finished edit (engine/flops.py): its uncached prompt, every canvas's leading
+    text and commit, and its denoising steps, spread evenly over its canvases (exact with fixed steps, as
+    `--steps` sets)."""
+    from engine.flops import request_flops
+
+    canvases = stats.canvases
+    steps = [stats.denoising_steps // canvases + (k < stats.denoising_steps % canvases) for k in range(canvases)]
+    leading = [len(canvas.leading_token_ids) for canvas in plan.canvases[:canvases]]
+    return request_flops(config, stats.prompt_tokens, stats.cached_prompt_tokens, leading, steps)
 
 
 SYSTEM_PROMPT_TOKENS = 1000
@@ -287,4 +309,7 @@ def run_capacity(loaded: Any, slots: int, requests: int, max_context: int, seed:
 def compare(name: str, on: dict, off: dict, keys: tuple[str, ...]) -> dict:
     """One result line: both runs and the on/off ratios of `keys`."""
     ratios = {f"{key}_on_over_off": round(on[key] / off[key], 3) for key in keys if off.get(key)}
+    if on.get("model_gflops_per_edit"):
+        ratios["compute_bound_edits_per_s_on_over_off"] = round(off["model_gflops_per_edit"]
+                                                                / on["model_gflops_per_edit"], 3)
     return {"workload": name, "cache_on": on, "cache_off": off, **ratios}
