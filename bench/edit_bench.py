@@ -40,6 +40,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -243,25 +244,36 @@ def _ready(url: str) -> bool:
         return False
 
 
-def run_prefix_workload(args: argparse.Namespace, model: str) -> None:
+def run_prefix_workload(args: argparse.Namespace) -> None:
     """One prefix-cache workload with the cache on and off on the same loaded model; prints one JSON line."""
     import prefix_bench
+    import torch
 
+    from engine.checkpoint import random_model_in_memory
     from engine.loader import load_model
 
-    loaded = load_model(model, device=args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.model is not None:
+        loaded = load_model(args.model, device=args.device, dtype=dtype)
+    else:  # random weights built on the device: the `full` preset has no file to write or read
+        loaded = random_model_in_memory(args.preset, args.device, dtype, seed=0,
+                                        folder=tempfile.mkdtemp(prefix="edit-bench-model-"))
+    sizes: dict[str, Any] = {"max_canvases_in_flight": args.concurrency, "max_context": args.max_context}
+    if args.kv_cache_gb is not None:  # both engines live at once: each needs its own share of the card
+        sizes["kv_cache_bytes"] = int(args.kv_cache_gb * 2**30)
+    if args.eager:  # no per-bucket compiles (CUDA compiles the step by default): minutes saved on a short lease
+        sizes["compile_step"] = False
     if args.mode == "capacity":
         print(json.dumps(prefix_bench.run_capacity(loaded, slots=8, requests=64, max_context=4096, seed=args.seed)))
         return
     results = {}
     if args.mode == "session":  # both engines live at once: the settings take turns, round by round
-        engines = {caching: prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency,
-                                                 max_context=8192) for caching in (True, False)}
+        engines = {caching: prefix_bench._engine(loaded, caching, **sizes) for caching in (True, False)}
         documents = make_documents(args.docs, seed=args.seed, chars=args.doc_chars)
         results = prefix_bench.run_session(engines, documents, args.n, args.concurrency, args.steps, args.seed,
                                            rounds=args.rounds, order=args.edit_order, accept_rate=args.accept_rate)
     for caching in (True, False) if args.mode == "chat" else ():
-        engine = prefix_bench._engine(loaded, caching, max_canvases_in_flight=args.concurrency, max_context=8192)
+        engine = prefix_bench._engine(loaded, caching, **sizes)
         results[caching] = prefix_bench.run_chat(engine, args.chat_requests, args.steps, args.seed)
         del engine
     keys = ("edits_per_s", "p50_s", "p99_s") if args.mode == "session" else ("prefill_tokens_computed", "ttfc_p50_s")
@@ -299,6 +311,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed denoising steps (default: sampler stops)")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: random tiny)")
+    parser.add_argument("--preset", default="tiny",
+                        help="--mode session|chat|capacity without --model: random weights of this preset, built "
+                             "on --device (tiny, small, full)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="--mode session|chat|capacity: model dtype")
+    parser.add_argument("--max-context", type=int, default=8192,
+                        help="--mode session|chat: positions per request (documents longer than this are refused)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="--mode session|chat: KV budget of each engine in GiB (default: the engine's)")
+    parser.add_argument("--eager", action="store_true",
+                        help="--mode session|chat: run the decoder step eagerly on CUDA too (no compiles)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--api", default=None,
                         help="API base URL for --mode stack (default: launch `dgserve up` on a free port)")
@@ -308,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     documents = make_documents(args.docs, seed=args.seed, chars=args.doc_chars)
     if args.mode in ("session", "chat", "capacity"):
-        run_prefix_workload(args, _model_dir(args.model))
+        run_prefix_workload(args)
         return
     model = _model_dir(args.model) if args.mode != "stack" or args.api is None else args.model
     if args.mode in ("engine", "both"):

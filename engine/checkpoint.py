@@ -19,10 +19,18 @@ from tokenizers import Tokenizer
 
 from dgtext.byte_tokenizer import build_byte_tokenizer
 from dgtext.save_tokenizer import save_tokenizer_files
+from dgtext.tokenizer import PromptTokenizer
 
 from .config import ModelConfig
 from .config import preset as preset_config
-from .loader import INDEX_FILE, SINGLE_FILE, WEIGHT_PREFIX, build_empty_model
+from .loader import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    WEIGHT_PREFIX,
+    LoadedModel,
+    build_empty_model,
+    read_generation_config,
+)
 from .model import DiffusionGemmaModel
 from .types import GenerationDefaults
 
@@ -99,13 +107,35 @@ def write_random_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int
                            max_shard_bytes=max_shard_bytes)
 
 
-def initialise_random(model: DiffusionGemmaModel, seed: int, std: float = 0.02) -> None:
-    """Normal(0, std) matrices and experts; norms, router scales and layer scalars at 1 (the usual init)."""
-    generator = torch.Generator().manual_seed(seed)
+def random_model_in_memory(preset: str, device: torch.device | str, dtype: torch.dtype, seed: int,
+                           folder: str | Path) -> LoadedModel:
+    """A randomly initialised model of a named preset built directly on `device` (no weight file: the
+    released model's 26B parameters are 52 GB in bfloat16), with the small files of a checkpoint (config,
+    generation config, byte-level tokenizer of the config's vocabulary) written to `folder` and read back as
+    `load_model` reads them. The noise is drawn on `device`, so it depends on the device as well as the seed."""
+    config = preset_config(preset)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", {**config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")})
+    _write_json(out / "generation_config.json", generation_config_dict(config))
+    _write_tokenizer(lambda: build_byte_tokenizer(config.vocab_size), out)
+    net = build_empty_model(config, torch.device(device), dtype)
+    initialise_random(net, seed, noise_device=torch.device(device))
+    net.eval().requires_grad_(False)
+    defaults, generation_config = read_generation_config(out, config)
+    return LoadedModel(net, config, PromptTokenizer.from_dir(out), defaults, out, generation_config)
+
+
+def initialise_random(model: DiffusionGemmaModel, seed: int, std: float = 0.02,
+                      noise_device: torch.device | None = None) -> None:
+    """Normal(0, std) matrices and experts; norms, router scales and layer scalars at 1 (the usual init).
+    The noise is drawn on the CPU (the same weights on every device) or, with `noise_device`, there."""
+    generator = torch.Generator(device=noise_device or "cpu").manual_seed(seed)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.dim() >= 2:
-                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32,
+                                    device=generator.device) * std
                 tensor.copy_(noise)
             else:
                 tensor.fill_(1.0)

@@ -227,3 +227,20 @@ def test_unexpected_decoder_tensor_and_missing_tokenizer(checkpoint_copy: Path) 
     (checkpoint_copy / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
         load_model(checkpoint_copy)
+
+
+def test_random_model_in_memory_is_what_loading_the_written_random_checkpoint_gives(tmp_path: Path) -> None:
+    from engine.checkpoint import random_model_in_memory, write_random_checkpoint
+
+    built = random_model_in_memory("tiny", "cpu", torch.float32, seed=3, folder=tmp_path / "files")
+    loaded = load_model(write_random_checkpoint(tmp_path / "ckpt", preset="tiny", seed=3))
+    assert built.config == loaded.config
+    assert built.generation_defaults == loaded.generation_defaults
+    assert built.generation_config == loaded.generation_config
+    assert built.tokenizer.encode("caf\u00e9 edit") == loaded.tokenizer.encode("caf\u00e9 edit")
+    built_state, loaded_state = built.model.state_dict(), loaded.model.state_dict()
+    assert built_state.keys() == loaded_state.keys()
+    assert all(torch.equal(built_state[name], loaded_state[name]) for name in built_state)
+    assert not (tmp_path / "files" / "model.safetensors").exists()  # only the small files are written
+    other_seed = random_model_in_memory("tiny", "cpu", torch.float32, seed=4, folder=tmp_path / "other")
+    assert not torch.equal(other_seed.model.embed_tokens.weight, built.model.embed_tokens.weight)
