@@ -19,6 +19,10 @@ Prefix-cache workloads (issue 9; bench/prefix_bench.py), each with the KV prefix
         --steps 4 --edit-order forward                  # also --accept-rate, --doc-chars MIN:MAX
     OMP_NUM_THREADS=2 .venv/bin/python bench/edit_bench.py --mode chat --concurrency 64 --chat-requests 64 --steps 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/edit_bench.py --mode capacity
+    python bench/edit_bench.py --mode session --preset full --device cuda --dtype bfloat16 --eager --concurrency 16 \
+        --n 96 --docs 16 --steps 4 --edit-order forward --doc-chars 1600:16000 --max-context 24576 --kv-cache-gb 24
+
+Without `--model` the prefix modes build random weights of `--preset` on `--device` (no weight file).
 """
 
 from __future__ import annotations
