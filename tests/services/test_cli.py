@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from services.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, main
+from services.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, deferred_ctrl_c, main
 from services.settings import REPO_ROOT
 from tests.support.processes import free_port, running_process, wait_for_http, wait_until
 
@@ -185,3 +185,13 @@ def test_edit_diff_is_labelled_with_the_file_name(start_api, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"--- a/{source}\n+++ b/{source}\n@@ -1 +1 @@"), out
     assert source.read_text() == "a = 1\n"  # no --write: the file is untouched
+
+
+def test_ctrl_c_while_waiting_is_deferred_to_the_checkpoint_and_the_handler_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with deferred_ctrl_c() as checkpoint:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs: it only records the press
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint()
+    assert signal.getsignal(signal.SIGINT) is before
