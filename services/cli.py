@@ -4,13 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -94,34 +90,10 @@ def _progress_line(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def deferred_ctrl_c() -> Iterator[Callable[[], None]]:
-    """While waiting on a job, Ctrl-C (SIGINT) only sets a flag; the yielded checkpoint raises
-    KeyboardInterrupt once it is set. The client calls it between reads (`DgserveClient.events` / `wait`,
-    at most `EVENTS_READ_SLICE_SECONDS` apart), so the interrupt never lands inside httpx/httpcore, where it
-    can leave the connection pool mid-update and make closing the client hang. Outside the main thread
-    (no signal handlers there) the checkpoint never raises."""
-    pressed = threading.Event()
-
-    def checkpoint() -> None:
-        if pressed.is_set():
-            raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield checkpoint
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.set())
-    try:
-        yield checkpoint
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _follow(client: DgserveClient, job_id: str, show_drafts: bool, deadline: float,
-            checkpoint: Callable[[], None]) -> None:
+def _follow(client: DgserveClient, job_id: str, show_drafts: bool, deadline: float) -> None:
     """Print progress on stderr while the job runs (drafts overwrite one line on a terminal)."""
     try:
-        for event in client.events(job_id, timeout=max(0.0, deadline - time.monotonic()), checkpoint=checkpoint):
+        for event in client.events(job_id, timeout=max(0.0, deadline - time.monotonic())):
             if event.event == "draft" and show_drafts:
                 text = str(event.data.get("text", "")).replace("\n", " ")[-100:]
                 _progress_line(f"[canvas {event.data.get('canvas', 0)} step {event.data.get('step', '?')}] {text}")
@@ -139,9 +111,8 @@ def _wait_and_report(client: DgserveClient, job_id: str, args: argparse.Namespac
     Raises StillRunning when the client stops waiting (the job goes on)."""
     deadline = time.monotonic() + args.timeout
     try:
-        with deferred_ctrl_c() as checkpoint:
-            _follow(client, job_id, show_drafts, deadline, checkpoint)
-            job = client.wait(job_id, timeout=max(0.0, deadline - time.monotonic()), checkpoint=checkpoint)
+        _follow(client, job_id, show_drafts, deadline)
+        job = client.wait(job_id, timeout=max(0.0, deadline - time.monotonic()))
     except TimeoutError as exc:
         raise StillRunning(job_id, f"gave up waiting after --timeout {args.timeout:g} s") from exc
     except KeyboardInterrupt as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +134,8 @@ class DgserveClient:
         _raise_for_error(response)
         return JobPublic.model_validate(response.json())
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll_interval: float = 0.2,
-             checkpoint: Callable[[], None] | None = None) -> JobPublic:
-        """Poll until the job is finished; TimeoutError after `timeout` seconds. `checkpoint` (optional) is
-        called between polls, outside the HTTP library: see `events`."""
+    def wait(self, job_id: str, timeout: float = 600.0, poll_interval: float = 0.2) -> JobPublic:
+        """Poll until the job is finished; TimeoutError after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.get(job_id)
@@ -145,37 +143,27 @@ class DgserveClient:
                 return job
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout:.0f} s")
-            if checkpoint is not None:
-                checkpoint()
             time.sleep(poll_interval)
 
     def events(self, job_id: str, last_event_id: str | None = None, max_reconnects: int = 5,
-               timeout: float | None = None, checkpoint: Callable[[], None] | None = None) -> Iterator[JobEvent]:
+               timeout: float | None = None) -> Iterator[JobEvent]:
         """Follow the job's events until a terminal one; reconnects (resuming by id) on dropped connections.
 
         With `timeout`, raises TimeoutError once that many seconds have passed without a terminal event
         (an idle stream is read in slices of at most `EVENTS_READ_SLICE_SECONDS`, so the overshoot is small).
-        `checkpoint` (optional) is called at every line and after every idle slice (slices then always end
-        within `EVENTS_READ_SLICE_SECONDS`), outside the HTTP library's code: whatever it raises ends the
-        stream cleanly. A caller that defers Ctrl-C raises its interrupt there: a KeyboardInterrupt raised at an
-        arbitrary point inside httpx/httpcore can leave the connection pool mid-update (httpcore holds a
-        non-reentrant lock while it closes a stream), and closing the client can then hang.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         reconnects = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             read_s = None if deadline is None else max(0.05, min(EVENTS_READ_SLICE_SECONDS, deadline - time.monotonic()))
-            if read_s is None and checkpoint is not None:
-                read_s = EVENTS_READ_SLICE_SECONDS
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
                                       timeout=httpx.Timeout(self.http.timeout.connect, read=read_s)) as response:
                     if not response.is_success:
                         response.read()
                         _raise_for_error(response)
-                    lines = _lines_before(response.iter_lines(), job_id, deadline, timeout, checkpoint)
-                    for event in parse_sse(lines):
+                    for event in parse_sse(_lines_before(response.iter_lines(), job_id, deadline, timeout)):
                         last_event_id = event.id
                         yield event
                         if event.is_terminal:
@@ -183,8 +171,6 @@ class DgserveClient:
                 return  # the server closed a stream of a finished job
             except httpx.ReadTimeout:
                 _check_deadline(job_id, deadline, timeout)  # an idle slice: read on from the last event
-                if checkpoint is not None:
-                    checkpoint()
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
                 reconnects += 1
                 if reconnects > max_reconnects:
@@ -193,14 +179,11 @@ class DgserveClient:
             _check_deadline(job_id, deadline, timeout)
 
 
-def _lines_before(lines: Iterator[str], job_id: str, deadline: float | None, timeout: float | None,
-                  checkpoint: Callable[[], None] | None = None) -> Iterator[str]:
-    """`lines`, checking the deadline (and calling `checkpoint`) at each one (keep-alive comments included,
-    which parse_sse hides)."""
+def _lines_before(lines: Iterator[str], job_id: str, deadline: float | None, timeout: float | None
+                  ) -> Iterator[str]:
+    """`lines`, checking the deadline at each one (keep-alive comments included, which parse_sse hides)."""
     for line in lines:
         _check_deadline(job_id, deadline, timeout)
-        if checkpoint is not None:
-            checkpoint()
         yield line
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from services.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, deferred_ctrl_c, main
+from services.cli import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, main
 from services.settings import REPO_ROOT
 from tests.support.processes import free_port, running_process, wait_for_http, wait_until
 
@@ -86,10 +86,16 @@ def test_dgserve_api_serves_from_environment_settings(fresh_redis_url, tokenizer
         assert redis.Redis.from_url(fresh_redis_url).llen("dgemma.tiny-api") == 1
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """The real `dgserve` command in a process of its own (stdout and stderr piped)."""
-    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO_ROOT, text=True,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _cli(args: list[str], env: dict[str, str] | None = None, ctrl_c: bool = False) -> subprocess.Popen:
+    """The real `dgserve` command in a process of its own (stdout and stderr piped). `ctrl_c`: SIGINT acts
+    as at a terminal even where the test run inherited it ignored (a shell's background job ignores it, and
+    so would the command), by setting Python's own handler before the CLI's `main` runs."""
+    command = [sys.executable, "-m", "services.cli", *args]
+    if ctrl_c:
+        command = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "from services.cli import main; sys.exit(main())", *args]
+    return subprocess.Popen(command, cwd=REPO_ROOT, text=True, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def test_generate_timeout_is_honoured_and_says_how_to_cancel(start_api):
@@ -105,7 +111,7 @@ def test_generate_timeout_is_honoured_and_says_how_to_cancel(start_api):
 
 def test_ctrl_c_during_generate_prints_no_traceback(start_api):
     api = start_api()
-    cli = _cli(["generate", "wait for me", "--url", api.url])
+    cli = _cli(["generate", "wait for me", "--url", api.url], ctrl_c=True)
     wait_until(lambda: bool(api.redis.keys("job:*:events")), 30, what="the job to be submitted")
     time.sleep(0.5)  # the CLI is now following the job's events
     cli.send_signal(signal.SIGINT)
@@ -185,13 +191,3 @@ def test_edit_diff_is_labelled_with_the_file_name(start_api, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"--- a/{source}\n+++ b/{source}\n@@ -1 +1 @@"), out
     assert source.read_text() == "a = 1\n"  # no --write: the file is untouched
-
-
-def test_ctrl_c_while_waiting_is_deferred_to_the_checkpoint_and_the_handler_restored():
-    before = signal.getsignal(signal.SIGINT)
-    with deferred_ctrl_c() as checkpoint:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs: it only records the press
-        with pytest.raises(KeyboardInterrupt):
-            checkpoint()
-    assert signal.getsignal(signal.SIGINT) is before

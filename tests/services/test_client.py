@@ -92,39 +92,3 @@ def test_async_client(start_api):
     events, done, cancelled, error = asyncio.run(scenario())
     assert events == ["queued", "started", "draft", "canvas", "done"]
     assert done.status == "succeeded" and cancelled.status == "cancelled" and error.status == 404
-
-
-class StopFollowing(Exception):
-    """What the test's checkpoint raises."""
-
-
-def test_checkpoint_ends_an_idle_stream_and_a_wait_between_reads(start_api):
-    api = start_api()  # no worker: the job stays queued and its stream idle
-    stop = threading.Event()
-
-    def checkpoint() -> None:
-        if stop.is_set():
-            raise StopFollowing
-
-    with DgserveClient(api.url) as client:
-        job = client.generate("never runs")
-        raised: list[BaseException] = []
-
-        def follow() -> None:  # no timeout given: the checkpoint alone must bound each read
-            try:
-                for _ in client.events(job.id, checkpoint=checkpoint):
-                    pass
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-                raised.append(exc)
-
-        follower = threading.Thread(target=follow, daemon=True)
-        started = time.monotonic()
-        follower.start()
-        time.sleep(0.5)
-        stop.set()
-        follower.join(timeout=10)
-        assert not follower.is_alive() and [type(exc) for exc in raised] == [StopFollowing]
-        assert time.monotonic() - started < 10
-        with pytest.raises(StopFollowing):
-            client.wait(job.id, timeout=30, poll_interval=0.05, checkpoint=checkpoint)
-        assert client.get(job.id).status == "queued"  # the client is still usable: its pool was left clean
