@@ -49,15 +49,20 @@ def save_checkpoint(model: DiffusionGemmaModel, config: ModelConfig, out_dir: st
     engine.types.GenerationDefaults, a generation_config dict, or None for the spec defaults.
     `max_shard_bytes` splits the weights into shards with an index (None: one file)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = released_state_dict(model)
-    dtype = next(iter(tensors.values())).dtype
-    config_json = {**config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}
-    _write_json(out / "config.json", config_json)
-    _write_json(out / "generation_config.json", generation_config_dict(config, generation_defaults))
-    _write_tokenizer(tokenizer, out)
+    _write_small_files(out, config, next(iter(tensors.values())).dtype, tokenizer, generation_defaults)
     _write_weights(tensors, out, max_shard_bytes)
     return out
+
+
+def _write_small_files(out: Path, config: ModelConfig, dtype: torch.dtype, tokenizer: TokenizerSource,
+                       generation_defaults: Any = None) -> None:
+    """Everything of a checkpoint but its weights: config.json (with `dtype`), generation_config.json and the
+    tokenizer files (arguments as `save_checkpoint`'s)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", {**config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")})
+    _write_json(out / "generation_config.json", generation_config_dict(config, generation_defaults))
+    _write_tokenizer(tokenizer, out)
 
 
 def released_state_dict(model: DiffusionGemmaModel) -> dict[str, torch.Tensor]:
@@ -115,10 +120,7 @@ def random_model_in_memory(preset: str, device: torch.device | str, dtype: torch
     `load_model` reads them. The noise is drawn on `device`, so it depends on the device as well as the seed."""
     config = preset_config(preset)
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", {**config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")})
-    _write_json(out / "generation_config.json", generation_config_dict(config))
-    _write_tokenizer(lambda: build_byte_tokenizer(config.vocab_size), out)
+    _write_small_files(out, config, dtype, lambda: build_byte_tokenizer(config.vocab_size))
     net = build_empty_model(config, torch.device(device), dtype)
     initialise_random(net, seed, noise_device=torch.device(device))
     net.eval().requires_grad_(False)

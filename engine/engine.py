@@ -2,7 +2,8 @@
 
 Each `step()`: the scheduler plans (plain Python) -> the runner runs the encoder forwards (prefills, commits,
 infill leading text; one per group of similar row lengths) and one decoder forward for every canvas in
-flight, then the batched sampler -> the engine turns the host copy of each canvas's argmax into drafts, committed canvases and finished requests.
+flight, then the batched sampler -> the engine turns the host copy of each canvas's argmax into drafts,
+committed canvases and finished requests.
 Not thread-safe: one thread owns an Engine and calls all of its methods.
 """
 

@@ -175,8 +175,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sequences: dict[str, SequenceState]) -> RunResult:
-        """Run one step: the encoder forwards for `plan.encodes` (one per `plan.encode_groups` group), then one
-        decoder forward and the sampler for `plan.denoises`. Returns the host copy of every canvas's argmax and converged flag."""
+        """Run one step: the encoder forwards for `plan.encodes` (one per `plan.encode_groups` group), then
+        one decoder forward and the sampler for `plan.denoises`. Returns the host copy of every canvas's argmax
+        and converged flag."""
         started = time.perf_counter()
         for group in plan.encode_groups:  # one encoder forward per group of similar row lengths
             self._encode(group)

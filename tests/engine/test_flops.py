@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from engine.model.moe import probe_expert_kernels
 from tests.support.checkpoints import random_model
 
 TINY = preset("tiny")
-ALL_FULL = dataclasses.replace(TINY, layer_types=(FULL,) * TINY.num_hidden_layers)
+ALL_FULL = TINY.replace(layer_types=(FULL,) * TINY.num_hidden_layers)
 ATTENTION_OP = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 

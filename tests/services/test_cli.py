@@ -92,7 +92,8 @@ def _cli(args: list[str], env: dict[str, str] | None = None, ctrl_c: bool = Fals
     so would the command), by setting Python's own handler before the CLI's `main` runs."""
     command = [sys.executable, "-m", "services.cli", *args]
     if ctrl_c:
-        command = [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        command = [sys.executable, "-c", "import signal, sys; "
+                   "signal.signal(signal.SIGINT, signal.default_int_handler); "
                    "from services.cli import main; sys.exit(main())", *args]
     return subprocess.Popen(command, cwd=REPO_ROOT, text=True, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
